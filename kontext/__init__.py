@@ -1,0 +1,1 @@
+"""Kontext: CLI, settings, shared connections and the embedded dev runtime."""

@@ -1,0 +1,191 @@
+"""The ``kontext`` command: run the stack, one worker, migrations, or the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from kontext.runtime import SERVICES, Runtime, embedded, prepare
+from kontext.settings import Settings
+
+app = typer.Typer(help="Kontext: an event-driven LLM job pipeline.", no_args_is_help=True)
+console = Console(stderr=True)
+
+EngineOption = Annotated[
+    list[str] | None,
+    typer.Option("--engine", "-e", help="Model to serve (repeatable). Default: KONTEXT_ENGINES."),
+]
+PortOption = Annotated[int | None, typer.Option("--port", "-p", help="API port (0: any free one).")]
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+    )
+    for noisy in ("aiokafka", "faust", "mode", "kafka", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _settings(engines: list[str] | None, port: int | None) -> Settings:
+    settings = Settings()
+    updates: dict[str, object] = {}
+    if engines:
+        updates["engines"] = engines
+    if port is not None:
+        updates["api_port"] = port
+    return settings.model_copy(update=updates)
+
+
+def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main`` until it returns or SIGINT/SIGTERM asks it to stop."""
+
+    async def wrapper() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(wrapper())
+
+
+async def _serve(settings: Settings, services: Sequence[str], stop: asyncio.Event) -> None:
+    runtime = Runtime(settings)
+
+    def ready(rt: Runtime) -> None:
+        port = rt.api_port
+        api = f"API http://{settings.api_host}:{port}" if port is not None else "no API"
+        print(
+            f"Kontext ready: {api}; services {', '.join(services)}; "
+            f"models {', '.join(settings.engines)}; Kafka {settings.kafka_bootstrap_servers}",
+            flush=True,
+        )
+
+    try:
+        await runtime.start(services)
+        await runtime.run(stop, ready)
+    finally:
+        console.print("Kontext stopped.")
+
+
+@app.command()
+def up(engine: EngineOption = None, port: PortOption = None, verbose: bool = False) -> None:
+    """Run the API and every worker in one process.
+
+    Starts an embedded Kafka broker and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS
+    and DATABASE_URL are set; creates topics and applies migrations.
+    """
+    _logging(verbose)
+    with embedded(_settings(engine, port)) as settings:
+
+        async def main(stop: asyncio.Event) -> None:
+            await prepare(settings)
+            await _serve(settings, SERVICES, stop)
+
+        _run(main)
+
+
+@app.command()
+def worker(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+    engine: EngineOption = None,
+    port: PortOption = None,
+    verbose: bool = False,
+) -> None:
+    """Run one service against external Kafka and Postgres (how production scales out)."""
+    _logging(verbose)
+    if name not in SERVICES:
+        console.print(f"[red]unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    settings = _settings(engine, port)
+    if not settings.kafka_bootstrap_servers or not settings.database_url:
+        console.print("[red]kontext worker needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL")
+        raise typer.Exit(2)
+    _run(lambda stop: _serve(settings, [name], stop))
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Apply database migrations to DATABASE_URL."""
+    settings = Settings()
+    if not settings.database_url:
+        console.print("[red]DATABASE_URL is not set")
+        raise typer.Exit(2)
+    asyncio.run(prepare(settings))
+    console.print("database is at the latest migration")
+
+
+DEMO_TURNS = (
+    "Hi! My name is Ada and I live in Lisbon. Please remember that.",
+    "Suggest one hobby for a rainy afternoon, in one sentence.",
+    "What is my name, and in which city do I live?",
+)
+
+
+@app.command()
+def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> None:
+    """Start everything on the embedded defaults and run a scripted 3-turn conversation."""
+    from producers.client import KontextClient
+
+    _logging(False)
+    with embedded(_settings([engine], 0)) as settings:
+
+        async def main(stop: asyncio.Event) -> None:
+            await prepare(settings)
+            runtime = Runtime(settings)
+            await runtime.start(SERVICES)
+            started = asyncio.Event()
+
+            async def conversation() -> None:
+                await started.wait()
+                url = f"http://{settings.api_host}:{runtime.api_port}"
+                async with KontextClient(url, settings.bootstrap, topics=settings.topics) as client:
+                    conversation_id = None
+                    for number, text in enumerate(DEMO_TURNS, 1):
+                        began = time.perf_counter()
+                        reply = await client.chat(
+                            model=engine,
+                            messages=[{"role": "user", "content": text}],
+                            conversation_id=conversation_id,
+                            max_tokens=48,
+                            timeout=120,
+                        )
+                        elapsed = (time.perf_counter() - began) * 1000
+                        conversation_id = reply.conversation_id
+                        if reply.result is None:
+                            raise RuntimeError(f"turn {number} failed: {reply.error}")
+                        answer = reply.result.choices[0].message.content.strip()
+                        context = reply.result.context
+                        earlier = len(context.turns) if context else 0
+                        print(f"\n[turn {number}] user: {text}")
+                        print(f"[turn {number}] assistant: {answer}")
+                        print(
+                            f"[turn {number}] {elapsed:.0f} ms, {earlier} earlier turns in context"
+                        )
+                print(f"\nconversation {conversation_id}: {len(DEMO_TURNS)} turns", flush=True)
+                stop.set()
+
+            talk = asyncio.create_task(conversation())
+            await runtime.run(stop, lambda _: started.set())
+            if talk.done():
+                talk.result()
+            else:
+                talk.cancel()
+                sys.exit(1)
+
+        _run(main)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

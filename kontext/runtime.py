@@ -1,0 +1,252 @@
+"""Running services: the embedded dev runtime, and the API and workers in one event loop.
+
+``kontext up`` runs every service here; ``kontext worker NAME`` runs one, so
+production scales each out on its own against external Kafka and Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncpg
+import uvicorn
+from aiokafka import AIOKafkaProducer
+
+from kontext import migrate
+from kontext.connections import create_consumer, create_pool, create_producer, ensure_topics
+from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.settings import Settings
+from producers.api.app import create_app
+from workers.consumer import BatchConsumer
+from workers.engines import context_window, load_engine, load_tokenizer
+from workers.engines.base import Engine
+from workers.enricher import Enricher
+from workers.inference import InferenceWorker
+from workers.recorder import Recorder
+from workers.streams import StreamProcessor
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("api", "enricher", "inference", "recorder")
+READY_TIMEOUT_S = 60.0
+
+
+class Service(Protocol):
+    name: str
+
+    async def run(self) -> None: ...
+
+    def ready(self) -> bool: ...
+
+    async def stop(self) -> None: ...
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiService:
+    name = "api"
+
+    def __init__(self, settings: Settings) -> None:
+        config = uvicorn.Config(
+            create_app(settings), log_level="warning", lifespan="on", access_log=False
+        )
+        self.server = _Server(config)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((settings.api_host, settings.api_port))
+        self.port: int = self.socket.getsockname()[1]
+
+    async def run(self) -> None:
+        await self.server.serve(sockets=[self.socket])
+
+    def ready(self) -> bool:
+        return self.server.started
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+
+
+class ConsumerService:
+    def __init__(self, consumer: BatchConsumer) -> None:
+        self.name = consumer.handler.name
+        self.consumer = consumer
+
+    async def run(self) -> None:
+        await self.consumer.run()
+
+    def ready(self) -> bool:
+        return bool(self.consumer.consumer.assignment())
+
+    async def stop(self) -> None:
+        self.consumer.stop()
+
+
+class StreamService:
+    def __init__(self, processor: StreamProcessor) -> None:
+        self.name = processor.handler.name
+        self.processor = processor
+
+    async def run(self) -> None:
+        await self.processor.run()
+
+    def ready(self) -> bool:
+        return self.processor.assigned()
+
+    async def stop(self) -> None:
+        await self.processor.stop()
+
+
+@contextlib.contextmanager
+def embedded(settings: Settings) -> Iterator[Settings]:
+    """Start the embedded broker and/or database where the settings name none."""
+    broker: EmbeddedBroker | None = None
+    database: EmbeddedPostgres | None = None
+    try:
+        updates: dict[str, str] = {}
+        if not settings.kafka_bootstrap_servers:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            broker = EmbeddedBroker(log_path=settings.data_dir / "broker.log").start()
+            updates["kafka_bootstrap_servers"] = broker.bootstrap_servers
+            log.info("embedded Kafka broker (Tansu) on %s", broker.bootstrap_servers)
+        if not settings.database_url:
+            database = EmbeddedPostgres(settings.data_dir / "postgres").start()
+            updates["database_url"] = database.url
+            log.info("embedded PostgreSQL on 127.0.0.1:%d", database.port)
+        yield settings.model_copy(update=updates)
+    finally:
+        if database is not None:
+            database.stop()
+        if broker is not None:
+            broker.stop()
+
+
+@dataclass
+class Runtime:
+    """The services of one process, sharing one pool and one producer."""
+
+    settings: Settings
+    services: list[Service] = field(default_factory=list)
+    pool: asyncpg.Pool | None = None
+    producer: AIOKafkaProducer | None = None
+    engines: list[Engine] = field(default_factory=list)
+
+    @property
+    def api_port(self) -> int | None:
+        return next((s.port for s in self.services if isinstance(s, ApiService)), None)
+
+    async def start(self, names: Sequence[str]) -> None:
+        settings = self.settings
+        unknown = [n for n in names if n not in SERVICES]
+        if unknown:
+            raise ValueError(f"unknown services {unknown}; known: {', '.join(SERVICES)}")
+        await ensure_topics(settings, settings.topics.all(settings.engines))
+        if set(names) - {"api"}:
+            self.pool = await create_pool(settings)
+            self.producer = create_producer(settings)
+            await self.producer.start()
+        for name in names:
+            self.services.extend(await self._build(name))
+
+    async def _build(self, name: str) -> list[Service]:
+        settings, pool, producer = self.settings, self.pool, self.producer
+        if name == "api":
+            return [ApiService(settings)]
+        assert pool is not None and producer is not None
+        batch = {"max_size": settings.batch_max_size, "max_wait_ms": settings.batch_max_wait_ms}
+        if name == "enricher":
+            tokenizers = {
+                model: (load_tokenizer(model, settings), context_window(model))
+                for model in settings.engines
+            }
+            handler = Enricher(settings, pool, producer, tokenizers)
+            return [StreamService(StreamProcessor(settings, settings.topics.requests, handler))]
+        if name == "recorder":
+            consumer = create_consumer(
+                settings, settings.topics.completions, group_id=f"{settings.topic_prefix}-recorder"
+            )
+            return [
+                ConsumerService(
+                    BatchConsumer(consumer, Recorder(settings, pool, producer), **batch)
+                )
+            ]
+        services: list[Service] = []
+        for model in settings.engines:
+            engine = await load_engine(model, settings)
+            self.engines.append(engine)
+            consumer = create_consumer(
+                settings,
+                settings.topics.inference(model),
+                group_id=f"{settings.topic_prefix}-inference-{model}",
+            )
+            worker = InferenceWorker(settings, engine, producer)
+            services.append(ConsumerService(BatchConsumer(consumer, worker, **batch)))
+        return services
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[Runtime], None]) -> None:
+        """Run until ``stop`` is set or a service fails, then shut down in order."""
+        tasks = {asyncio.create_task(s.run(), name=s.name): s for s in self.services}
+        try:
+            await self._wait_ready(tasks, stop)
+            if not stop.is_set():
+                on_ready(self)
+                stopper = asyncio.create_task(stop.wait())
+                done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                for task in done - {stopper}:
+                    if task.exception() is not None:
+                        raise RuntimeError(
+                            f"service {task.get_name()} failed"
+                        ) from task.exception()
+        finally:
+            await self._shutdown(tasks)
+
+    async def _wait_ready(
+        self, tasks: dict[asyncio.Task[None], Service], stop: asyncio.Event
+    ) -> None:
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+        while not all(s.ready() for s in self.services):
+            for task in tasks:
+                if task.done():
+                    task.result()
+                    raise RuntimeError(f"service {task.get_name()} exited during start-up")
+            if stop.is_set():
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                waiting = [s.name for s in self.services if not s.ready()]
+                raise TimeoutError(f"services not ready after {READY_TIMEOUT_S}s: {waiting}")
+            await asyncio.sleep(0.05)
+
+    async def _shutdown(self, tasks: dict[asyncio.Task[None], Service]) -> None:
+        """Stop intake first (API), then each worker after its in-flight batch."""
+        for task, service in tasks.items():
+            try:
+                await service.stop()
+                await asyncio.wait_for(asyncio.shield(task), timeout=30)
+            except TimeoutError:
+                log.warning("%s did not stop in 30s; cancelled", service.name)
+                task.cancel()
+            except Exception:
+                log.exception("%s failed while stopping", service.name)
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.pool is not None:
+            await self.pool.close()
+        for engine in self.engines:
+            await engine.close()
+
+
+async def prepare(settings: Settings) -> None:
+    """Apply migrations (blocking work, off the loop)."""
+    await asyncio.to_thread(migrate.upgrade, settings.dsn)

@@ -1,0 +1,1 @@
+"""Alembic migrations: the database schema's history. Apply with ``kontext migrate``."""

@@ -1,0 +1,1 @@
+"""Producers: everything that puts work onto topics (HTTP API, Python client)."""

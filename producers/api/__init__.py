@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): submit jobs, read their status and results."""

@@ -1,0 +1,39 @@
+"""The FastAPI application: routes, error handling, limits, connections."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from kontext.connections import create_pool, create_producer
+from kontext.settings import Settings
+from producers.api import errors, jobs
+from producers.api.limits import BodySizeLimit
+from producers.api.state import ApiState
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await create_pool(settings)
+        producer = create_producer(settings)
+        await producer.start()
+        app.state.api = ApiState(settings=settings, pool=pool, producer=producer)
+        try:
+            yield
+        finally:
+            await producer.stop()
+            await pool.close()
+
+    app = FastAPI(title="Kontext", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.include_router(jobs.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app

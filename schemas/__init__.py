@@ -1,0 +1,1 @@
+"""Contracts shared by producers and workers: events, topics, tables, API bodies."""

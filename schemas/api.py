@@ -1,0 +1,74 @@
+"""HTTP bodies of the public API (requests and responses)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from schemas.events import ChatCompletion, ChatMessage, ErrorInfo
+
+CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+
+
+class JobSubmission(BaseModel):
+    """``POST /v1/jobs``: an OpenAI-style chat request, plus Kontext's job fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=128)
+    messages: list[ChatMessage] = Field(min_length=1)
+    conversation_id: str | None = Field(default=None, pattern=CONVERSATION_ID_PATTERN)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    include_prompt: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must have role 'user'")
+        if any(not m.content.strip() for m in messages):
+            raise ValueError("message content must not be empty")
+        return messages
+
+
+class JobAccepted(BaseModel):
+    """The immediate answer to a submission (202)."""
+
+    id: UUID
+    status: str
+    conversation_id: str
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class JobView(BaseModel):
+    """``GET /v1/jobs/{id}``: status, and the chat.completion once succeeded."""
+
+    id: UUID
+    status: JobStatus
+    conversation_id: str
+    model: str
+    created_at: datetime
+    completed_at: datetime | None = None
+    result: ChatCompletion | None = None
+    error: ErrorInfo | None = None
+
+
+class ApiError(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+    served_models: list[str] | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: ``{"error": {"code", "message", ...}}``."""
+
+    error: ApiError

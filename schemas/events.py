@@ -1,0 +1,182 @@
+"""Versioned pydantic events: the payloads of every topic.
+
+Each event carries ``version``; consumers accept the versions they know and
+dead-letter the rest. Serialise with ``encode`` and parse with ``decode`` so
+every topic uses the same JSON form.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal, Self
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+Role = Literal["system", "user", "assistant"]
+FinalStatus = Literal["succeeded", "failed"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI-style chat message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: str
+
+
+class Event(BaseModel):
+    """Base of every topic payload."""
+
+    model_config = ConfigDict(extra="ignore", ser_json_bytes="base64", val_json_bytes="base64")
+
+    version: Literal[1] = SCHEMA_VERSION
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Self:
+        if raw is None:
+            raise ValueError("empty message (tombstone)")
+        return cls.model_validate_json(raw)
+
+
+class ErrorInfo(BaseModel):
+    """Why a job failed, in words a client can show."""
+
+    code: str
+    message: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ContextInfo(BaseModel):
+    """What went into a prompt, so clients can see why the model answered as it did."""
+
+    prompt_tokens: int
+    turns: list[int] = Field(default_factory=list, description="seq of each stored turn used")
+    prompt: str | None = Field(default=None, description="the rendered prompt, on request")
+
+
+class TurnRecord(BaseModel):
+    """A turn to store once its job succeeds."""
+
+    role: Role
+    content: str
+    tokens: int
+
+
+class JobRequest(Event):
+    """An admitted job on the requests topic (keyed by conversation id)."""
+
+    job_id: UUID
+    conversation_id: str
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int
+    temperature: float = 0.0
+    include_prompt: bool = False
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+
+class EnrichedRequest(Event):
+    """A request with its prompt assembled from conversation memory."""
+
+    request: JobRequest
+    prompt: str
+    context: ContextInfo
+    new_turns: list[TurnRecord]
+    enriched_at: datetime = Field(default_factory=utcnow)
+
+
+class JobCompletion(Event):
+    """An engine's answer (or a failure), waiting to be recorded."""
+
+    job_id: UUID
+    conversation_id: str
+    model: str
+    status: FinalStatus
+    output: str | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+    context: ContextInfo | None = None
+    new_turns: list[TurnRecord] = Field(default_factory=list)
+    completed_at: datetime = Field(default_factory=utcnow)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    """A result shaped like OpenAI's chat.completion, plus Kontext's context metadata."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    context: ContextInfo | None = None
+
+    @classmethod
+    def from_completion(cls, done: JobCompletion) -> ChatCompletion:
+        if done.output is None or done.usage is None:
+            raise ValueError("only a succeeded completion has a chat.completion form")
+        return cls(
+            id=f"chatcmpl-{done.job_id}",
+            created=int(done.completed_at.timestamp()),
+            model=done.model,
+            choices=[
+                Choice(
+                    message=AssistantMessage(content=done.output),
+                    finish_reason=done.finish_reason,
+                )
+            ],
+            usage=done.usage,
+            context=done.context,
+        )
+
+
+class JobReply(Event):
+    """A recorded final result on the reply topic, for async clients."""
+
+    job_id: UUID
+    conversation_id: str
+    status: FinalStatus
+    result: ChatCompletion | None = None
+    error: ErrorInfo | None = None
+
+
+class DeadLetter(Event):
+    """A message no consumer could handle, with the reason and its original bytes."""
+
+    source_topic: str
+    partition: int
+    offset: int
+    consumer: str
+    reason: str
+    key: bytes | None = None
+    value: bytes | None = None
+    failed_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,45 @@
+"""Every Kafka topic name, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix, so deployments (and tests) can share a cluster."""
+
+    prefix: str = "kontext"
+
+    @property
+    def requests(self) -> str:
+        """Admitted job requests (JobRequest), keyed by conversation id."""
+        return f"{self.prefix}.requests"
+
+    def inference(self, model: str) -> str:
+        """Enriched requests for one model's inference workers (EnrichedRequest)."""
+        return f"{self.prefix}.inference.{model}"
+
+    @property
+    def completions(self) -> str:
+        """Engine output, not yet recorded (JobCompletion)."""
+        return f"{self.prefix}.completions"
+
+    @property
+    def replies(self) -> str:
+        """Recorded results for async clients (JobReply): the reply topic."""
+        return f"{self.prefix}.replies"
+
+    @property
+    def dead_letters(self) -> str:
+        """Messages no consumer could handle (DeadLetter), with the reason."""
+        return f"{self.prefix}.deadletter"
+
+    def all(self, models: list[str]) -> list[str]:
+        return [
+            self.requests,
+            *(self.inference(m) for m in models),
+            self.completions,
+            self.replies,
+            self.dead_letters,
+        ]

@@ -1,0 +1,159 @@
+"""Shared fixtures: one real Tansu broker and one real PostgreSQL for the session,
+and a ``kontext up`` process serving the ``tiny`` and ``smollm2`` models on them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from kontext.connections import create_pool
+from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.migrate import upgrade
+from kontext.settings import Settings
+from producers.client import KontextClient
+
+READY = re.compile(r"Kontext ready: API (http://[0-9.]+:\d+)")
+START_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="session")
+def workdir() -> Iterator[Path]:
+    # Outside the root user's home: embedded Postgres opens traversal on every parent.
+    path = Path(tempfile.mkdtemp(prefix="kontext-tests-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def broker(workdir: Path) -> Iterator[EmbeddedBroker]:
+    broker = EmbeddedBroker(log_path=workdir / "broker.log").start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="session")
+def database(workdir: Path) -> Iterator[EmbeddedPostgres]:
+    database = EmbeddedPostgres(workdir / "postgres").start()
+    upgrade(database.url)
+    yield database
+    database.destroy()
+
+
+def stack_env(broker: EmbeddedBroker, database: EmbeddedPostgres, prefix: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        DATABASE_URL=database.url,
+        KONTEXT_TOPIC_PREFIX=prefix,
+        KONTEXT_TOPIC_PARTITIONS="2",
+        KONTEXT_KAFKA_SESSION_TIMEOUT_MS="3000",
+    )
+    return env
+
+
+@dataclass
+class Stack:
+    """A running ``kontext up`` process and how to reach it."""
+
+    process: subprocess.Popen[str]
+    api_url: str
+    settings: Settings
+    output: list[str]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+def start_stack(args: list[str], env: dict[str, str], cwd: Path) -> Stack:
+    """Start ``kontext`` with ``args`` and wait for its ready line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kontext.cli", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    output: list[str] = []
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            match = READY.search(line)
+            if match:
+                found.append(match.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(START_TIMEOUT_S) or not found:
+        process.kill()
+        raise RuntimeError("kontext did not become ready:\n" + "".join(output[-60:]))
+    settings = Settings(
+        kafka_bootstrap_servers=env.get("KAFKA_BOOTSTRAP_SERVERS"),
+        database_url=env.get("DATABASE_URL"),
+        topic_prefix=env.get("KONTEXT_TOPIC_PREFIX", "kontext"),
+    )
+    return Stack(process=process, api_url=found[0], settings=settings, output=output)
+
+
+@pytest.fixture(scope="session")
+def stack(broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path) -> Iterator[Stack]:
+    """One stack for the session, serving both engines."""
+    env = stack_env(broker, database, prefix=f"t{uuid.uuid4().hex[:8]}")
+    running = start_stack(
+        ["up", "--engine", "tiny", "--engine", "smollm2", "--port", "0"], env, workdir
+    )
+    yield running
+    code = running.stop()
+    assert code == 0, "".join(running.output[-40:])
+
+
+@pytest.fixture(scope="session")
+async def pool(database: EmbeddedPostgres) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(Settings(database_url=database.url))
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def client(stack: Stack) -> AsyncIterator[KontextClient]:
+    async with KontextClient(
+        stack.api_url, stack.settings.bootstrap, topics=stack.settings.topics
+    ) as client:
+        yield client
+
+
+async def wait_for(condition: object, timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Wait until ``condition()`` (sync or async) is true, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()  # type: ignore[operator]
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

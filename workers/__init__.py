@@ -1,0 +1,1 @@
+"""Consumers: the enricher stream processor, inference workers, the recorder."""

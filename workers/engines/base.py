@@ -1,0 +1,53 @@
+"""The small interface every inference engine implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from schemas.events import ChatMessage
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, already rendered with the model's chat template."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float = 0.0
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatTokenizer(Protocol):
+    """What the enricher needs of a model without loading its weights."""
+
+    def render(self, messages: Sequence[ChatMessage]) -> str:
+        """The prompt for these messages, ending where the assistant's reply begins."""
+        ...
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` under the model's own tokenizer."""
+        ...
+
+
+class Engine(Protocol):
+    """A loaded model that answers a micro-batch of prompts in one call."""
+
+    name: str
+    context_window: int
+    tokenizer: ChatTokenizer
+
+    async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
+        """Answers in the order of ``batch``; never blocks the event loop."""
+        ...
+
+    async def close(self) -> None:
+        ...

@@ -1,0 +1,106 @@
+"""The inference worker: drains micro-batches of enriched requests into one engine.
+
+Each batch is one engine call. Results go to the completions topic; the batch's
+offsets are committed (by the consume loop) only after they are delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from uuid import UUID
+
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from kontext.settings import Settings
+from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, TurnRecord, Usage
+from workers.deadletter import DeadLetters
+from workers.engines.base import Engine, Generation, GenerationRequest
+from workers.records import Record
+
+log = logging.getLogger(__name__)
+
+
+class InferenceWorker:
+    def __init__(self, settings: Settings, engine: Engine, producer: AIOKafkaProducer) -> None:
+        self.name = f"inference-{engine.name}"
+        self.settings = settings
+        self.engine = engine
+        self.producer = producer
+        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        sends: list[asyncio.Future[object]] = []
+        batch: dict[UUID, EnrichedRequest] = {}
+        for record in records:
+            try:
+                item = EnrichedRequest.decode(record.value)
+            except (ValidationError, ValueError) as exc:
+                sends.append(
+                    await self.dead_letters.send(record, f"invalid EnrichedRequest: {exc}")
+                )
+                continue
+            batch.setdefault(item.request.job_id, item)
+        items = list(batch.values())
+        outputs = await self._generate(items) if items else []
+        for item, output in zip(items, outputs, strict=True):
+            completion = self._completion(item, output)
+            sends.append(
+                await self.producer.send(
+                    self.settings.topics.completions,
+                    completion.encode(),
+                    key=item.request.conversation_id.encode(),
+                )
+            )
+        if sends:
+            await asyncio.gather(*sends)
+
+    async def _generate(self, items: Sequence[EnrichedRequest]) -> list[Generation | ErrorInfo]:
+        """One engine call for the batch; if it fails, each item alone, so one bad
+        prompt fails only its own job."""
+        requests = [
+            GenerationRequest(
+                prompt=item.prompt,
+                max_tokens=item.request.max_tokens,
+                temperature=item.request.temperature,
+            )
+            for item in items
+        ]
+        try:
+            return list(await self.engine.generate(requests))
+        except Exception as exc:
+            if len(requests) == 1:
+                log.exception("%s: engine failed on job %s", self.name, items[0].request.job_id)
+                return [ErrorInfo(code="engine_error", message=f"the engine failed: {exc}")]
+        results: list[Generation | ErrorInfo] = []
+        for item in items:
+            results.extend(await self._generate([item]))
+        return results
+
+    def _completion(self, item: EnrichedRequest, output: Generation | ErrorInfo) -> JobCompletion:
+        request = item.request
+        common = {
+            "job_id": request.job_id,
+            "conversation_id": request.conversation_id,
+            "model": request.model,
+            "context": item.context,
+        }
+        if isinstance(output, ErrorInfo):
+            return JobCompletion(status="failed", error=output, **common)
+        return JobCompletion(
+            status="succeeded",
+            output=output.text,
+            finish_reason=output.finish_reason,
+            usage=Usage(
+                prompt_tokens=output.prompt_tokens,
+                completion_tokens=output.completion_tokens,
+                total_tokens=output.prompt_tokens + output.completion_tokens,
+            ),
+            new_turns=[
+                *item.new_turns,
+                TurnRecord(role="assistant", content=output.text, tokens=output.completion_tokens),
+            ],
+            **common,
+        )

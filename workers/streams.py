@@ -1,0 +1,78 @@
+"""The faust seam: a stream processor that feeds micro-batches to a batch handler.
+
+Everything faust-specific lives here. The agent reads raw bytes (so a bad
+message can be dead-lettered whole), takes up to ``batch_max_size`` events or
+``batch_max_wait_ms``, and acks them only after the handler has published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import faust
+from faust.exceptions import ConsumerNotStarted
+
+from kontext.settings import Settings
+from workers.consumer import retry_until_done
+from workers.records import BatchHandler, Record
+
+log = logging.getLogger(__name__)
+
+
+class StreamProcessor:
+    """A faust app running one handler over one topic, as a start/stop service."""
+
+    def __init__(self, settings: Settings, topic: str, handler: BatchHandler) -> None:
+        self.handler = handler
+        self.stopping = asyncio.Event()
+        self.app = faust.App(
+            f"{settings.topic_prefix}-{handler.name}",
+            broker=[f"kafka://{server}" for server in settings.bootstrap.split(",")],
+            processing_guarantee="at_least_once",
+            broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
+            broker_heartbeat_interval=settings.kafka_heartbeat_interval_ms / 1000,
+            consumer_auto_offset_reset="earliest",
+            topic_partitions=settings.topic_partitions,
+            topic_replication_factor=settings.topic_replication,
+            web_enabled=False,
+            autodiscover=False,
+            store="memory://",
+            loop=asyncio.get_running_loop(),
+        )
+        source = self.app.topic(topic, key_serializer="raw", value_serializer="raw")
+        max_size = settings.batch_max_size
+        within = settings.batch_max_wait_ms / 1000
+
+        async def process(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
+            async for events in stream.take_events(max_size, within=within):
+                records = [
+                    Record(
+                        e.message.topic,
+                        e.message.partition,
+                        e.message.offset,
+                        e.message.key,
+                        e.message.value,
+                    )
+                    for e in events
+                ]
+                await retry_until_done(self.handler, records, self.stopping)
+                yield None
+
+        self.app.agent(source, name=handler.name)(process)
+
+    def assigned(self) -> bool:
+        """True once the consumer group has given this processor partitions."""
+        try:
+            return bool(self.app.consumer.assignment())
+        except ConsumerNotStarted:
+            return False
+
+    async def run(self) -> None:
+        await self.app.start()
+        await self.stopping.wait()
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await self.app.stop()
