@@ -15,7 +15,8 @@ from uuid import UUID
 
 import asyncpg
 
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
+from schemas.api import JobStatus
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, Role
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class JobRow:
     id: UUID
     conversation_id: str
     model: str
-    status: str
+    status: JobStatus
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     created_at: datetime
@@ -89,7 +90,7 @@ async def fail(pool: asyncpg.Pool, job_id: UUID, error: ErrorInfo) -> None:
 @dataclass(frozen=True)
 class StoredTurn:
     seq: int
-    role: str
+    role: Role
     content: str
     tokens: int
 

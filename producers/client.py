@@ -132,7 +132,7 @@ class KontextClient:
                 return JobReply(
                     job_id=view.id,
                     conversation_id=view.conversation_id,
-                    status=view.status,  # type: ignore[arg-type]
+                    status=view.status,
                     result=view.result,
                     error=view.error,
                 )

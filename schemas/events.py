@@ -13,8 +13,6 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
-
 Role = Literal["system", "user", "assistant"]
 FinalStatus = Literal["succeeded", "failed"]
 
@@ -37,7 +35,7 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="ignore", ser_json_bytes="base64", val_json_bytes="base64")
 
-    version: Literal[1] = SCHEMA_VERSION
+    version: Literal[1] = 1
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()

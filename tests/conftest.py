@@ -4,6 +4,7 @@ and a ``kontext up`` process serving the ``tiny`` and ``smollm2`` models on them
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,12 +146,14 @@ async def client(stack: Stack) -> AsyncIterator[KontextClient]:
         yield client
 
 
-async def wait_for(condition: object, timeout: float = 30.0, interval: float = 0.05) -> None:
+async def wait_for(
+    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05
+) -> None:
     """Wait until ``condition()`` (sync or async) is true, or fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
-        value = condition()  # type: ignore[operator]
-        if asyncio.iscoroutine(value):
+        value = condition()
+        if inspect.isawaitable(value):
             value = await value
         if value:
             return

@@ -42,7 +42,8 @@ def assemble(
     budget = context_window - request.max_tokens - SAFETY_MARGIN_TOKENS
     kept = list(history)
     while True:
-        messages = [*system, *(ChatMessage(role=t.role, content=t.content) for t in kept), *new]  # type: ignore[arg-type]
+        stored = [ChatMessage(role=t.role, content=t.content) for t in kept]
+        messages = [*system, *stored, *new]
         prompt = tokenizer.render(messages)
         tokens = tokenizer.count(prompt)
         if tokens <= budget:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -45,7 +46,7 @@ class Enricher:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        requests: dict[object, JobRequest] = {}
+        requests: dict[UUID, JobRequest] = {}
         for record in records:
             try:
                 request = JobRequest.decode(record.value)

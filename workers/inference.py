@@ -81,26 +81,27 @@ class InferenceWorker:
 
     def _completion(self, item: EnrichedRequest, output: Generation | ErrorInfo) -> JobCompletion:
         request = item.request
-        common = {
-            "job_id": request.job_id,
-            "conversation_id": request.conversation_id,
-            "model": request.model,
-            "context": item.context,
-        }
+        completion = JobCompletion(
+            job_id=request.job_id,
+            conversation_id=request.conversation_id,
+            model=request.model,
+            context=item.context,
+            status="failed",
+        )
         if isinstance(output, ErrorInfo):
-            return JobCompletion(status="failed", error=output, **common)
-        return JobCompletion(
-            status="succeeded",
-            output=output.text,
-            finish_reason=output.finish_reason,
-            usage=Usage(
-                prompt_tokens=output.prompt_tokens,
-                completion_tokens=output.completion_tokens,
-                total_tokens=output.prompt_tokens + output.completion_tokens,
-            ),
-            new_turns=[
-                *item.new_turns,
-                TurnRecord(role="assistant", content=output.text, tokens=output.completion_tokens),
-            ],
-            **common,
+            return completion.model_copy(update={"error": output})
+        usage = Usage(
+            prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens,
+            total_tokens=output.prompt_tokens + output.completion_tokens,
+        )
+        answer = TurnRecord(role="assistant", content=output.text, tokens=output.completion_tokens)
+        return completion.model_copy(
+            update={
+                "status": "succeeded",
+                "output": output.text,
+                "finish_reason": output.finish_reason,
+                "usage": usage,
+                "new_turns": [*item.new_turns, answer],
+            }
         )

@@ -46,7 +46,8 @@ class StreamProcessor:
         within = settings.batch_max_wait_ms / 1000
 
         async def process(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
-            async for events in stream.take_events(max_size, within=within):
+            batches = stream.take_events(max_size, within=within)  # type: ignore[attr-defined]
+            async for events in batches:
                 records = [
                     Record(
                         e.message.topic,

@@ -40,7 +40,7 @@ async def get_job(job_id: UUID, api: Annotated[ApiState, Depends(state)]) -> Job
         raise HTTPException(404, f"no job {job_id}")
     return JobView(
         id=job.id,
-        status=job.status,  # type: ignore[arg-type]
+        status=job.status,
         conversation_id=job.conversation_id,
         model=job.model,
         created_at=job.created_at,

@@ -50,7 +50,12 @@ class BodySizeLimit:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
-            {"error": {"code": "body_too_large", "message": f"the body exceeds {self.max_bytes} bytes"}},
+            {
+                "error": {
+                    "code": "body_too_large",
+                    "message": f"the body exceeds {self.max_bytes} bytes",
+                }
+            },
             status_code=413,
         )
         await response(scope, receive, send)

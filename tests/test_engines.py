@@ -1,0 +1,181 @@
+"""The inference engines: batched answers, per-request limits and the SmolLM2 cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kontext.settings import Settings
+from schemas.events import ChatMessage
+from workers.engines import context_window, load_engine, load_tokenizer, smollm2
+from workers.engines.base import Engine, GenerationRequest
+
+QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
+
+
+def ask(engine: Engine, text: str, max_tokens: int, temperature: float = 0.0) -> GenerationRequest:
+    prompt = engine.tokenizer.render([ChatMessage(role="user", content=text)])
+    return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature)
+
+
+@pytest.fixture(scope="module")
+async def tiny() -> AsyncIterator[Engine]:
+    engine = await load_engine("tiny", Settings())
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="module")
+async def smol() -> AsyncIterator[Engine]:
+    engine = await load_engine("smollm2", Settings())
+    yield engine
+    await engine.close()
+
+
+def test_importing_the_registry_loads_no_model_library() -> None:
+    code = (
+        "import sys, workers.engines; "
+        "assert not {'torch', 'transformers'} & set(sys.modules), 'heavy import'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+async def test_unknown_engine_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="'gpt-9'; known engines: smollm2, tiny"):
+        await load_engine("gpt-9", Settings())
+    with pytest.raises(ValueError, match="known engines: smollm2, tiny"):
+        load_tokenizer("gpt-9", Settings())
+    with pytest.raises(ValueError, match="known engines: smollm2, tiny"):
+        context_window("gpt-9")
+
+
+async def test_tiny_is_deterministic_across_loads(tiny: Engine) -> None:
+    import torch
+
+    batch = [ask(tiny, "Hi", 16), ask(tiny, "What is the capital of France?", 16)]
+    first = await tiny.generate(batch)
+    torch.manual_seed(1234)  # the global RNG must not matter
+    other = await load_engine("tiny", Settings())
+    assert await other.generate(batch) == first
+    assert await tiny.generate(batch) == first
+
+
+async def test_tiny_cuts_each_request_at_its_own_max_tokens(tiny: Engine) -> None:
+    limits = [1, 7, 30]
+    answers = await tiny.generate([ask(tiny, f"question {n}", n) for n in limits])
+    for answer, limit in zip(answers, limits, strict=True):
+        if answer.finish_reason == "length":
+            assert answer.completion_tokens == limit
+        else:
+            assert answer.completion_tokens < limit
+
+
+async def test_tiny_answers_in_batch_order(tiny: Engine) -> None:
+    batch = [ask(tiny, "Hi", 20), ask(tiny, "A much longer question than the first", 5)]
+    batch.append(ask(tiny, "Mixed in: a sampled answer", 8, temperature=1.0))
+    batch.append(ask(tiny, "x", 12))
+    together = await tiny.generate(batch)
+    assert len(together) == len(batch)
+    for request, answer in zip(batch, together, strict=True):
+        if request.temperature == 0:
+            assert [answer] == await tiny.generate([request])
+        assert answer.prompt_tokens == tiny.tokenizer.count(request.prompt)
+        assert answer.completion_tokens <= request.max_tokens
+
+
+def test_tiny_template_and_byte_counts() -> None:
+    tokenizer = load_tokenizer("tiny", Settings())
+    messages = [ChatMessage(role="system", content="Be brief."), *QUESTION]
+    assert tokenizer.render(messages) == (
+        "<|system|>\nBe brief.\n<|user|>\nWhat is the capital of France?\n<|assistant|>\n"
+    )
+    assert tokenizer.count("héllo") == 6
+    assert context_window("tiny") == 1024
+
+
+def test_smollm2_cache_is_complete(smol: Engine) -> None:
+    path = smollm2.ensure_cache(Settings())
+    names = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not list(path.parent.glob(".smollm2-*"))
+    assert smol.context_window == context_window("smollm2") == 8192
+
+
+def test_smollm2_template_renders_roles(smol: Engine) -> None:
+    messages = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="Hi"),
+        ChatMessage(role="assistant", content="Hello!"),
+        ChatMessage(role="user", content="Bye"),
+    ]
+    assert load_tokenizer("smollm2", Settings()).render(messages) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+async def test_smollm2_knows_the_capital_of_france(smol: Engine) -> None:
+    tokenizer = load_tokenizer("smollm2", Settings())
+    prompt = tokenizer.render(QUESTION)
+    short, full = await smol.generate(
+        [GenerationRequest(prompt, max_tokens=3), GenerationRequest(prompt, max_tokens=64)]
+    )
+    assert "Paris" in full.text
+    assert "<|im_end|>" not in full.text
+    assert full.finish_reason == "stop"
+    assert full.prompt_tokens == short.prompt_tokens == tokenizer.count(prompt)
+    assert full.completion_tokens == tokenizer.count(full.text)
+    assert (short.finish_reason, short.completion_tokens) == ("length", 3)
+    assert full.text.startswith(short.text)
+
+
+def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(out: Path) -> None:
+        (out / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed")
+
+    settings = Settings(model_cache_dir=tmp_path)
+    monkeypatch.setattr(smollm2, "_convert", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        smollm2.ensure_cache(settings)
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2.lock"]
+
+    (tmp_path / ".smollm2-stale").mkdir()  # as a SIGKILLed conversion leaves it
+    monkeypatch.setattr(smollm2, "_convert", lambda out: (out / "config.json").write_text("{}"))
+    path = smollm2.ensure_cache(settings)
+    assert [p.name for p in path.iterdir()] == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2.lock"]
+
+
+def test_concurrent_first_loads_convert_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+
+    def slow_convert(out: Path) -> None:
+        calls.append(out)
+        time.sleep(0.3)
+        (out / "config.json").write_text("{}")
+
+    monkeypatch.setattr(smollm2, "_convert", slow_convert)
+    settings = Settings(model_cache_dir=tmp_path)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(smollm2.ensure_cache(settings)))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert results == [tmp_path / "smollm2"] * 2

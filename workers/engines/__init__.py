@@ -1,0 +1,47 @@
+"""The inference engines by name.
+
+Each engine lives in its own module, imported on first use, so importing this
+package stays cheap (no torch, no transformers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+from typing import Protocol, cast
+
+from kontext.settings import Settings
+from workers.engines.base import ChatTokenizer, Engine
+
+ENGINE_NAMES: tuple[str, ...] = ("smollm2", "tiny")
+
+
+class _Backend(Protocol):
+    """What each engine module provides."""
+
+    CONTEXT_WINDOW: int
+
+    def load_engine(self, settings: Settings) -> Engine: ...
+
+    def load_tokenizer(self, settings: Settings) -> ChatTokenizer: ...
+
+
+def _backend(name: str) -> _Backend:
+    if name not in ENGINE_NAMES:
+        raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(ENGINE_NAMES)}")
+    return cast(_Backend, importlib.import_module(f"{__name__}.{name}"))
+
+
+async def load_engine(name: str, settings: Settings) -> Engine:
+    """Load an engine in a worker thread (smollm2 converts its weights on first use)."""
+    return await asyncio.to_thread(_backend(name).load_engine, settings)
+
+
+def load_tokenizer(name: str, settings: Settings) -> ChatTokenizer:
+    """The engine's chat template and token counter, without its weights."""
+    return _backend(name).load_tokenizer(settings)
+
+
+def context_window(name: str) -> int:
+    """Most tokens a prompt plus its reply may take under this engine."""
+    return _backend(name).CONTEXT_WINDOW

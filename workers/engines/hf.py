@@ -1,0 +1,136 @@
+"""Batched, left-padded ``generate`` calls shared by the transformers-backed engines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from schemas.events import ChatMessage
+from workers.engines.base import ChatTokenizer, Generation, GenerationRequest
+
+
+class TokenCodec(ChatTokenizer, Protocol):
+    """A chat tokenizer that also maps text to token ids and back."""
+
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, without adding special tokens."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``, special tokens left out."""
+        ...
+
+
+class CausalLM(Protocol):
+    """The part of a transformers causal LM that the engine calls."""
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+class HFTokenizer:
+    """A transformers tokenizer with its own chat template."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self.eos_id: int = tokenizer.eos_token_id
+        self.pad_id: int = tokenizer.pad_token_id
+
+    def render(self, messages: Sequence[ChatMessage]) -> str:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        prompt = self._tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+        assert isinstance(prompt, str)
+        return prompt
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+class HFEngine:
+    """An engine over a transformers causal LM.
+
+    Requests with the same temperature share one ``generate`` call (greedy at 0);
+    it runs in a worker thread so the event loop stays free.
+    """
+
+    def __init__(
+        self, name: str, model: CausalLM, tokenizer: TokenCodec, context_window: int
+    ) -> None:
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+
+    async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
+        return await asyncio.to_thread(self._generate, list(batch))
+
+    async def close(self) -> None:
+        """Nothing to release: the weights are freed with the engine."""
+
+    def _generate(self, batch: list[GenerationRequest]) -> list[Generation]:
+        groups: defaultdict[float, list[int]] = defaultdict(list)
+        for index, request in enumerate(batch):
+            groups[request.temperature].append(index)
+        results: dict[int, Generation] = {}
+        for temperature, indices in groups.items():
+            outputs = self._generate_group([batch[i] for i in indices], temperature)
+            results.update(zip(indices, outputs, strict=True))
+        return [results[i] for i in range(len(batch))]
+
+    def _generate_group(
+        self, requests: list[GenerationRequest], temperature: float
+    ) -> list[Generation]:
+        """One ``generate`` call up to the group's largest max_tokens."""
+        pad = self.tokenizer.pad_id
+        prompts = [self.tokenizer.encode(r.prompt) for r in requests]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        sampling: dict[str, Any] = (
+            {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+            if temperature > 0
+            else {"do_sample": False}
+        )
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
+            max_new_tokens=max(r.max_tokens for r in requests),
+            eos_token_id=self.tokenizer.eos_id,
+            pad_token_id=pad,
+            **sampling,
+        )
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+            )
+        assert isinstance(output, torch.Tensor)
+        return [
+            self._result(len(prompt), row[width:].tolist(), request.max_tokens)
+            for prompt, row, request in zip(prompts, output, requests, strict=True)
+        ]
+
+    def _result(self, prompt_tokens: int, new_ids: list[int], max_tokens: int) -> Generation:
+        """Cut ``new_ids`` at this request's max_tokens or at its first EOS (not counted)."""
+        new_ids = new_ids[:max_tokens]
+        stopped = self.tokenizer.eos_id in new_ids
+        if stopped:
+            new_ids = new_ids[: new_ids.index(self.tokenizer.eos_id)]
+        return Generation(
+            text=self.tokenizer.decode(new_ids),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(new_ids),
+            finish_reason="stop" if stopped else "length",
+        )
