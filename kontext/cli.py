@@ -8,7 +8,8 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated
+from typing import Annotated, cast
+from uuid import UUID
 
 import typer
 from rich.console import Console
@@ -126,6 +127,83 @@ def migrate_command() -> None:
     console.print("database is at the latest migration")
 
 
+webhooks_app = typer.Typer(help="Webhook deliveries: list them, redeliver one.")
+app.add_typer(webhooks_app, name="webhooks")
+
+
+def _database_settings() -> Settings:
+    settings = Settings()
+    if not settings.database_url:
+        console.print("[red]DATABASE_URL is not set")
+        raise typer.Exit(2)
+    return settings
+
+
+@webhooks_app.command("list")
+def webhooks_list(
+    status: Annotated[str | None, typer.Option(help="pending, delivered or dead.")] = None,
+    job_id: Annotated[str | None, typer.Option("--job-id")] = None,
+    limit: int = 20,
+) -> None:
+    """Print recent deliveries as JSON lines, with their attempts."""
+    from kontext import deliveries
+    from kontext.connections import create_pool
+    from schemas.webhooks import DeliveryStatus
+
+    settings = _database_settings()
+    if status not in (None, "pending", "delivered", "dead"):
+        console.print(f"[red]unknown status {status!r}")
+        raise typer.Exit(2)
+
+    async def main() -> None:
+        pool = await create_pool(settings, max_size=1)
+        try:
+            found = await deliveries.find(
+                pool,
+                status=cast(DeliveryStatus | None, status),
+                job_id=UUID(job_id) if job_id else None,
+                limit=limit,
+            )
+        finally:
+            await pool.close()
+        for delivery in found:
+            print(delivery.model_dump_json())
+
+    asyncio.run(main())
+
+
+@webhooks_app.command("redeliver")
+def webhooks_redeliver(
+    delivery_id: Annotated[str, typer.Argument(help="The delivery id.")],
+) -> None:
+    """Queue a delivery for an attempt now, with a fresh retry schedule (even when dead)."""
+    from kontext import deliveries
+    from kontext.connections import create_pool
+
+    settings = _database_settings()
+    try:
+        wanted = UUID(delivery_id)
+    except ValueError:
+        console.print(f"[red]not a delivery id: {delivery_id!r}")
+        raise typer.Exit(2) from None
+
+    async def main() -> deliveries.Redelivery:
+        pool = await create_pool(settings, max_size=1)
+        try:
+            return await deliveries.redeliver(pool, wanted)
+        finally:
+            await pool.close()
+
+    outcome = asyncio.run(main())
+    if outcome is deliveries.Redelivery.MISSING:
+        console.print(f"[red]no webhook delivery {wanted}")
+        raise typer.Exit(1)
+    if outcome is deliveries.Redelivery.IN_FLIGHT:
+        console.print(f"[yellow]an attempt of {wanted} is in flight; try again shortly")
+        raise typer.Exit(1)
+    console.print(f"delivery {wanted} queued for redelivery")
+
+
 DEMO_TURNS = (
     "Hi! My name is Ada and I live in Lisbon. Please remember that.",
     "Suggest one hobby for a rainy afternoon, in one sentence.",
@@ -183,6 +261,58 @@ def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> 
             else:
                 talk.cancel()
                 sys.exit(1)
+
+        _run(main)
+
+
+@app.command("bench-memory")
+def bench_memory(
+    engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
+    turns: Annotated[str, typer.Option(help="Conversation lengths, comma-separated.")] = "10,20,40",
+    runs: Annotated[int, typer.Option(help="Conversations per length.")] = 1,
+    max_tokens: Annotated[int, typer.Option()] = 16,
+) -> None:
+    """Kontext's server-side memory against naive full-history resend, same engine, same run."""
+    from kontext import bench
+    from producers.client import KontextClient
+
+    _logging(False)
+    lengths = [int(n) for n in turns.split(",")]
+    with embedded(_settings([engine], 0)) as settings:
+
+        async def main(stop: asyncio.Event) -> None:
+            await prepare(settings)
+            runtime = Runtime(settings)
+            await runtime.start(SERVICES)
+            started = asyncio.Event()
+            rows: list[bench.Row] = []
+
+            async def measure() -> None:
+                await started.wait()
+                url = f"http://{settings.api_host}:{runtime.api_port}"
+                async with KontextClient(url, settings.bootstrap, topics=settings.topics) as client:
+                    for n in lengths:
+                        rows.append(await bench.kontext_run(client, engine, n, runs, max_tokens))
+                        console.print(f"kontext, {n} turns: done")
+                for n in lengths:
+                    rows.append(await bench.naive_run(runtime.engines[0], n, runs, max_tokens))
+                    console.print(f"naive resend, {n} turns: done")
+                stop.set()
+
+            task = asyncio.create_task(measure())
+            await runtime.run(stop, lambda _: started.set())
+            task.result()
+            rows.sort(key=lambda r: (r.turns, r.mode))
+            body = bench.table(rows)
+            print(body)
+            bench.record(
+                "Conversation memory vs naive full-history resend",
+                f"Engine `{engine}`, max_tokens {max_tokens}, {runs} conversation(s) per length, "
+                f"summariser `{settings.summarizer}`, prompt budget "
+                f"{settings.context_budget_tokens or 'model window'}; command: "
+                f"`kontext bench-memory --engine {engine} --turns {turns} --runs {runs}`.",
+                body,
+            )
 
         _run(main)
 

@@ -16,7 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from schemas.api import JobStatus
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, Role
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,12 @@ async def admit(
     async with pool.acquire() as conn:
         created = await conn.fetchrow(
             f"""
-            INSERT INTO jobs (id, conversation_id, model, status, request, idempotency_key)
-            VALUES ($1, $2, $3, 'queued', $4, $5)
+            WITH conversation AS (
+                INSERT INTO conversations (id, user_id) VALUES ($2, $7)
+                ON CONFLICT (id) DO NOTHING
+            )
+            INSERT INTO jobs (id, conversation_id, model, kind, status, request, idempotency_key)
+            VALUES ($1, $2, $3, $6, 'queued', $4, $5)
             ON CONFLICT (idempotency_key) DO NOTHING
             RETURNING {_JOB_COLUMNS}
             """,
@@ -58,6 +62,8 @@ async def admit(
             request.model,
             request.model_dump(mode="json"),
             idempotency_key,
+            request.kind,
+            request.user,
         )
         if created is not None:
             return _row(created), True
@@ -88,50 +94,6 @@ async def fail(pool: asyncpg.Pool, job_id: UUID, error: ErrorInfo) -> None:
 
 
 @dataclass(frozen=True)
-class StoredTurn:
-    seq: int
-    role: Role
-    content: str
-    tokens: int
-
-
-async def claim_with_history(
-    conn: asyncpg.Connection, job_ids: Sequence[UUID], max_turns: int
-) -> dict[UUID, list[StoredTurn]]:
-    """Mark jobs running and fetch each one's recent turns, in one round trip.
-
-    Jobs already final (a redelivered message) are left out of the answer.
-    Turns come oldest first.
-    """
-    rows = await conn.fetch(
-        """
-        WITH claimed AS (
-            UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = now()
-            WHERE id = ANY($1::uuid[]) AND status IN ('queued', 'running')
-            RETURNING id, conversation_id
-        )
-        SELECT claimed.id AS job_id, t.seq, t.role, t.content, t.tokens
-        FROM claimed
-        LEFT JOIN LATERAL (
-            SELECT seq, role, content, tokens FROM turns
-            WHERE turns.conversation_id = claimed.conversation_id
-            ORDER BY seq DESC LIMIT $2
-        ) t ON true
-        """,
-        list(job_ids),
-        max_turns,
-    )
-    history: dict[UUID, list[StoredTurn]] = {}
-    for row in rows:
-        turns = history.setdefault(row["job_id"], [])
-        if row["seq"] is not None:
-            turns.append(StoredTurn(row["seq"], row["role"], row["content"], row["tokens"]))
-    for turns in history.values():
-        turns.sort(key=lambda t: t.seq)
-    return history
-
-
-@dataclass(frozen=True)
 class Outcome:
     """A job's final state after recording: ``fresh`` when this batch finalised it."""
 
@@ -143,8 +105,15 @@ class Outcome:
     fresh: bool
 
 
-async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion]) -> list[Outcome]:
-    """Finalise jobs and store their turns in one statement.
+@dataclass(frozen=True)
+class Recorded:
+    outcomes: list[Outcome]
+    redrive: list[dict[str, Any]]
+    """Requests (JobRequest JSON) whose turn has come: publish them to the requests topic."""
+
+
+async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion]) -> Recorded:
+    """Finalise jobs, store their turns and open conversation order gates, in one statement.
 
     Only jobs not yet final are updated and get turns; a duplicate completion
     leaves the ledger as it was and comes back with the stored result.
@@ -188,16 +157,31 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
                 completed_at = now(), updated_at = now()
             FROM input
             WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
-            RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error
+            RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
+                jobs.kind, jobs.request->>'user' AS user_id
         ), conv AS (
-            INSERT INTO conversations (id)
-            SELECT DISTINCT conversation_id FROM fresh WHERE status = 'succeeded'
-            ON CONFLICT (id) DO UPDATE SET updated_at = now()
+            -- Create the conversation if needed, and open its order gate to the next
+            -- waiting turn when the turn in flight is the one just finalised.
+            INSERT INTO conversations (id, user_id)
+            SELECT DISTINCT ON (conversation_id) conversation_id, user_id FROM fresh
+            ON CONFLICT (id) DO UPDATE SET
+                updated_at = now(),
+                user_id = coalesce(conversations.user_id, excluded.user_id),
+                in_flight = CASE WHEN conversations.in_flight IN (
+                        SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+                    THEN conversations.waiting[1] ELSE conversations.in_flight END,
+                in_flight_since = CASE WHEN conversations.in_flight IN (
+                        SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+                    THEN now() ELSE conversations.in_flight_since END,
+                waiting = CASE WHEN conversations.in_flight IN (
+                        SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+                    THEN conversations.waiting[2:] ELSE conversations.waiting END
+            RETURNING id, in_flight
         ), new_turns AS (
             SELECT t.*, fresh.conversation_id
             FROM unnest($5::uuid[], $6::text[], $7::text[], $8::int[], $9::int[])
                 AS t(job_id, role, content, tokens, ord)
-            JOIN fresh ON fresh.id = t.job_id
+            JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
         ), stored AS (
             INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id)
             SELECT conversation_id,
@@ -206,13 +190,27 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
                 + row_number() OVER (PARTITION BY conversation_id ORDER BY ord),
                 role, content, tokens, job_id
             FROM new_turns
+        ), next_up AS (
+            -- The turn each conversation's gate now admits: opened just now, or opened
+            -- earlier by a recording whose redrive message may have been lost.
+            SELECT in_flight AS id FROM conv WHERE in_flight IS NOT NULL
+            UNION
+            SELECT c.in_flight FROM conversations c
+            WHERE c.in_flight IS NOT NULL AND c.id IN (
+                SELECT j.conversation_id FROM jobs j
+                WHERE j.id = ANY($1::uuid[]) AND j.id NOT IN (SELECT id FROM fresh))
         )
-        SELECT j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh,
+        SELECT 'outcome' AS part, j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh,
             coalesce(fresh.status, j.status) AS status,
             CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
-            CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error
+            CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
+            NULL::jsonb AS request
         FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
         WHERE j.id = ANY($1::uuid[])
+        UNION ALL
+        SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, j.request
+        FROM jobs j JOIN next_up ON next_up.id = j.id
+        WHERE j.status = 'queued'
         """,
         ids,
         statuses,
@@ -224,7 +222,7 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
         turn_tokens,
         turn_order,
     )
-    return [
+    outcomes = [
         Outcome(
             job_id=row["id"],
             conversation_id=row["conversation_id"],
@@ -234,4 +232,7 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             fresh=row["fresh"],
         )
         for row in rows
+        if row["part"] == "outcome"
     ]
+    redrive = [row["request"] for row in rows if row["part"] == "redrive"]
+    return Recorded(outcomes=outcomes, redrive=redrive)

@@ -24,16 +24,19 @@ from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
 from producers.api.app import create_app
 from workers.consumer import BatchConsumer
+from workers.embeddings import Embedder
 from workers.engines import context_window, load_engine, load_tokenizer
 from workers.engines.base import Engine
 from workers.enricher import Enricher
 from workers.inference import InferenceWorker
+from workers.memory import MemoryWorker
 from workers.recorder import Recorder
 from workers.streams import StreamProcessor
+from workers.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "enricher", "inference", "recorder")
+SERVICES = ("api", "enricher", "inference", "recorder", "memory", "webhooks")
 READY_TIMEOUT_S = 60.0
 
 
@@ -141,6 +144,7 @@ class Runtime:
     pool: asyncpg.Pool | None = None
     producer: AIOKafkaProducer | None = None
     engines: list[Engine] = field(default_factory=list)
+    embedder: Embedder | None = None
 
     @property
     def api_port(self) -> int | None:
@@ -159,6 +163,12 @@ class Runtime:
         for name in names:
             self.services.extend(await self._build(name))
 
+    async def _embedder(self) -> Embedder:
+        """One embedding model per process, shared by the enricher and the memory worker."""
+        if self.embedder is None:
+            self.embedder = await asyncio.to_thread(Embedder)
+        return self.embedder
+
     async def _build(self, name: str) -> list[Service]:
         settings, pool, producer = self.settings, self.pool, self.producer
         if name == "api":
@@ -170,7 +180,7 @@ class Runtime:
                 model: (load_tokenizer(model, settings), context_window(model))
                 for model in settings.engines
             }
-            handler = Enricher(settings, pool, producer, tokenizers)
+            handler = Enricher(settings, pool, producer, tokenizers, await self._embedder())
             return [StreamService(StreamProcessor(settings, settings.topics.requests, handler))]
         if name == "recorder":
             consumer = create_consumer(
@@ -181,6 +191,20 @@ class Runtime:
                     BatchConsumer(consumer, Recorder(settings, pool, producer), **batch)
                 )
             ]
+        if name == "memory":
+            consumer = create_consumer(
+                settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-memory"
+            )
+            model = settings.summary_model or settings.engines[0]
+            worker = MemoryWorker(
+                settings, pool, producer, await self._embedder(), load_tokenizer(model, settings)
+            )
+            return [ConsumerService(BatchConsumer(consumer, worker, **batch))]
+        if name == "webhooks":
+            consumer = create_consumer(
+                settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-webhooks"
+            )
+            return [WebhookService(settings, pool, producer, consumer)]
         services: list[Service] = []
         for model in settings.engines:
             engine = await load_engine(model, settings)
@@ -190,8 +214,8 @@ class Runtime:
                 settings.topics.inference(model),
                 group_id=f"{settings.topic_prefix}-inference-{model}",
             )
-            worker = InferenceWorker(settings, engine, producer)
-            services.append(ConsumerService(BatchConsumer(consumer, worker, **batch)))
+            inference = InferenceWorker(settings, engine, producer)
+            services.append(ConsumerService(BatchConsumer(consumer, inference, **batch)))
         return services
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[Runtime], None]) -> None:

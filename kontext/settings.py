@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from schemas.events import WebhookSecret
 from schemas.topics import Topics
 
 
@@ -27,7 +28,9 @@ def _split_csv(value: object) -> object:
 class Settings(BaseSettings):
     """Configuration shared by the API, the workers and the CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="KONTEXT_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="KONTEXT_", extra="ignore", hide_input_in_errors=True
+    )
 
     kafka_bootstrap_servers: str | None = Field(
         default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS")
@@ -58,15 +61,66 @@ class Settings(BaseSettings):
 
     context_turns: int = Field(default=20, ge=0)
     """Most recent stored turns considered for a prompt."""
+    context_budget_tokens: int | None = Field(default=None, ge=64)
+    """Lower every model's prompt budget to this many tokens (default: the model's window)."""
+    recall_k: int = Field(default=4, ge=0)
+    """Older turns recalled by similarity to the new message."""
     system_prompt: str = "You are a helpful assistant."
+    summarizer: Literal["model", "extractive"] = "model"
+    """``model``: summaries are jobs the model writes; ``extractive``: deterministic, no model."""
+    summary_model: str | None = None
+    """Model that writes summaries (default: the first served engine)."""
+    summary_trigger_tokens: int = Field(default=768, ge=32)
+    """Unsummarised tokens (outside the recent turns) that start a level-1 summary."""
+    summary_rollup_tokens: int = Field(default=768, ge=32)
+    """Tokens of level-N summaries that roll them up into one level N+1 summary."""
+    summary_keep_recent: int = Field(default=6, ge=0)
+    """Most recent turns never summarised (they go into prompts whole)."""
+    summary_max_tokens: int = Field(default=128, ge=8)
+    ordering_lease_s: float = Field(default=300.0, gt=0)
+    """A conversation's turn in flight longer than this no longer holds back the next."""
 
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
+
+    webhook_secret: Annotated[list[WebhookSecret], NoDecode] = Field(
+        default_factory=list, repr=False
+    )
+    """Deployment signing secrets (whsec_..., comma-separated: each one signs, for rotation)."""
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Host names and CIDRs the SSRF guard admits even when private or loopback."""
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.0, 5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1
+    )
+    """Delay before each attempt, in seconds (the first is the delay before the first)."""
+    webhook_max_attempts: int | None = Field(default=None, ge=1)
+    """Attempts before a delivery is dead; default one per schedule entry (the last repeats)."""
+    webhook_retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    """Each retry delay is scaled by a random factor in [1 - jitter, 1 + jitter]."""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_poll_interval_s: float = Field(default=0.5, gt=0)
+    """How often the dispatcher looks for due retries."""
+    webhook_claim_batch: int = Field(default=64, ge=1)
+    webhook_max_connections: int = Field(default=100, ge=1)
 
     @field_validator("engines", mode="before")
     @classmethod
     def _split_engines(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator(
+        "webhook_secret", "webhook_allow_hosts", "webhook_retry_schedule_s", mode="before"
+    )
+    @classmethod
+    def _split_webhook_lists(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _non_negative_delays(cls, value: list[float]) -> list[float]:
+        if any(delay < 0 for delay in value):
+            raise ValueError("retry delays must not be negative")
+        return value
 
     @cached_property
     def topics(self) -> Topics:

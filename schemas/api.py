@@ -6,9 +6,15 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.events import ChatCompletion, ChatMessage, ErrorInfo
+from schemas.events import (
+    ChatCompletion,
+    ChatMessage,
+    ErrorInfo,
+    RecallScope,
+    WebhookTarget,
+)
 
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 
@@ -24,8 +30,19 @@ class JobSubmission(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    user: str | None = Field(
+        default=None, min_length=1, max_length=128, description="the end user, for recall scope"
+    )
+    recall_scope: RecallScope = "conversation"
     metadata: dict[str, Any] = Field(default_factory=dict)
     include_prompt: bool = False
+    webhook: WebhookTarget | None = None
+
+    @model_validator(mode="after")
+    def _user_scope_needs_user(self) -> JobSubmission:
+        if self.recall_scope == "user" and self.user is None:
+            raise ValueError("recall_scope 'user' needs the 'user' field")
+        return self
 
     @field_validator("messages")
     @classmethod
@@ -72,3 +89,34 @@ class ErrorBody(BaseModel):
     """Every 4xx/5xx answer: ``{"error": {"code", "message", ...}}``."""
 
     error: ApiError
+
+
+class TurnView(BaseModel):
+    seq: int
+    role: str
+    content: str
+    tokens: int
+    job_id: UUID | None
+    embedded: bool
+    created_at: datetime
+
+
+class SummaryView(BaseModel):
+    level: int
+    first_seq: int
+    last_seq: int
+    content: str
+    tokens: int
+    rolled_up: bool
+    created_at: datetime
+
+
+class ConversationView(BaseModel):
+    """``GET /v1/conversations/{id}``: what Kontext remembers of a conversation."""
+
+    id: str
+    user_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    turns: list[TurnView]
+    summaries: list[SummaryView]

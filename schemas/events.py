@@ -7,14 +7,20 @@ every topic uses the same JSON form.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from datetime import UTC, datetime
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Role = Literal["system", "user", "assistant"]
 FinalStatus = Literal["succeeded", "failed"]
+JobKind = Literal["chat", "summary"]
+"""``chat`` turns join their conversation's memory; ``summary`` jobs write it."""
+RecallScope = Literal["conversation", "user"]
+"""Where recall looks: this conversation, or all of the same user's conversations."""
 
 
 def utcnow() -> datetime:
@@ -60,11 +66,31 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class SummaryRef(BaseModel):
+    """A stored summary that went into a prompt."""
+
+    level: int
+    first_seq: int
+    last_seq: int
+
+
+class MemoryRef(BaseModel):
+    """An older turn recalled by similarity to the new message."""
+
+    conversation_id: str
+    seq: int
+    similarity: float
+
+
 class ContextInfo(BaseModel):
     """What went into a prompt, so clients can see why the model answered as it did."""
 
     prompt_tokens: int
-    turns: list[int] = Field(default_factory=list, description="seq of each stored turn used")
+    budget_tokens: int | None = None
+    turns: list[int] = Field(default_factory=list, description="seq of each recent turn used")
+    summaries: list[SummaryRef] = Field(default_factory=list)
+    memories: list[MemoryRef] = Field(default_factory=list)
+    truncated: bool = Field(default=False, description="a new message was cut to fit")
     prompt: str | None = Field(default=None, description="the rendered prompt, on request")
 
 
@@ -76,6 +102,37 @@ class TurnRecord(BaseModel):
     tokens: int
 
 
+WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+def _check_webhook_secret(value: str) -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 24 to 64 bytes in base64."""
+    if not value.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError("a webhook secret has the form whsec_<base64>")
+    try:
+        key = base64.b64decode(value.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except binascii.Error:
+        raise ValueError("a webhook secret must be base64 after whsec_") from None
+    if not 24 <= len(key) <= 64:
+        raise ValueError("a webhook secret must hold 24 to 64 bytes")
+    return value
+
+
+WebhookSecret = Annotated[str, AfterValidator(_check_webhook_secret)]
+
+
+class WebhookTarget(BaseModel):
+    """Where a job's result is pushed; signed with ``secret`` or the deployment's.
+
+    The secret is kept in the jobs ledger only: requests are published without it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    url: str = Field(min_length=1, max_length=2048)
+    secret: WebhookSecret | None = Field(default=None, repr=False)
+
+
 class JobRequest(Event):
     """An admitted job on the requests topic (keyed by conversation id)."""
 
@@ -85,8 +142,12 @@ class JobRequest(Event):
     messages: list[ChatMessage]
     max_tokens: int
     temperature: float = 0.0
+    kind: JobKind = "chat"
+    user: str | None = None
+    recall_scope: RecallScope = "conversation"
     include_prompt: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: WebhookTarget | None = None
     submitted_at: datetime = Field(default_factory=utcnow)
 
 

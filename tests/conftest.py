@@ -30,6 +30,11 @@ from producers.client import KontextClient
 
 READY = re.compile(r"Kontext ready: API (http://[0-9.]+:\d+)")
 START_TIMEOUT_S = 180
+# The deployment's webhook secrets during a rotation: every delivery is signed with both.
+WEBHOOK_SECRETS = (
+    "whsec_a29udGV4dC10ZXN0LXdlYmhvb2stc2VjcmV0LW9sZCE=",
+    "whsec_a29udGV4dC10ZXN0LXdlYmhvb2stc2VjcmV0LW5ldyE=",
+)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +68,17 @@ def stack_env(broker: EmbeddedBroker, database: EmbeddedPostgres, prefix: str) -
         KONTEXT_TOPIC_PREFIX=prefix,
         KONTEXT_TOPIC_PARTITIONS="2",
         KONTEXT_KAFKA_SESSION_TIMEOUT_MS="3000",
+        # Memory small enough to exercise summaries and recall in a short conversation.
+        KONTEXT_CONTEXT_BUDGET_TOKENS="512",
+        KONTEXT_SUMMARIZER="extractive",
+        KONTEXT_SUMMARY_TRIGGER_TOKENS="200",
+        KONTEXT_SUMMARY_ROLLUP_TOKENS="200",
+        KONTEXT_SUMMARY_MAX_TOKENS="96",
+        KONTEXT_WEBHOOK_SECRET=",".join(WEBHOOK_SECRETS),
+        KONTEXT_WEBHOOK_ALLOW_HOSTS="127.0.0.1,localhost",
+        KONTEXT_WEBHOOK_RETRY_SCHEDULE_S="0,0.2,0.2",
+        KONTEXT_WEBHOOK_POLL_INTERVAL_S="0.1",
+        KONTEXT_WEBHOOK_TIMEOUT_S="3",
     )
     return env
 

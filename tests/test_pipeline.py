@@ -116,10 +116,31 @@ async def test_smollm2_answers_a_real_question(client: KontextClient) -> None:
     assert "paris" in reply.result.choices[0].message.content.lower()
 
 
-async def test_prompt_too_long_fails_the_job_with_a_reason(client: KontextClient) -> None:
+async def test_an_oversized_message_is_cut_with_a_marker(client: KontextClient) -> None:
     reply = await client.chat(
         model="tiny",
-        messages=[{"role": "user", "content": "x" * 5000}],
+        messages=[{"role": "user", "content": "a" * 3000 + "z" * 3000}],
+        include_prompt=True,
+        timeout=60,
+    )
+    assert reply.status == "succeeded" and reply.result is not None
+    context = reply.result.context
+    assert context is not None and context.prompt is not None
+    assert context.truncated
+    assert "[…truncated to fit the context window…]" in context.prompt
+    assert context.budget_tokens is not None
+    assert context.prompt_tokens <= context.budget_tokens
+    # The head and the tail of the message both survive the cut.
+    assert "aaaa" in context.prompt and "zzzz" in context.prompt
+
+
+async def test_a_prompt_that_cannot_fit_fails_the_job_with_a_reason(client: KontextClient) -> None:
+    reply = await client.chat(
+        model="tiny",
+        messages=[
+            {"role": "system", "content": "Be brief. " * 200},
+            {"role": "user", "content": "hello"},
+        ],
         timeout=60,
     )
     assert reply.status == "failed"

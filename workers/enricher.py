@@ -1,8 +1,10 @@
 """The enricher: admits requests into the pipeline with their conversation's context.
 
-One Postgres round trip per micro-batch claims the jobs and reads their
-history; each request leaves with its prompt rendered by the model's chat
-template, on its model's inference topic (keyed by conversation id).
+Per micro-batch: one embedding call for the new messages, then one Postgres
+round trip that passes each job through its conversation's order gate (one
+chat turn in flight at a time) and reads its memory (recent turns, summaries,
+recalled older turns). Each admitted request leaves with its prompt rendered by
+the model's chat template, on its model's inference topic.
 """
 
 from __future__ import annotations
@@ -13,18 +15,28 @@ from collections.abc import Mapping, Sequence
 from uuid import UUID
 
 import asyncpg
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from kontext import ledger
+from kontext import memory
 from kontext.settings import Settings
 from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest
-from workers.context import PromptTooLong, assemble
+from workers.context import PromptTooLong, assemble, budget_for
 from workers.deadletter import DeadLetters
+from workers.embeddings import Embedder
 from workers.engines.base import ChatTokenizer
 from workers.records import Record
 
 log = logging.getLogger(__name__)
+
+
+def recall_query(request: JobRequest) -> str | None:
+    """The text recall searches with: the last user message of a chat turn."""
+    if request.kind != "chat":
+        return None
+    users = [m.content for m in request.messages if m.role == "user"]
+    return users[-1] if users else None
 
 
 class Enricher:
@@ -36,12 +48,14 @@ class Enricher:
         pool: asyncpg.Pool,
         producer: AIOKafkaProducer,
         tokenizers: Mapping[str, tuple[ChatTokenizer, int]],
+        embedder: Embedder,
     ) -> None:
         """``tokenizers`` maps each served model to its tokenizer and context window."""
         self.settings = settings
         self.pool = pool
         self.producer = producer
         self.tokenizers = tokenizers
+        self.embedder = embedder
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
 
     async def handle(self, records: Sequence[Record]) -> None:
@@ -55,20 +69,26 @@ class Enricher:
                 continue
             requests.setdefault(request.job_id, request)
         if requests:
+            queries = {job_id: recall_query(r) for job_id, r in requests.items()}
+            texts = [q for q in queries.values() if q is not None]
+            vectors = iter(await self.embedder.embed(texts)) if texts else iter(())
+            jobs: list[tuple[UUID, np.ndarray | None]] = [
+                (job_id, next(vectors) if query is not None else None)
+                for job_id, query in queries.items()
+            ]
+            settings = self.settings
             async with self.pool.acquire() as conn:
-                history = await ledger.claim_with_history(
-                    conn, list(requests), self.settings.context_turns
+                contexts = await memory.claim_with_context(
+                    conn, jobs, settings.context_turns, settings.recall_k, settings.ordering_lease_s
                 )
             for job_id, request in requests.items():
-                if job_id not in history:
-                    log.info("job %s is already final or unknown; skipped", job_id)
-                    continue
-                sends.append(await self._forward(request, history[job_id]))
+                if job_id in contexts:
+                    sends.append(await self._forward(request, contexts[job_id]))
         if sends:
             await asyncio.gather(*sends)
 
     async def _forward(
-        self, request: JobRequest, history: Sequence[ledger.StoredTurn]
+        self, request: JobRequest, context: memory.MemoryContext
     ) -> asyncio.Future[object]:
         topics = self.settings.topics
         key = request.conversation_id.encode()
@@ -77,7 +97,8 @@ class Enricher:
             if served is None:
                 raise LookupError(f"model {request.model!r} is not served by this deployment")
             tokenizer, window = served
-            assembled = assemble(request, history, tokenizer, window, self.settings.system_prompt)
+            budget = budget_for(request, window, self.settings.context_budget_tokens)
+            assembled = assemble(request, context, tokenizer, budget, self.settings.system_prompt)
         except (LookupError, PromptTooLong) as exc:
             code = "unknown_model" if isinstance(exc, LookupError) else "prompt_too_long"
             failed = JobCompletion(

@@ -1,7 +1,9 @@
 """The recorder: writes each result to the ledger and the conversation, then replies.
 
 Replies go out only after the turn is stored, so a client that reads its reply
-and sends the next turn always finds the previous one in memory.
+and sends the next turn always finds the previous one in memory. Recording a
+turn also lets the conversation's next waiting turn through: its request is
+published again for the enricher.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 from collections.abc import Sequence
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
@@ -42,7 +45,8 @@ class Recorder:
                 sends.append(await self.dead_letters.send(record, f"invalid JobCompletion: {exc}"))
         if completions:
             async with self.pool.acquire() as conn:
-                outcomes = await ledger.record(conn, completions)
+                recorded = await ledger.record(conn, completions)
+            outcomes = recorded.outcomes
             known = {o.job_id for o in outcomes}
             for done in completions:
                 if done.job_id not in known:
@@ -62,6 +66,15 @@ class Recorder:
                         self.settings.topics.replies,
                         reply.encode(),
                         key=outcome.conversation_id.encode(),
+                    )
+                )
+            for request in recorded.redrive:
+                # The next turn of a conversation, held back until this one was recorded.
+                sends.append(
+                    await self.producer.send(
+                        self.settings.topics.requests,
+                        orjson.dumps(request),
+                        key=str(request["conversation_id"]).encode(),
                     )
                 )
         if sends:

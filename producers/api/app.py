@@ -9,9 +9,10 @@ from fastapi import FastAPI
 
 from kontext.connections import create_pool, create_producer
 from kontext.settings import Settings
-from producers.api import errors, jobs
+from producers.api import conversations, errors, jobs, webhooks
 from producers.api.limits import BodySizeLimit
 from producers.api.state import ApiState
+from producers.api.waiters import JobWaiters
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -20,16 +21,21 @@ def create_app(settings: Settings) -> FastAPI:
         pool = await create_pool(settings)
         producer = create_producer(settings)
         await producer.start()
-        app.state.api = ApiState(settings=settings, pool=pool, producer=producer)
+        waiters = JobWaiters(settings.dsn)
+        waiters.start()
+        app.state.api = ApiState(settings=settings, pool=pool, producer=producer, waiters=waiters)
         try:
             yield
         finally:
+            await waiters.close()
             await producer.stop()
             await pool.close()
 
     app = FastAPI(title="Kontext", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(conversations.router)
+    app.include_router(webhooks.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

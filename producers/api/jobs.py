@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from kontext import ledger
 from producers.api.state import ApiState, state
+from producers.api.waiters import RECHECK_S
 from producers.submit import submit
 from schemas.api import ErrorBody, JobAccepted, JobSubmission, JobView
 from schemas.events import ChatCompletion, ErrorInfo
+from schemas.tables import FINAL_STATUSES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_WAIT_S = 60
 
 ERRORS: dict[int | str, dict[str, object]] = {
     code: {"model": ErrorBody} for code in (400, 413, 422, 503)
@@ -32,10 +38,39 @@ async def create_job(
     return JobAccepted(id=job.id, status=job.status, conversation_id=job.conversation_id)
 
 
-@router.get("/{job_id}", response_model=JobView, responses={404: {"model": ErrorBody}})
-async def get_job(job_id: UUID, api: Annotated[ApiState, Depends(state)]) -> JobView:
-    """The job's status; once succeeded, ``result`` is an OpenAI chat.completion."""
-    job = await ledger.get(api.pool, job_id)
+async def _read(api: ApiState, job_id: UUID, wait: float) -> ledger.JobRow | None:
+    """The job, once final or after ``wait`` seconds, whichever comes first."""
+    if wait <= 0:
+        return await ledger.get(api.pool, job_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    with api.waiters.watch(job_id) as changed:
+        while True:
+            changed.clear()
+            job = await ledger.get(api.pool, job_id)
+            left = deadline - loop.time()
+            if job is None or job.status in FINAL_STATUSES or left <= 0:
+                return job
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=min(left, RECHECK_S))
+
+
+@router.get(
+    "/{job_id}", response_model=JobView, responses={404: {"model": ErrorBody}, 422: ERRORS[422]}
+)
+async def get_job(
+    job_id: UUID,
+    api: Annotated[ApiState, Depends(state)],
+    wait: Annotated[
+        float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a final status")
+    ] = 0,
+) -> JobView:
+    """The job's status; once succeeded, ``result`` is an OpenAI chat.completion.
+
+    With ``wait``, answers as soon as the job is final, or after ``wait`` seconds
+    with whatever status it has then (a long poll).
+    """
+    job = await _read(api, job_id, wait)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return JobView(

@@ -1,4 +1,5 @@
-"""What every request handler shares: settings, the database pool, the producer."""
+"""What every request handler shares: settings, the database pool, the producer,
+and the long-poll waiters."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi import Request
 
 from kontext.settings import Settings
+from producers.api.waiters import JobWaiters
 
 
 @dataclass
@@ -16,6 +18,7 @@ class ApiState:
     settings: Settings
     pool: asyncpg.Pool
     producer: AIOKafkaProducer
+    waiters: JobWaiters
 
 
 def state(request: Request) -> ApiState:

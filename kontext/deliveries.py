@@ -1,0 +1,221 @@
+"""Webhook deliveries in Postgres: create, claim, record attempts, list, redeliver.
+
+Raw asyncpg, one statement per micro-batch on the hot paths. A delivery is
+unique per job, so a redelivered reply never creates a second one. An attempt
+in flight holds a lease (``leased_until``); a dispatcher that dies mid-attempt
+loses it, and the delivery is claimed again once the lease runs out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from schemas.webhooks import DeliveryStatus, DeliveryView
+
+_CLAIMED = "id, job_id, url, secret, payload, attempts, cycle_attempts"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A delivery claimed for one attempt (numbered ``attempt`` overall)."""
+
+    id: UUID
+    job_id: UUID
+    url: str
+    secret: str | None = field(repr=False)
+    payload: dict[str, Any] = field(repr=False)
+    attempt: int
+    cycle_attempt: int
+
+
+def _claimed(record: asyncpg.Record) -> Delivery:
+    return Delivery(
+        id=record["id"],
+        job_id=record["job_id"],
+        url=record["url"],
+        secret=record["secret"],
+        payload=record["payload"],
+        attempt=record["attempts"],
+        cycle_attempt=record["cycle_attempts"],
+    )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one attempt; ``retry_in_s`` None after a failure means dead."""
+
+    delivery_id: UUID
+    attempt: int
+    attempted_at: datetime
+    latency_ms: int
+    status_code: int | None
+    error: str | None
+    retry_in_s: float | None
+
+
+async def create(
+    conn: asyncpg.Connection, job_ids: Sequence[UUID], first_delay_s: float, lease_s: float
+) -> list[Delivery]:
+    """Create the deliveries of those final jobs that carry a webhook, once per job.
+
+    The body is the job as ``GET /v1/jobs/{id}`` shows it. With no first delay
+    the new deliveries come back claimed for their first attempt; otherwise
+    they wait for the scheduler and nothing comes back.
+    """
+    claim = first_delay_s == 0
+    rows = await conn.fetch(
+        f"""
+        INSERT INTO webhook_deliveries AS d (id, job_id, event_type, url, secret, payload,
+            attempts, cycle_attempts, next_attempt_at, leased_until)
+        SELECT gen_random_uuid(), j.id, e.type, j.request->'webhook'->>'url',
+            j.request->'webhook'->>'secret',
+            jsonb_build_object(
+                'type', e.type,
+                'timestamp', coalesce(j.completed_at, now()),
+                'data', jsonb_build_object(
+                    'id', j.id, 'status', j.status, 'conversation_id', j.conversation_id,
+                    'model', j.model, 'created_at', j.created_at,
+                    'completed_at', j.completed_at, 'result', j.result, 'error', j.error)),
+            $2::int, $2::int, now() + make_interval(secs => $3),
+            CASE WHEN $2 = 1 THEN now() + make_interval(secs => $4) END
+        FROM jobs j
+        CROSS JOIN LATERAL (SELECT CASE j.status WHEN 'succeeded' THEN 'job.completed'
+                                                 ELSE 'job.failed' END AS type) e
+        WHERE j.id = ANY($1::uuid[]) AND j.status IN ('succeeded', 'failed')
+            AND jsonb_typeof(j.request->'webhook') = 'object'
+        ON CONFLICT (job_id) DO NOTHING
+        RETURNING {_CLAIMED}
+        """,
+        list(job_ids),
+        1 if claim else 0,
+        first_delay_s,
+        lease_s,
+    )
+    return [_claimed(row) for row in rows] if claim else []
+
+
+async def claim_due(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Delivery]:
+    """Lease up to ``limit`` due deliveries for one attempt each (skipping locked ones)."""
+    rows = await pool.fetch(
+        f"""
+        UPDATE webhook_deliveries SET attempts = attempts + 1,
+            cycle_attempts = cycle_attempts + 1,
+            leased_until = now() + make_interval(secs => $2), updated_at = now()
+        WHERE id IN (
+            SELECT id FROM webhook_deliveries
+            WHERE status = 'pending' AND next_attempt_at <= now()
+                AND (leased_until IS NULL OR leased_until < now())
+            ORDER BY next_attempt_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING {_CLAIMED}
+        """,
+        limit,
+        lease_s,
+    )
+    return [_claimed(row) for row in rows]
+
+
+async def record(pool: asyncpg.Pool, attempts: Sequence[Attempt]) -> None:
+    """Log each attempt and move its delivery on: delivered, retry later, or dead.
+
+    A delivery re-claimed since (its lease ran out) keeps its newer state; the
+    late attempt is still logged.
+    """
+    await pool.execute(
+        """
+        WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::int[], $3::timestamptz[], $4::int[], $5::int[],
+                                 $6::text[], $7::float8[])
+                AS u(delivery_id, attempt, attempted_at, latency_ms, status_code, error,
+                     retry_in_s)
+        ), logged AS (
+            INSERT INTO webhook_attempts (delivery_id, attempt, attempted_at, latency_ms,
+                                          status_code, error)
+            SELECT delivery_id, attempt, attempted_at, latency_ms, status_code, error FROM input
+            ON CONFLICT (delivery_id, attempt) DO NOTHING
+        )
+        UPDATE webhook_deliveries d SET
+            status = CASE WHEN i.error IS NULL THEN 'delivered'
+                          WHEN i.retry_in_s IS NULL THEN 'dead' ELSE 'pending' END,
+            next_attempt_at = CASE WHEN i.error IS NOT NULL AND i.retry_in_s IS NOT NULL
+                                   THEN now() + make_interval(secs => i.retry_in_s) END,
+            delivered_at = CASE WHEN i.error IS NULL THEN now() ELSE d.delivered_at END,
+            leased_until = NULL, last_status_code = i.status_code, last_error = i.error,
+            updated_at = now()
+        FROM input i
+        WHERE d.id = i.delivery_id AND d.attempts = i.attempt
+        """,
+        [a.delivery_id for a in attempts],
+        [a.attempt for a in attempts],
+        [a.attempted_at for a in attempts],
+        [a.latency_ms for a in attempts],
+        [a.status_code for a in attempts],
+        [a.error for a in attempts],
+        [a.retry_in_s for a in attempts],
+    )
+
+
+async def find(
+    pool: asyncpg.Pool,
+    *,
+    status: DeliveryStatus | None = None,
+    job_id: UUID | None = None,
+    delivery_id: UUID | None = None,
+    limit: int = 100,
+) -> list[DeliveryView]:
+    """Deliveries, newest first, each with its attempts (never its secret)."""
+    rows = await pool.fetch(
+        """
+        SELECT d.id, d.job_id, d.event_type, d.url, d.status, d.next_attempt_at,
+            d.last_status_code, d.last_error, d.created_at, d.updated_at, d.delivered_at,
+            coalesce((
+                SELECT jsonb_agg(jsonb_build_object(
+                    'attempt', a.attempt, 'status_code', a.status_code,
+                    'latency_ms', a.latency_ms, 'error', a.error,
+                    'attempted_at', a.attempted_at) ORDER BY a.attempt)
+                FROM webhook_attempts a WHERE a.delivery_id = d.id), '[]'::jsonb) AS attempts
+        FROM webhook_deliveries d
+        WHERE ($1::text IS NULL OR d.status = $1) AND ($2::uuid IS NULL OR d.job_id = $2)
+            AND ($3::uuid IS NULL OR d.id = $3)
+        ORDER BY d.created_at DESC
+        LIMIT $4
+        """,
+        status,
+        job_id,
+        delivery_id,
+        limit,
+    )
+    return [DeliveryView.model_validate(dict(row)) for row in rows]
+
+
+class Redelivery(Enum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    MISSING = "missing"
+
+
+async def redeliver(pool: asyncpg.Pool, delivery_id: UUID) -> Redelivery:
+    """Queue a delivery for an attempt now, with a fresh retry schedule, whatever its status."""
+    async with pool.acquire() as conn:
+        queued = await conn.fetchval(
+            """
+            UPDATE webhook_deliveries SET status = 'pending', cycle_attempts = 0,
+                next_attempt_at = now(), updated_at = now()
+            WHERE id = $1 AND (leased_until IS NULL OR leased_until < now())
+            RETURNING id
+            """,
+            delivery_id,
+        )
+        if queued is not None:
+            return Redelivery.QUEUED
+        exists = await conn.fetchval("SELECT 1 FROM webhook_deliveries WHERE id = $1", delivery_id)
+    return Redelivery.IN_FLIGHT if exists else Redelivery.MISSING

