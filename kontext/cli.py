@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -29,6 +30,8 @@ PortOption = Annotated[int | None, typer.Option("--port", "-p", help="API port (
 
 
 def _logging(verbose: bool) -> None:
+    # Model loads print tqdm bars per weight file; the CLI reports its own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(name)s: %(message)s",

@@ -90,7 +90,7 @@ class ConsumerService:
         await self.consumer.run()
 
     def ready(self) -> bool:
-        return bool(self.consumer.consumer.assignment())
+        return self.consumer.ready()
 
     async def stop(self) -> None:
         self.consumer.stop()
@@ -209,13 +209,27 @@ class Runtime:
         for model in settings.engines:
             engine = await load_engine(model, settings)
             self.engines.append(engine)
-            consumer = create_consumer(
+            group = f"{settings.topic_prefix}-inference-{model}"
+            interactive = create_consumer(
+                settings, settings.topics.inference(model), group_id=group
+            )
+            background = create_consumer(
                 settings,
-                settings.topics.inference(model),
-                group_id=f"{settings.topic_prefix}-inference-{model}",
+                settings.topics.inference(model, "background"),
+                group_id=f"{group}-background",
             )
             inference = InferenceWorker(settings, engine, producer)
-            services.append(ConsumerService(BatchConsumer(consumer, inference, **batch)))
+            services.append(
+                ConsumerService(
+                    BatchConsumer(
+                        interactive,
+                        inference,
+                        background=background,
+                        background_share=settings.background_share,
+                        **batch,
+                    )
+                )
+            )
         return services
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[Runtime], None]) -> None:

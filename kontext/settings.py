@@ -58,6 +58,8 @@ class Settings(BaseSettings):
 
     batch_max_size: int = Field(default=16, ge=1)
     batch_max_wait_ms: int = Field(default=20, ge=0)
+    background_share: float = Field(default=0.25, gt=0, le=1)
+    """Share of each inference micro-batch kept for background work (summaries, backfills)."""
 
     context_turns: int = Field(default=20, ge=0)
     """Most recent stored turns considered for a prompt."""
@@ -102,6 +104,14 @@ class Settings(BaseSettings):
     """How often the dispatcher looks for due retries."""
     webhook_claim_batch: int = Field(default=64, ge=1)
     webhook_max_connections: int = Field(default=100, ge=1)
+
+    backfill_max_bytes: int = Field(default=100_000_000, ge=1024)
+    """Largest ``POST /v1/batches`` body (other requests keep ``max_body_bytes``)."""
+    backfill_max_lines: int = Field(default=50_000, ge=1)
+    backfill_chunk_size: int = Field(default=500, ge=1)
+    """Batch lines admitted per ledger insert (one statement) and per pipelined publish."""
+    backfill_sweep_interval_s: float = Field(default=1.0, gt=0)
+    """How often the batches service recounts open batches and expires overdue ones."""
 
     @field_validator("engines", mode="before")
     @classmethod

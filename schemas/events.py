@@ -19,6 +19,9 @@ Role = Literal["system", "user", "assistant"]
 FinalStatus = Literal["succeeded", "failed"]
 JobKind = Literal["chat", "summary"]
 """``chat`` turns join their conversation's memory; ``summary`` jobs write it."""
+Priority = Literal["interactive", "background"]
+"""Inference lane: background work (summaries, backfills) never starves interactive turns,
+and keeps a guaranteed share of every micro-batch itself."""
 RecallScope = Literal["conversation", "user"]
 """Where recall looks: this conversation, or all of the same user's conversations."""
 
@@ -143,6 +146,7 @@ class JobRequest(Event):
     max_tokens: int
     temperature: float = 0.0
     kind: JobKind = "chat"
+    priority: Priority = "interactive"
     user: str | None = None
     recall_scope: RecallScope = "conversation"
     include_prompt: bool = False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LANES = ("interactive", "background")
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -16,9 +18,11 @@ class Topics:
         """Admitted job requests (JobRequest), keyed by conversation id."""
         return f"{self.prefix}.requests"
 
-    def inference(self, model: str) -> str:
-        """Enriched requests for one model's inference workers (EnrichedRequest)."""
-        return f"{self.prefix}.inference.{model}"
+    def inference(self, model: str, priority: str = "interactive") -> str:
+        """Enriched requests for one model's inference workers (EnrichedRequest), one
+        topic per priority lane."""
+        lane = "" if priority == "interactive" else f".{priority}"
+        return f"{self.prefix}.inference.{model}{lane}"
 
     @property
     def completions(self) -> str:
@@ -38,7 +42,7 @@ class Topics:
     def all(self, models: list[str]) -> list[str]:
         return [
             self.requests,
-            *(self.inference(m) for m in models),
+            *(self.inference(m, lane) for m in models for lane in LANES),
             self.completions,
             self.replies,
             self.dead_letters,

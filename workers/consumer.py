@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -19,6 +20,7 @@ from workers.records import BatchHandler, Record
 log = logging.getLogger(__name__)
 
 POLL_MS = 250
+IDLE_POLL_MS = 50
 
 
 async def retry_until_done(
@@ -64,8 +66,62 @@ async def drain(
     return batch
 
 
+async def _fetch(consumer: AIOKafkaConsumer, timeout_ms: int, room: int) -> list[Record]:
+    if room <= 0:
+        return []
+    fetched = await consumer.getmany(timeout_ms=max(timeout_ms, 0), max_records=room)
+    return [
+        Record(m.topic, m.partition, m.offset, m.key, m.value)
+        for messages in fetched.values()
+        for m in messages
+    ]
+
+
+async def drain_lanes(
+    interactive: AIOKafkaConsumer,
+    background: AIOKafkaConsumer,
+    max_size: int,
+    max_wait_ms: int,
+    reserve: int,
+    stopping: asyncio.Event,
+) -> list[Record]:
+    """The next micro-batch across two priority lanes.
+
+    Background work gets up to ``reserve`` slots of every batch (its guaranteed
+    share); interactive work gets the rest, and the reserve too when no
+    background work waits; background fills whatever interactive leaves empty.
+    Only records that go into the batch are fetched, so committing both
+    consumers' positions afterwards never skips one.
+    """
+    high: list[Record] = []
+    low: list[Record] = []
+    deadline = 0.0
+    while True:
+        room = max_size - len(high) - len(low)
+        if room <= 0:
+            break
+        low += await _fetch(background, 0, min(room, reserve - len(low)))
+        if (high or low) and not deadline:
+            deadline = time.monotonic() + max_wait_ms / 1000
+        if deadline:
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+        elif stopping.is_set():
+            break
+        else:
+            wait_ms = IDLE_POLL_MS
+        got = await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
+        high += got
+        if not got:
+            low += await _fetch(background, 0, max_size - len(high) - len(low))
+        if (high or low) and not deadline:
+            deadline = time.monotonic() + max_wait_ms / 1000
+        if deadline and time.monotonic() >= deadline:
+            break
+    return high + low
+
+
 class BatchConsumer:
-    """Runs one handler over one consumer group until stopped."""
+    """Runs one handler over one consumer group (or two priority lanes) until stopped."""
 
     def __init__(
         self,
@@ -74,25 +130,54 @@ class BatchConsumer:
         *,
         max_size: int,
         max_wait_ms: int,
+        background: AIOKafkaConsumer | None = None,
+        background_share: float = 0.25,
     ) -> None:
+        """With ``background``, ``consumer`` is the interactive lane and background work
+        keeps ``background_share`` of each batch."""
         self.consumer = consumer
+        self.background = background
         self.handler = handler
         self.max_size = max_size
         self.max_wait_ms = max_wait_ms
+        self.reserve = max(1, math.ceil(max_size * background_share))
         self.stopping = asyncio.Event()
 
+    @property
+    def consumers(self) -> list[AIOKafkaConsumer]:
+        return [self.consumer] + ([self.background] if self.background else [])
+
+    async def _next_batch(self) -> list[Record]:
+        if self.background is None:
+            return await drain(self.consumer, self.max_size, self.max_wait_ms, self.stopping)
+        return await drain_lanes(
+            self.consumer,
+            self.background,
+            self.max_size,
+            self.max_wait_ms,
+            self.reserve,
+            self.stopping,
+        )
+
     async def run(self) -> None:
-        await self.consumer.start()
+        for consumer in self.consumers:
+            await consumer.start()
         try:
             while not self.stopping.is_set():
-                records = await drain(self.consumer, self.max_size, self.max_wait_ms, self.stopping)
+                records = await self._next_batch()
                 if not records:
                     continue
                 if not await retry_until_done(self.handler, records, self.stopping):
                     break
-                await self.consumer.commit()
+                for consumer in self.consumers:
+                    await consumer.commit()
         finally:
-            await self.consumer.stop()
+            for consumer in self.consumers:
+                await consumer.stop()
+
+    def ready(self) -> bool:
+        """Every lane has its partitions."""
+        return all(consumer.assignment() for consumer in self.consumers)
 
     def stop(self) -> None:
         self.stopping.set()

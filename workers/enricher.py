@@ -119,6 +119,6 @@ class Enricher:
             new_turns=assembled.new_turns,
         )
         future = await self.producer.send(
-            topics.inference(request.model), enriched.encode(), key=key
+            topics.inference(request.model, request.priority), enriched.encode(), key=key
         )
         return future

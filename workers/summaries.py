@@ -73,6 +73,7 @@ def summary_job(
         conversation_id=conversation_id,
         model=model,
         kind="summary",
+        priority="background",
         messages=[
             ChatMessage(role="system", content=SUMMARY_INSTRUCTIONS),
             ChatMessage(role="user", content=transcript(lines)),
