@@ -25,9 +25,9 @@ from kontext.settings import Settings
 from producers.api.app import create_app
 from workers.consumer import BatchConsumer
 from workers.embeddings import Embedder
-from workers.engines import context_window, load_engine, load_tokenizer
+from workers.engines import load_engine, load_tokenizer
 from workers.engines.base import Engine
-from workers.enricher import Enricher
+from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
 from workers.memory import MemoryWorker
 from workers.recorder import Recorder
@@ -176,11 +176,8 @@ class Runtime:
         assert pool is not None and producer is not None
         batch = {"max_size": settings.batch_max_size, "max_wait_ms": settings.batch_max_wait_ms}
         if name == "enricher":
-            tokenizers = {
-                model: (load_tokenizer(model, settings), context_window(model))
-                for model in settings.engines
-            }
-            handler = Enricher(settings, pool, producer, tokenizers, await self._embedder())
+            models = {model: ServedModel.load(model, settings) for model in settings.engines}
+            handler = Enricher(settings, pool, producer, models, await self._embedder())
             return [StreamService(StreamProcessor(settings, settings.topics.requests, handler))]
         if name == "recorder":
             consumer = create_consumer(

@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     """Lower every model's prompt budget to this many tokens (default: the model's window)."""
     recall_k: int = Field(default=4, ge=0)
     """Older turns recalled by similarity to the new message."""
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str | None = None
+    """Default system prompt for every model (default: each model's own)."""
     summarizer: Literal["model", "extractive"] = "model"
     """``model``: summaries are jobs the model writes; ``extractive``: deterministic, no model."""
     summary_model: str | None = None

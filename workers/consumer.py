@@ -8,12 +8,13 @@ is retried with capped backoff; the loop never skips work it has not done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Sequence
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from workers.records import BatchHandler, Record
 
@@ -160,20 +161,40 @@ class BatchConsumer:
         )
 
     async def run(self) -> None:
+        """Handle batch after batch; the next batch is drained while the handler
+        works on this one, so the engine never waits on Kafka when work is queued."""
         for consumer in self.consumers:
             await consumer.start()
+        upcoming: asyncio.Task[list[Record]] | None = None
         try:
             while not self.stopping.is_set():
-                records = await self._next_batch()
+                records = await (upcoming or self._next_batch())
+                upcoming = None
                 if not records:
                     continue
+                upcoming = asyncio.create_task(self._next_batch())
                 if not await retry_until_done(self.handler, records, self.stopping):
                     break
-                for consumer in self.consumers:
-                    await consumer.commit()
+                await self._commit(records)
         finally:
+            if upcoming is not None:
+                # Drained but not handled: left uncommitted, so it is delivered again.
+                upcoming.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await upcoming
             for consumer in self.consumers:
                 await consumer.stop()
+
+    async def _commit(self, records: Sequence[Record]) -> None:
+        """Commit exactly past ``records`` (the consumers may have read further ahead)."""
+        ends: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            ends[tp] = max(ends.get(tp, 0), record.offset + 1)
+        for consumer in self.consumers:
+            mine = {tp: offset for tp, offset in ends.items() if tp in consumer.assignment()}
+            if mine:
+                await consumer.commit(mine)
 
     def ready(self) -> bool:
         """Every lane has its partitions."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -25,10 +26,24 @@ from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest
 from workers.context import PromptTooLong, assemble, budget_for
 from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
+from workers.engines import context_window, load_tokenizer, system_prompt
 from workers.engines.base import ChatTokenizer
 from workers.records import Record
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the enricher needs of a model: its tokenizer, window and default system prompt."""
+
+    tokenizer: ChatTokenizer
+    context_window: int
+    system_prompt: str
+
+    @classmethod
+    def load(cls, name: str, settings: Settings) -> ServedModel:
+        return cls(load_tokenizer(name, settings), context_window(name), system_prompt(name))
 
 
 def recall_query(request: JobRequest) -> str | None:
@@ -47,14 +62,13 @@ class Enricher:
         settings: Settings,
         pool: asyncpg.Pool,
         producer: AIOKafkaProducer,
-        tokenizers: Mapping[str, tuple[ChatTokenizer, int]],
+        models: Mapping[str, ServedModel],
         embedder: Embedder,
     ) -> None:
-        """``tokenizers`` maps each served model to its tokenizer and context window."""
         self.settings = settings
         self.pool = pool
         self.producer = producer
-        self.tokenizers = tokenizers
+        self.models = models
         self.embedder = embedder
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
 
@@ -92,13 +106,13 @@ class Enricher:
     ) -> asyncio.Future[object]:
         topics = self.settings.topics
         key = request.conversation_id.encode()
-        served = self.tokenizers.get(request.model)
+        served = self.models.get(request.model)
         try:
             if served is None:
                 raise LookupError(f"model {request.model!r} is not served by this deployment")
-            tokenizer, window = served
-            budget = budget_for(request, window, self.settings.context_budget_tokens)
-            assembled = assemble(request, context, tokenizer, budget, self.settings.system_prompt)
+            budget = budget_for(request, served.context_window, self.settings.context_budget_tokens)
+            system = self.settings.system_prompt or served.system_prompt
+            assembled = assemble(request, context, served.tokenizer, budget, system)
         except (LookupError, PromptTooLong) as exc:
             code = "unknown_model" if isinstance(exc, LookupError) else "prompt_too_long"
             failed = JobCompletion(

@@ -13,13 +13,14 @@ from typing import Protocol, cast
 from kontext.settings import Settings
 from workers.engines.base import ChatTokenizer, Engine
 
-ENGINE_NAMES: tuple[str, ...] = ("smollm2", "tiny")
+ENGINE_NAMES: tuple[str, ...] = ("smollm2", "tiny", "null")
 
 
 class _Backend(Protocol):
     """What each engine module provides."""
 
     CONTEXT_WINDOW: int
+    SYSTEM_PROMPT: str
 
     def load_engine(self, settings: Settings) -> Engine: ...
 
@@ -45,3 +46,9 @@ def load_tokenizer(name: str, settings: Settings) -> ChatTokenizer:
 def context_window(name: str) -> int:
     """Most tokens a prompt plus its reply may take under this engine."""
     return _backend(name).CONTEXT_WINDOW
+
+
+def system_prompt(name: str) -> str:
+    """The system prompt the model works best with, used when neither the request nor
+    KONTEXT_SYSTEM_PROMPT gives one."""
+    return _backend(name).SYSTEM_PROMPT

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT_WINDOW = 8192
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+"""The system prompt SmolLM2 was tuned with; a generic one makes it drift off-language."""
 """SmolLM2-135M's max_position_embeddings; a loaded engine reads it from its config."""
 CACHE_NAME = "smollm2"
 

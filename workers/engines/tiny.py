@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 EOS_ID = 256
 """Token ids 0..255 are bytes; 256 ends the text."""
 CONTEXT_WINDOW = 1024
+SYSTEM_PROMPT = "You are a helpful assistant."
 SEED = 0
 
 

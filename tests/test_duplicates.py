@@ -1,0 +1,118 @@
+"""At-least-once delivery never answers a job twice: duplicates are dropped by job id."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from producers.client import KontextClient
+from schemas.events import JobCompletion, JobReply, Usage
+from tests.conftest import Stack
+
+
+async def _replies_for(
+    stack: Stack, job_id: uuid.UUID, start: dict[int, int], timeout: float
+) -> list[JobReply]:
+    topic = stack.settings.topics.replies
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=stack.settings.bootstrap, enable_auto_commit=False
+    )
+    await consumer.start()
+    found: list[JobReply] = []
+    try:
+        partitions = [TopicPartition(topic, p) for p in start]
+        consumer.assign(partitions)
+        for tp in partitions:
+            consumer.seek(tp, start[tp.partition])
+        deadline = time.monotonic() + timeout
+        while not found and time.monotonic() < deadline:
+            for messages in (await consumer.getmany(timeout_ms=300)).values():
+                found += [r for m in messages if (r := JobReply.decode(m.value)).job_id == job_id]
+    finally:
+        await consumer.stop()
+    return found
+
+
+async def _ends(stack: Stack) -> dict[int, int]:
+    """Where each reply partition ends now (read to the end: the broker's end offsets lag)."""
+    topic = stack.settings.topics.replies
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=stack.settings.bootstrap, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = {tp.partition: 0 for tp in partitions}
+        while batches := await consumer.getmany(timeout_ms=500):
+            for tp, messages in batches.items():
+                ends[tp.partition] = messages[-1].offset + 1
+    finally:
+        await consumer.stop()
+    return ends
+
+
+async def test_duplicate_request_and_completion_change_nothing(
+    stack: Stack, client: KontextClient, pool: asyncpg.Pool
+) -> None:
+    topics = stack.settings.topics
+    first = await client.chat(
+        model="tiny",
+        messages=[{"role": "user", "content": "answer me once"}],
+        max_tokens=8,
+        timeout=60,
+    )
+    assert first.status == "succeeded" and first.result is not None
+    original = first.result.choices[0].message.content
+    job = await pool.fetchrow("SELECT request, attempts FROM jobs WHERE id = $1", first.job_id)
+    assert job is not None and job["attempts"] == 1
+
+    ends = await _ends(stack)
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap)
+    await producer.start()
+    key = first.conversation_id.encode()
+    try:
+        # The same request again, as a redelivery would bring it.
+        await producer.send_and_wait(topics.requests, orjson.dumps(job["request"]), key=key)
+        # And a second, different answer for the finished job.
+        forged = JobCompletion(
+            job_id=first.job_id,
+            conversation_id=first.conversation_id,
+            model="tiny",
+            status="succeeded",
+            output="a different answer",
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
+        )
+        await producer.send_and_wait(topics.completions, forged.encode(), key=key)
+    finally:
+        await producer.stop()
+
+    # The recorder answers the duplicate with the result already recorded.
+    replies = await _replies_for(stack, first.job_id, ends, timeout=30)
+    assert replies and all(r.result is not None for r in replies)
+    assert {r.result.choices[0].message.content for r in replies if r.result} == {original}
+
+    # A later turn on the same partition is answered only after both duplicates went by.
+    later = await client.chat(
+        model="tiny",
+        conversation_id=first.conversation_id,
+        messages=[{"role": "user", "content": "and again"}],
+        max_tokens=8,
+        timeout=60,
+    )
+    assert later.status == "succeeded"
+    after = await pool.fetchrow("SELECT attempts, result FROM jobs WHERE id = $1", first.job_id)
+    assert after is not None
+    assert after["attempts"] == 1  # the redelivered request was not run again
+    assert after["result"]["choices"][0]["message"]["content"] == original
+    turns = await pool.fetch(
+        "SELECT content FROM turns WHERE conversation_id = $1 ORDER BY seq", first.conversation_id
+    )
+    assert [t["content"] for t in turns][:2] == ["answer me once", original]
+    assert len(turns) == 4
