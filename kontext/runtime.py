@@ -30,13 +30,22 @@ from workers.engines.base import Engine
 from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
 from workers.memory import MemoryWorker
+from workers.reconciler import Reconciler
 from workers.recorder import Recorder
 from workers.streams import StreamProcessor
 from workers.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("api", "enricher", "inference", "recorder", "memory", "webhooks")
+SERVICES = (
+    "api",
+    "enricher",
+    "inference",
+    "recorder",
+    "memory",
+    "webhooks",
+    "reconciler",
+)
 READY_TIMEOUT_S = 60.0
 
 
@@ -197,6 +206,8 @@ class Runtime:
                 settings, pool, producer, await self._embedder(), load_tokenizer(model, settings)
             )
             return [ConsumerService(BatchConsumer(consumer, worker, **batch))]
+        if name == "reconciler":
+            return [Reconciler(settings, pool, producer)]
         if name == "webhooks":
             consumer = create_consumer(
                 settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-webhooks"

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     summary_keep_recent: int = Field(default=6, ge=0)
     """Most recent turns never summarised (they go into prompts whole)."""
     summary_max_tokens: int = Field(default=128, ge=8)
+    job_lease_s: float = Field(default=120.0, gt=0)
+    """A job queued or running longer than this is published again by the reconciler."""
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
     ordering_lease_s: float = Field(default=300.0, gt=0)
     """A conversation's turn in flight longer than this no longer holds back the next."""
 

@@ -68,6 +68,7 @@ def stack_env(broker: EmbeddedBroker, database: EmbeddedPostgres, prefix: str) -
         KONTEXT_TOPIC_PREFIX=prefix,
         KONTEXT_TOPIC_PARTITIONS="2",
         KONTEXT_KAFKA_SESSION_TIMEOUT_MS="3000",
+        KONTEXT_RECONCILE_INTERVAL_S="1",
         # Memory small enough to exercise summaries and recall in a short conversation.
         KONTEXT_CONTEXT_BUDGET_TOKENS="512",
         KONTEXT_SUMMARIZER="extractive",

@@ -1,0 +1,86 @@
+"""The reconciler: Postgres is the ledger, so no job is lost to a lost message.
+
+Every few seconds it finds jobs left queued or running past their lease (their
+message was lost with a broker, or their worker died mid-batch) and publishes
+their request again. Every consumer is idempotent by job id, so a job that was
+only slow is still answered once. Turns waiting behind an earlier turn of their
+conversation are left alone: the recorder sends them on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+import asyncpg
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from kontext.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REDRIVE_LIMIT = 500
+
+STUCK_JOBS = """
+UPDATE jobs SET updated_at = now()
+WHERE id IN (
+    SELECT j.id FROM jobs j
+    WHERE j.status IN ('queued', 'running') AND j.updated_at < now() - $1::interval
+        AND NOT EXISTS (
+            SELECT 1 FROM conversations c
+            WHERE c.id = j.conversation_id AND j.id = ANY(c.waiting))
+    ORDER BY j.updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING request
+"""
+
+
+class Reconciler:
+    name = "reconciler"
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.producer = producer
+        self.stopping = asyncio.Event()
+
+    async def sweep(self) -> int:
+        """Re-publish every job stuck past its lease; returns how many."""
+        lease = timedelta(seconds=self.settings.job_lease_s)
+        rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT)
+        sends = [
+            await self.producer.send(
+                self.settings.topics.requests,
+                orjson.dumps(row["request"]),
+                key=str(row["request"]["conversation_id"]).encode(),
+            )
+            for row in rows
+        ]
+        if sends:
+            await asyncio.gather(*sends)
+            log.warning("re-drove %d job(s) stuck past their %ss lease", len(sends), lease.seconds)
+        return len(sends)
+
+    async def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.sweep()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning(
+                    "reconciler sweep failed (%s); next sweep in %ss",
+                    exc,
+                    self.settings.reconcile_interval_s,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.settings.reconcile_interval_s)
+
+    def ready(self) -> bool:
+        return True
+
+    async def stop(self) -> None:
+        self.stopping.set()
