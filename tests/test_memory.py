@@ -141,3 +141,64 @@ async def test_deleting_a_conversation_forgets_it(
         conversation,
     )
     assert dict(counts) == {"turns": 0, "summaries": 0, "jobs": 0, "mentions": 0}
+
+
+async def test_recall_across_a_users_conversations_is_opt_in(
+    client: KontextClient, pool: asyncpg.Pool
+) -> None:
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    first = await client.chat(
+        model="tiny",
+        user=user,
+        messages=[{"role": "user", "content": "My dog is called Biscuit."}],
+        max_tokens=8,
+        timeout=60,
+    )
+    assert first.status == "succeeded"
+
+    async def embedded() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT bool_and(embedding IS NOT NULL) FROM turns WHERE conversation_id = $1",
+                first.conversation_id,
+            )
+        )
+
+    await wait_for(embedded, timeout=30)
+    question = [{"role": "user", "content": "What is my dog called?"}]
+    scoped = await client.chat(
+        model="tiny",
+        user=user,
+        recall_scope="user",
+        messages=question,
+        max_tokens=8,
+        include_prompt=True,
+        timeout=60,
+    )
+    private = await client.chat(
+        model="tiny", user=user, messages=question, max_tokens=8, include_prompt=True, timeout=60
+    )
+    stranger = await client.chat(
+        model="tiny",
+        user=f"other-{user}",
+        recall_scope="user",
+        messages=question,
+        max_tokens=8,
+        include_prompt=True,
+        timeout=60,
+    )
+    for reply in (scoped, private, stranger):
+        assert reply.result is not None and reply.result.context is not None
+    assert scoped.result and scoped.result.context and scoped.result.context.prompt
+    assert "Biscuit" in scoped.result.context.prompt
+    assert any(m.conversation_id == first.conversation_id for m in scoped.result.context.memories)
+    assert (
+        private.result
+        and private.result.context
+        and "Biscuit" not in (private.result.context.prompt or "")
+    )
+    assert (
+        stranger.result
+        and stranger.result.context
+        and "Biscuit" not in (stranger.result.context.prompt or "")
+    )
