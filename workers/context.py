@@ -57,7 +57,6 @@ def budget_for(request: JobRequest, context_window: int, cap: int | None) -> int
 
 def _pieces(memory: MemoryContext) -> list[_Piece]:
     covered = max((s.last_seq for s in memory.summaries), default=0)
-    recent_seqs = {t.seq for t in memory.recent}
     pieces: list[_Piece] = []
     count = len(memory.recent)
     for index, turn in enumerate(memory.recent):
@@ -75,9 +74,7 @@ def _pieces(memory: MemoryContext) -> list[_Piece]:
                 "summary", SUMMARY_VALUE + 0.05 * summary.level, summary.tokens + 4, summary=summary
             )
         )
-    for turn in memory.recalled:
-        if turn.seq in recent_seqs and turn.conversation_id is None:
-            continue
+    for turn in memory.recalled:  # older than the recent turns, by construction
         value = SIMILARITY_WEIGHT * 2 * (turn.similarity or 0.0)
         pieces.append(_Piece("recall", value, turn.tokens + 4, turn=turn))
     return pieces
