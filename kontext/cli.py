@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Annotated, cast
 from uuid import UUID
 
@@ -207,6 +208,30 @@ def webhooks_redeliver(
     console.print(f"delivery {wanted} queued for redelivery")
 
 
+@app.command()
+def backfill(
+    source: Annotated[Path, typer.Argument(help="OpenAI Batch input file (JSONL).", exists=True)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (OpenAI Batch JSONL).")],
+    errors: Annotated[
+        Path | None,
+        typer.Option(help="Error file (bad lines and failed requests). Default: OUT.errors.jsonl"),
+    ] = None,
+    api: Annotated[str, typer.Option(help="Kontext API URL.")] = "http://127.0.0.1:8000",
+) -> None:
+    """Run a batch file through a Kontext API at low priority, with progress; rerun to resume."""
+    from kontext.backfill import Backfill
+
+    runner = Backfill(api, source, out, errors or out.with_suffix(".errors.jsonl"), console)
+    code = 0
+
+    async def main(stop: asyncio.Event) -> None:
+        nonlocal code
+        code = await runner.run(stop)
+
+    _run(main)
+    raise typer.Exit(code)
+
+
 DEMO_TURNS = (
     "Hi! My name is Ada and I live in Lisbon. Please remember that.",
     "Suggest one hobby for a rainy afternoon, in one sentence.",
@@ -318,6 +343,91 @@ def bench_memory(
             )
 
         _run(main)
+
+
+@app.command("bench")
+def bench_command(
+    engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
+    conversations: Annotated[
+        str, typer.Option(help="Concurrent conversations; a comma list sweeps them (1,4,16).")
+    ] = "16",
+    turns: Annotated[int, typer.Option(min=2, help="Turns per conversation.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    summarizer: Annotated[str, typer.Option(help="extractive or model.")] = "extractive",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
+    ] = False,
+) -> None:
+    """Steve Min TPS: C conversations x T turns through the pipeline, with baselines."""
+    import json
+    from contextlib import redirect_stdout
+
+    from rich.progress import Progress
+
+    from kontext import benchmark
+    from producers.client import KontextClient
+    from workers.engines import ENGINE_NAMES
+
+    try:
+        sizes = [int(n) for n in conversations.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1 or summarizer not in ("extractive", "model"):
+        console.print(
+            "[red]--conversations takes positive integers (1,4,16); "
+            "--summarizer extractive or model"
+        )
+        raise typer.Exit(2)
+    if engine not in ENGINE_NAMES:
+        console.print(f"[red]unknown engine {engine!r}; known: {', '.join(ENGINE_NAMES)}")
+        raise typer.Exit(2)
+    stdout = sys.stdout
+    _logging(False)
+    with redirect_stdout(sys.stderr if as_json else stdout):
+        work = benchmark.scripts(max(sizes), turns)
+        base = _settings([engine], 0).model_copy(update={"summarizer": summarizer})
+        results: list[dict[str, object]] = []
+        with embedded(base) as settings:
+
+            async def main(stop: asyncio.Event) -> None:
+                await prepare(settings)
+                runtime = Runtime(settings)
+                await runtime.start(SERVICES)
+                started = asyncio.Event()
+
+                async def measure() -> None:
+                    await started.wait()
+                    url = f"http://{settings.api_host}:{runtime.api_port}"
+                    topics = settings.topics
+                    with Progress(console=console) as progress:
+                        async with KontextClient(url, settings.bootstrap, topics=topics) as client:
+                            await benchmark.warm_up(client, runtime.engines[0], engine, max_tokens)
+                            for size in sizes:
+                                results.append(
+                                    await benchmark.measure(
+                                        runtime, client, work[:size], max_tokens, progress
+                                    )
+                                )
+                    stop.set()
+
+                task = asyncio.create_task(measure())
+                await runtime.run(stop, lambda _: started.set())
+                if not task.done():
+                    task.cancel()
+                    raise typer.Exit(1)
+                task.result()
+
+            _run(main)
+        command = (
+            f"kontext bench --engine {engine} --conversations {conversations} "
+            f"--turns {turns} --max-tokens {max_tokens}"
+        )
+        body, plot = benchmark.publish(results, settings, command)
+    if as_json:
+        output = results[0] if len(results) == 1 else {"runs": results, "plot": str(plot)}
+        print(json.dumps(output), file=stdout, flush=True)
+    else:
+        print(body)
 
 
 if __name__ == "__main__":  # pragma: no cover

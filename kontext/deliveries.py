@@ -1,7 +1,8 @@
 """Webhook deliveries in Postgres: create, claim, record attempts, list, redeliver.
 
 Raw asyncpg, one statement per micro-batch on the hot paths. A delivery is
-unique per job, so a redelivered reply never creates a second one. An attempt
+unique per job (or per batch, for its end event), so a redelivered reply never
+creates a second one. An attempt
 in flight holds a lease (``leased_until``); a dispatcher that dies mid-attempt
 loses it, and the delivery is claimed again once the lease runs out.
 """
@@ -27,7 +28,7 @@ class Delivery:
     """A delivery claimed for one attempt (numbered ``attempt`` overall)."""
 
     id: UUID
-    job_id: UUID
+    job_id: UUID | None
     url: str
     secret: str | None = field(repr=False)
     payload: dict[str, Any] = field(repr=False)
@@ -99,6 +100,40 @@ async def create(
         lease_s,
     )
     return [_claimed(row) for row in rows] if claim else []
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """A batch's end event, to deliver to the batch's webhook."""
+
+    batch_id: UUID
+    type: str
+    url: str
+    secret: str | None = field(repr=False)
+    payload: dict[str, Any] = field(repr=False)
+
+
+async def create_for_batches(
+    conn: asyncpg.Connection, events: Sequence[BatchEvent], first_delay_s: float
+) -> None:
+    """Create one delivery per batch (once), for the scheduler to attempt when due."""
+    await conn.execute(
+        """
+        INSERT INTO webhook_deliveries (id, batch_id, event_type, url, secret, payload,
+            next_attempt_at)
+        SELECT gen_random_uuid(), e.batch_id, e.type, e.url, e.secret, e.payload,
+            now() + make_interval(secs => $6)
+        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+            AS e(batch_id, type, url, secret, payload)
+        ON CONFLICT (batch_id) DO NOTHING
+        """,
+        [e.batch_id for e in events],
+        [e.type for e in events],
+        [e.url for e in events],
+        [e.secret for e in events],
+        [e.payload for e in events],
+        first_delay_s,
+    )
 
 
 async def claim_due(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Delivery]:
@@ -175,7 +210,7 @@ async def find(
     """Deliveries, newest first, each with its attempts (never its secret)."""
     rows = await pool.fetch(
         """
-        SELECT d.id, d.job_id, d.event_type, d.url, d.status, d.next_attempt_at,
+        SELECT d.id, d.job_id, d.batch_id, d.event_type, d.url, d.status, d.next_attempt_at,
             d.last_status_code, d.last_error, d.created_at, d.updated_at, d.delivered_at,
             coalesce((
                 SELECT jsonb_agg(jsonb_build_object(

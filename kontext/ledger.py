@@ -95,7 +95,8 @@ async def fail(pool: asyncpg.Pool, job_id: UUID, error: ErrorInfo) -> None:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A job's final state after recording: ``fresh`` when this batch finalised it."""
+    """A job's final state after recording: ``fresh`` when this batch finalised it,
+    ``replied`` when its reply was already published (by an earlier recording)."""
 
     job_id: UUID
     conversation_id: str
@@ -103,6 +104,7 @@ class Outcome:
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     fresh: bool
+    replied: bool
 
 
 @dataclass(frozen=True)
@@ -204,11 +206,12 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             coalesce(fresh.status, j.status) AS status,
             CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
             CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
-            NULL::jsonb AS request
+            j.replied_at IS NOT NULL AS replied, NULL::jsonb AS request
         FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
         WHERE j.id = ANY($1::uuid[])
         UNION ALL
-        SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, j.request
+        SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
+            j.request
         FROM jobs j JOIN next_up ON next_up.id = j.id
         WHERE j.status = 'queued'
         """,
@@ -230,9 +233,18 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             result=row["result"],
             error=row["error"],
             fresh=row["fresh"],
+            replied=row["replied"],
         )
         for row in rows
         if row["part"] == "outcome"
     ]
     redrive = [row["request"] for row in rows if row["part"] == "redrive"]
     return Recorded(outcomes=outcomes, redrive=redrive)
+
+
+async def mark_replied(conn: asyncpg.Connection, job_ids: Sequence[UUID]) -> None:
+    """Remember that these jobs' replies are published: they are not published again."""
+    await conn.execute(
+        "UPDATE jobs SET replied_at = now() WHERE id = ANY($1::uuid[]) AND replied_at IS NULL",
+        list(job_ids),
+    )

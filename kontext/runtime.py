@@ -23,6 +23,7 @@ from kontext.connections import create_consumer, create_pool, create_producer, e
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
 from producers.api.app import create_app
+from workers.batches import BatchService
 from workers.consumer import BatchConsumer
 from workers.embeddings import Embedder
 from workers.engines import load_engine, load_tokenizer
@@ -44,6 +45,7 @@ SERVICES = (
     "recorder",
     "memory",
     "webhooks",
+    "batches",
     "reconciler",
 )
 READY_TIMEOUT_S = 60.0
@@ -206,13 +208,18 @@ class Runtime:
                 settings, pool, producer, await self._embedder(), load_tokenizer(model, settings)
             )
             return [ConsumerService(BatchConsumer(consumer, worker, **batch))]
-        if name == "reconciler":
-            return [Reconciler(settings, pool, producer)]
         if name == "webhooks":
             consumer = create_consumer(
                 settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-webhooks"
             )
             return [WebhookService(settings, pool, producer, consumer)]
+        if name == "reconciler":
+            return [Reconciler(settings, pool, producer)]
+        if name == "batches":
+            consumer = create_consumer(
+                settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-batches"
+            )
+            return [BatchService(settings, pool, producer, consumer)]
         services: list[Service] = []
         for model in settings.engines:
             engine = await load_engine(model, settings)

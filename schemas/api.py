@@ -17,6 +17,30 @@ from schemas.events import (
 )
 
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+INT64_RANGE = (-(2**63), 2**64 - 1)
+"""Integers JSON (orjson) and the jsonb ledger can hold."""
+
+
+def storable(value: object, where: str = "body") -> None:
+    """Raise ValueError for what Postgres and the topics cannot hold: NUL characters,
+    lone surrogates, integers beyond 64 bits (in any string, key or number, nested)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where}: NUL characters are not allowed")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64_RANGE[0] <= value <= INT64_RANGE[1]:
+            raise ValueError(f"{where}: integer out of the 64-bit range")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            storable(key, where)
+            storable(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            storable(item, f"{where}[{index}]")
 
 
 class JobSubmission(BaseModel):
@@ -42,6 +66,11 @@ class JobSubmission(BaseModel):
     def _user_scope_needs_user(self) -> JobSubmission:
         if self.recall_scope == "user" and self.user is None:
             raise ValueError("recall_scope 'user' needs the 'user' field")
+        return self
+
+    @model_validator(mode="after")
+    def _storable(self) -> JobSubmission:
+        storable(self.model_dump(mode="python", exclude_none=True), "")
         return self
 
     @field_validator("messages")

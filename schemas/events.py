@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "user", "assistant"]
 FinalStatus = Literal["succeeded", "failed"]
@@ -45,6 +45,14 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="ignore", ser_json_bytes="base64", val_json_bytes="base64")
 
     version: Literal[1] = 1
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _integer_version(cls, value: object) -> object:
+        """A version is an integer: ``1.0`` or ``true`` is not version 1 (it is dead-lettered)."""
+        if type(value) is not int:
+            raise ValueError(f"version must be an integer, got {value!r}")
+        return value
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()

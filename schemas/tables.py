@@ -48,12 +48,52 @@ jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("completed_at", DateTime(timezone=True)),
+    # When its reply was published: a duplicate completion after that replies no more.
+    Column("replied_at", DateTime(timezone=True)),
+    # A backfill's job: its batch and the custom_id of its input line.
+    Column("batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE")),
+    Column("custom_id", Text),
     CheckConstraint(
         "status IN ('queued', 'running', 'succeeded', 'failed')", name="jobs_status_valid"
     ),
     CheckConstraint("kind IN ('chat', 'summary')", name="jobs_kind_valid"),
     Index("jobs_conversation_created", "conversation_id", "created_at"),
     Index("jobs_status_updated", "status", "updated_at"),
+    Index("jobs_batch_status", "batch_id", "status", postgresql_where=text("batch_id IS NOT NULL")),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("status", Text, nullable=False, server_default="validating"),
+    Column("endpoint", Text, nullable=False),
+    Column("completion_window", Text, nullable=False),
+    Column("idempotency_key", Text, unique=True),
+    Column("input_sha256", Text, nullable=False),
+    Column("metadata", JSONB, nullable=False, server_default="{}"),
+    Column("webhook", JSONB),  # {"url", "secret"?}: where the batch's end event goes
+    Column("total", Integer, nullable=False),  # every input line, good or bad
+    Column("completed", Integer, nullable=False, server_default="0"),  # succeeded jobs
+    Column("failed", Integer, nullable=False, server_default="0"),  # failed jobs
+    Column("errors", JSONB, nullable=False, server_default="[]"),  # the bad input lines
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("in_progress_at", DateTime(timezone=True)),
+    Column("finalizing_at", DateTime(timezone=True)),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("failed_at", DateTime(timezone=True)),
+    Column("expired_at", DateTime(timezone=True)),
+    Column("cancelling_at", DateTime(timezone=True)),
+    Column("cancelled_at", DateTime(timezone=True)),
+    Column("notified_at", DateTime(timezone=True)),  # its webhook delivery was created
+    CheckConstraint(
+        "status IN ('validating', 'failed', 'in_progress', 'finalizing', 'completed', "
+        "'expired', 'cancelling', 'cancelled')",
+        name="batches_status_valid",
+    ),
+    Index("batches_status", "status"),
 )
 
 conversations = Table(
@@ -135,8 +175,11 @@ webhook_deliveries = Table(
         "job_id",
         UUID(as_uuid=True),
         ForeignKey("jobs.id", ondelete="CASCADE"),
-        nullable=False,
         unique=True,
+    ),
+    # A delivery is about one job or one batch (batch.completed and the other batch events).
+    Column(
+        "batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), unique=True
     ),
     Column("event_type", Text, nullable=False),
     Column("url", Text, nullable=False),
@@ -155,6 +198,9 @@ webhook_deliveries = Table(
     Column("delivered_at", DateTime(timezone=True)),
     CheckConstraint(
         "status IN ('pending', 'delivered', 'dead')", name="webhook_deliveries_status_valid"
+    ),
+    CheckConstraint(
+        "(job_id IS NULL) <> (batch_id IS NULL)", name="webhook_deliveries_one_subject"
     ),
     Index("webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
     Index("webhook_deliveries_status_created", "status", "created_at"),

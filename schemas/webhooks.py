@@ -22,10 +22,12 @@ class AttemptView(BaseModel):
 
 
 class DeliveryView(BaseModel):
-    """A job's webhook delivery and every attempt so far (``webhook-id`` is ``id``)."""
+    """A job's (or a batch's) webhook delivery and every attempt so far (``webhook-id`` is
+    ``id``)."""
 
     id: UUID
-    job_id: UUID
+    job_id: UUID | None
+    batch_id: UUID | None = None
     event_type: str
     url: str
     status: DeliveryStatus

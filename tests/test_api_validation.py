@@ -65,6 +65,28 @@ CASES: list[tuple[str, Any, int, str, str]] = [
     ),
     ("unknown model", {**GOOD, "model": "gpt-9"}, 400, "unknown_model", "tiny"),
     ("body not an object", "[1, 2]", 422, "invalid_request", "body"),
+    # Found by the API fuzzer: values the ledger (Postgres jsonb) cannot hold were 500s.
+    (
+        "NUL character",
+        '{"model": "tiny", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
+        422,
+        "invalid_request",
+        "NUL",
+    ),
+    (
+        "lone surrogate",
+        '{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        422,
+        "invalid_request",
+        "surrogate",
+    ),
+    (
+        "integer beyond 64 bits",
+        {**GOOD, "metadata": {"n": [1, 2**70]}},
+        422,
+        "invalid_request",
+        "metadata.n[1]",
+    ),
 ]
 
 

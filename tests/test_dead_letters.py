@@ -8,7 +8,7 @@ import uuid
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from producers.client import KontextClient
-from schemas.events import DeadLetter
+from schemas.events import DeadLetter, ErrorInfo, JobCompletion, Usage
 from tests.conftest import Stack
 
 
@@ -72,3 +72,40 @@ async def test_poison_messages_are_dead_lettered_and_good_ones_still_answered(
     assert by_topic[topics.requests].consumer == "enricher"
     assert by_topic[topics.inference("tiny")].consumer == "inference-tiny"
     assert "version" in by_topic[topics.completions].reason
+
+
+async def test_completions_the_ledger_cannot_take_are_dead_lettered(
+    stack: Stack, client: KontextClient
+) -> None:
+    conversation = f"dl-{uuid.uuid4().hex}"
+    common = {"conversation_id": conversation, "model": "tiny"}
+    unknown = JobCompletion(
+        job_id=uuid.uuid4(), status="failed", error=ErrorInfo(code="x", message="y"), **common
+    )
+    # Postgres text cannot hold NUL: retrying this batch would never succeed.
+    unstorable = JobCompletion(
+        job_id=uuid.uuid4(),
+        status="succeeded",
+        output="a\x00b",
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
+        **common,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap)
+    await producer.start()
+    try:
+        for completion in (unknown, unstorable):
+            await producer.send_and_wait(
+                stack.settings.topics.completions, completion.encode(), key=b"poison"
+            )
+    finally:
+        await producer.stop()
+
+    reply = await client.chat(
+        model="tiny", messages=[{"role": "user", "content": "still recording?"}], timeout=60
+    )
+    assert reply.status == "succeeded"
+    letters = await _dead_letters(stack, conversation.encode(), expected=2, timeout=30)
+    reasons = sorted(letter.reason for letter in letters)
+    assert len(reasons) == 2 and all(letter.consumer == "recorder" for letter in letters)
+    assert "cannot be stored" in reasons[0] and "unknown job" in reasons[1]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
+from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from kontext.settings import Settings
@@ -21,6 +22,13 @@ from workers.engines.base import Engine, Generation, GenerationRequest
 from workers.records import Record
 
 log = logging.getLogger(__name__)
+
+BATCH_SIZE = Histogram(
+    "kontext_inference_batch_size",
+    "Requests per engine call",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 
 class InferenceWorker:
@@ -44,6 +52,8 @@ class InferenceWorker:
                 continue
             batch.setdefault(item.request.job_id, item)
         items = list(batch.values())
+        if items:
+            BATCH_SIZE.labels(self.engine.name).observe(len(items))
         outputs = await self._generate(items) if items else []
         for item, output in zip(items, outputs, strict=True):
             completion = self._completion(item, output)
@@ -95,11 +105,14 @@ class InferenceWorker:
             completion_tokens=output.completion_tokens,
             total_tokens=output.prompt_tokens + output.completion_tokens,
         )
-        answer = TurnRecord(role="assistant", content=output.text, tokens=output.completion_tokens)
+        # A model may emit a NUL byte; Postgres text cannot hold one, and the job must be
+        # recordable (a completion the recorder cannot store would stall its partition).
+        text = output.text.replace("\x00", "")
+        answer = TurnRecord(role="assistant", content=text, tokens=output.completion_tokens)
         return completion.model_copy(
             update={
                 "status": "succeeded",
-                "output": output.text,
+                "output": text,
                 "finish_reason": output.finish_reason,
                 "usage": usage,
                 "new_turns": [*item.new_turns, answer],

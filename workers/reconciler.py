@@ -4,7 +4,9 @@ Every few seconds it finds jobs left queued or running past their lease (their
 message was lost with a broker, or their worker died mid-batch) and publishes
 their request again. Every consumer is idempotent by job id, so a job that was
 only slow is still answered once. Turns waiting behind an earlier turn of their
-conversation are left alone: the recorder sends them on.
+conversation are left alone: the recorder sends them on. A job's lease doubles
+with every attempt (up to 8 times), so work that is only slow under load is not
+multiplied by re-drives.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ STUCK_JOBS = """
 UPDATE jobs SET updated_at = now()
 WHERE id IN (
     SELECT j.id FROM jobs j
-    WHERE j.status IN ('queued', 'running') AND j.updated_at < now() - $1::interval
+    WHERE j.status IN ('queued', 'running')
+        -- The lease doubles with each admission (up to 8x): a job only slow under load
+        -- is not re-driven again and again, each re-drive adding to the load.
+        AND j.updated_at < now() - $1::interval * least(2 ^ greatest(j.attempts - 1, 0), 8)
         AND NOT EXISTS (
             SELECT 1 FROM conversations c
             WHERE c.id = j.conversation_id AND j.id = ANY(c.waiting))

@@ -1,7 +1,12 @@
 """The recorder: writes each result to the ledger and the conversation, then replies.
 
 Replies go out only after the turn is stored, so a client that reads its reply
-and sends the next turn always finds the previous one in memory. Recording a
+and sends the next turn always finds the previous one in memory. A job is
+replied to once: the ledger remembers a published reply, and a duplicate
+completion (a job re-driven, or redelivered after a worker died) publishes
+none. A recorder that dies between publishing and remembering replies again
+when its batch is redelivered: at least once, never zero. A completion for an
+unknown job, or one Postgres cannot store, is dead-lettered. Recording a
 turn also lets the conversation's next waiting turn through: its request is
 published again for the enricher.
 """
@@ -11,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
 
 import asyncpg
 import orjson
@@ -25,6 +32,9 @@ from workers.records import Record
 
 log = logging.getLogger(__name__)
 
+UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, orjson.JSONEncodeError)
+"""Values Postgres or the jsonb codec refuse: retrying the same batch never helps."""
+
 
 class Recorder:
     name = "recorder"
@@ -37,21 +47,25 @@ class Recorder:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        completions: list[JobCompletion] = []
+        replied: list[UUID] = []
+        pairs: list[tuple[Record, JobCompletion]] = []
         for record in records:
             try:
-                completions.append(JobCompletion.decode(record.value))
+                pairs.append((record, JobCompletion.decode(record.value)))
             except (ValidationError, ValueError) as exc:
                 sends.append(await self.dead_letters.send(record, f"invalid JobCompletion: {exc}"))
-        if completions:
-            async with self.pool.acquire() as conn:
-                recorded = await ledger.record(conn, completions)
+        if pairs:
+            recorded, stored = await self._record(pairs, sends)
             outcomes = recorded.outcomes
             known = {o.job_id for o in outcomes}
-            for done in completions:
+            for record, done in stored:
                 if done.job_id not in known:
-                    log.warning("completion for unknown job %s dropped", done.job_id)
+                    reason = f"JobCompletion for unknown job {done.job_id}"
+                    sends.append(await self.dead_letters.send(record, reason))
             for outcome in outcomes:
+                if outcome.replied:
+                    continue
+                replied.append(outcome.job_id)
                 reply = JobReply(
                     job_id=outcome.job_id,
                     conversation_id=outcome.conversation_id,
@@ -79,3 +93,35 @@ class Recorder:
                 )
         if sends:
             await asyncio.gather(*sends)
+        if replied:
+            async with self.pool.acquire() as conn:
+                await ledger.mark_replied(conn, replied)
+
+    async def _record(
+        self, pairs: Sequence[tuple[Record, JobCompletion]], sends: list[asyncio.Future[object]]
+    ) -> tuple[ledger.Recorded, list[tuple[Record, JobCompletion]]]:
+        """Record the batch in one statement; returns it and the completions stored.
+
+        If Postgres refuses its data (a value it cannot hold, which no retry fixes),
+        record each completion alone and dead-letter the ones it refuses, so one bad
+        completion never stalls the partition."""
+        try:
+            async with self.pool.acquire() as conn:
+                return await ledger.record(conn, [done for _, done in pairs]), list(pairs)
+        except UNSTORABLE:
+            log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
+        outcomes: list[ledger.Outcome] = []
+        redrive: list[dict[str, Any]] = []
+        stored: list[tuple[Record, JobCompletion]] = []
+        for record, done in pairs:
+            try:
+                async with self.pool.acquire() as conn:
+                    alone = await ledger.record(conn, [done])
+            except UNSTORABLE as exc:
+                reason = f"JobCompletion cannot be stored: {exc}"
+                sends.append(await self.dead_letters.send(record, reason))
+                continue
+            outcomes += alone.outcomes
+            redrive += alone.redrive
+            stored.append((record, done))
+        return ledger.Recorded(outcomes=outcomes, redrive=redrive), stored

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from asyncpg.exceptions import OperatorInterventionError, PostgresConnectionError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -44,7 +45,7 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _rejected(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SubmissionRejected)
-    status = 400 if exc.code == "unknown_model" else 422
+    status = {"unknown_model": 400, "idempotency_key_reused": 409}.get(exc.code, 422)
     return error_response(
         status, ApiError(code=exc.code, message=exc.message, served_models=exc.served_models)
     )
@@ -58,9 +59,25 @@ async def _enqueue_failed(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database is unreachable or restarting: nothing was stored, the client may retry."""
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return error_response(
+        503,
+        ApiError(code="database_unavailable", message="the database is unavailable; try again"),
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = {
+        400: "bad_request",
+        404: "not_found",
+        405: "method_not_allowed",
+        409: "conflict",
+        415: "unsupported_media_type",
+    }.get(exc.status_code, "http_error")
     return error_response(exc.status_code, ApiError(code=code, message=str(exc.detail)))
 
 
@@ -74,4 +91,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(SubmissionRejected, _rejected)
     app.add_exception_handler(EnqueueFailed, _enqueue_failed)
     app.add_exception_handler(HTTPException, _http)
+    for unavailable in (OSError, PostgresConnectionError, OperatorInterventionError):
+        app.add_exception_handler(unavailable, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

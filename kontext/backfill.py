@@ -1,0 +1,260 @@
+"""``kontext backfill``: run an OpenAI Batch input file through a Kontext API over HTTP.
+
+Resumable by construction. Custom_ids that already have a succeeded line in the
+output file are not submitted again; the rest is submitted with an idempotency
+key derived from its content (``backfill:<sha256>``), so a rerun after an
+interruption attaches to the same batch instead of creating a second one. The
+output and error files are written only once the batch has ended, each to a
+temporary file renamed into place: an interrupted run leaves them as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import Coroutine, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import orjson
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from schemas.batches import ENDED, BatchView
+
+T = TypeVar("T")
+
+POLL_S = 0.5
+INTERRUPTED = 130
+
+
+@dataclass
+class Plan:
+    """What a run submits: the input's lines minus those already done."""
+
+    lines: list[str] = field(default_factory=list)
+    origin: list[int] = field(default_factory=list)
+    """The input file's line number of each submitted line."""
+    done: dict[str, bytes] = field(default_factory=dict)
+    """Succeeded output lines kept from an earlier run, by custom_id."""
+    order: list[str] = field(default_factory=list)
+    """Every custom_id of the input, in input order."""
+
+    @property
+    def text(self) -> str:
+        return "".join(f"{line}\n" for line in self.lines)
+
+    @property
+    def key(self) -> str:
+        return "backfill:" + hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def _custom_id(raw: str | bytes) -> str | None:
+    try:
+        line = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    value = line.get("custom_id") if isinstance(line, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _succeeded(out: Path) -> dict[str, bytes]:
+    done: dict[str, bytes] = {}
+    if not out.exists():
+        return done
+    for raw in out.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            line = orjson.loads(raw)
+            if line["response"]["status_code"] == 200 and isinstance(line["custom_id"], str):
+                done[line["custom_id"]] = raw
+    return done
+
+
+def plan(source: Path, out: Path) -> Plan:
+    """The lines of ``source`` whose custom_id has no succeeded line in ``out`` yet."""
+    result = Plan(done=_succeeded(out))
+    for number, raw in enumerate(source.read_text().splitlines(), 1):
+        if not raw.strip():
+            continue
+        custom_id = _custom_id(raw)
+        if custom_id is not None:
+            result.order.append(custom_id)
+            if custom_id in result.done:
+                continue
+        result.lines.append(raw)
+        result.origin.append(number)
+    return result
+
+
+class RateColumn(ProgressColumn):
+    """Requests finished per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text(f"{speed:,.1f} req/s" if speed else "- req/s", style="progress.data.speed")
+
+
+def _write(path: Path, lines: Iterable[bytes]) -> int:
+    """Write lines to ``path`` through a temporary file renamed into place."""
+    count = 0
+    temporary = path.with_name(f".{path.name}.partial")
+    with temporary.open("wb") as handle:
+        for line in lines:
+            handle.write(line.rstrip(b"\n") + b"\n")
+            count += 1
+    os.replace(temporary, path)
+    return count
+
+
+def _settled(batch: BatchView) -> int:
+    bad = len(batch.errors)
+    return batch.request_counts.completed + batch.request_counts.failed - bad
+
+
+class Backfill:
+    """One run: submit (or attach to) the batch, follow it, write the files."""
+
+    def __init__(self, api: str, source: Path, out: Path, errors: Path, console: Console) -> None:
+        self.api = api
+        self.source = source
+        self.out = out
+        self.errors = errors
+        self.console = console
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Returns the exit status: 0 once the batch completed, 1 if it ended otherwise,
+        2 if the API refused it, 130 if interrupted."""
+        todo = plan(self.source, self.out)
+        if not todo.lines:
+            self.console.print(
+                f"all {len(todo.done)} custom_ids already succeeded in {self.out}; nothing to do"
+            )
+            return 0
+        if todo.done:
+            self.console.print(f"{len(todo.done)} custom_ids already succeeded in {self.out}")
+        timeout = httpx.Timeout(30.0, read=600.0)
+        async with httpx.AsyncClient(base_url=self.api, timeout=timeout) as http:
+            batch = await _until(stop, self._submit(http, todo))
+            if batch is None:
+                self.console.print("interrupted while submitting; rerun the same command")
+                return INTERRUPTED
+            if isinstance(batch, str):
+                self.console.print(f"[red]the API refused the batch: {batch}")
+                return 2
+            self._report_bad_lines(batch, todo)
+            batch = await self._follow(http, batch, stop)
+            if batch.status not in ENDED:
+                self.console.print(
+                    f"interrupted; batch {batch.id} goes on: rerun the same command to resume"
+                )
+                return INTERRUPTED
+            await self._save(http, batch, todo)
+        return 0 if batch.status == "completed" else 1
+
+    async def _submit(self, http: httpx.AsyncClient, todo: Plan) -> BatchView | str:
+        response = await http.post(
+            "/v1/batches",
+            content=todo.text.encode(),
+            headers={"content-type": "application/jsonl", "idempotency-key": todo.key},
+        )
+        if response.status_code >= 400:
+            return response.text
+        batch = BatchView.model_validate_json(response.content)
+        state = "resumed" if response.status_code == 200 else "submitted"
+        good = batch.request_counts.total - len(batch.errors)
+        self.console.print(
+            f"batch {batch.id} {state}: {batch.request_counts.total} lines, "
+            f"{good} requests, {len(batch.errors)} bad lines"
+        )
+        return batch
+
+    def _report_bad_lines(self, batch: BatchView, todo: Plan) -> None:
+        for bad in batch.errors:
+            line = todo.origin[bad.line - 1]
+            self.console.print(f"[yellow]line {line}[/]: {bad.code}: {bad.message}")
+
+    async def _follow(
+        self, http: httpx.AsyncClient, batch: BatchView, stop: asyncio.Event
+    ) -> BatchView:
+        good = batch.request_counts.total - len(batch.errors)
+        columns = (
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=self.console, transient=False) as progress:
+            task = progress.add_task(batch.status, total=good, completed=_settled(batch))
+            while batch.status not in ENDED and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=POLL_S)
+                response = await http.get(f"/v1/batches/{batch.id}")
+                response.raise_for_status()
+                batch = BatchView.model_validate_json(response.content)
+                progress.update(task, completed=_settled(batch), description=batch.status)
+        return batch
+
+    async def _lines(self, http: httpx.AsyncClient, path: str) -> list[bytes]:
+        response = await http.get(path)
+        response.raise_for_status()
+        return [line for line in response.content.splitlines() if line.strip()]
+
+    async def _save(self, http: httpx.AsyncClient, batch: BatchView, todo: Plan) -> None:
+        results = dict(todo.done)
+        for raw in await self._lines(http, f"/v1/batches/{batch.id}/output"):
+            custom_id = _custom_id(raw)
+            if custom_id is not None:
+                results[custom_id] = raw
+        ordered = [results.pop(c) for c in dict.fromkeys(todo.order) if c in results]
+        written = _write(self.out, [*ordered, *results.values()])
+        failures = [
+            self._renumber(raw, todo)
+            for raw in await self._lines(http, f"/v1/batches/{batch.id}/errors")
+        ]
+        _write(self.errors, failures)
+        counts = batch.request_counts
+        self.console.print(
+            f"batch {batch.id} {batch.status}: {counts.completed} succeeded, "
+            f"{counts.failed - len(batch.errors)} failed, {len(batch.errors)} bad lines; "
+            f"{self.out}: {written} lines, {self.errors}: {len(failures)} lines"
+        )
+
+    @staticmethod
+    def _renumber(raw: bytes, todo: Plan) -> bytes:
+        """An error line with ``error.line`` counted in the input file, not the submission."""
+        line: dict[str, Any] = orjson.loads(raw)
+        error = line.get("error") or {}
+        if isinstance(error.get("line"), int):
+            error["line"] = todo.origin[error["line"] - 1]
+        return orjson.dumps(line)
+
+
+async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
+    """The result of ``work``, or None if ``stop`` is set first (``work`` is cancelled)."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None

@@ -1,0 +1,361 @@
+"""Batch backfills in Postgres: create, admit lines as jobs, count, close, cancel, expire.
+
+Raw asyncpg. A batch's jobs are ordinary jobs carrying ``batch_id`` and
+``custom_id``; its counts are an aggregate over them (one statement for any
+number of batches), so a reply seen twice never counts twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from schemas.batches import BatchStatus, BatchView, LineError, RequestCounts
+from schemas.events import ErrorInfo, JobRequest
+
+_COLUMNS = """id, status, endpoint, completion_window, input_sha256, metadata, webhook, total,
+    completed, failed, errors, created_at, expires_at, in_progress_at, finalizing_at,
+    completed_at, failed_at, expired_at, cancelling_at, cancelled_at"""
+
+CANCELLED = ErrorInfo(code="batch_cancelled", message="the batch was cancelled")
+EXPIRED = ErrorInfo(code="batch_expired", message="the batch expired before this request ran")
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    id: UUID
+    status: BatchStatus
+    endpoint: str
+    completion_window: str
+    input_sha256: str
+    metadata: dict[str, Any]
+    webhook: dict[str, Any] | None
+    total: int
+    completed: int
+    failed: int
+    errors: list[dict[str, Any]]
+    created_at: datetime
+    expires_at: datetime
+    in_progress_at: datetime | None
+    finalizing_at: datetime | None
+    completed_at: datetime | None
+    failed_at: datetime | None
+    expired_at: datetime | None
+    cancelling_at: datetime | None
+    cancelled_at: datetime | None
+
+    def view(self) -> BatchView:
+        """The batch as the API shows it (never its webhook secret)."""
+        return BatchView(
+            id=self.id,
+            endpoint=self.endpoint,
+            status=self.status,
+            completion_window=self.completion_window,
+            request_counts=RequestCounts(
+                total=self.total,
+                completed=self.completed,
+                failed=self.failed + len(self.errors),
+            ),
+            metadata=self.metadata,
+            errors=[LineError.model_validate(e) for e in self.errors],
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            in_progress_at=self.in_progress_at,
+            finalizing_at=self.finalizing_at,
+            completed_at=self.completed_at,
+            failed_at=self.failed_at,
+            expired_at=self.expired_at,
+            cancelling_at=self.cancelling_at,
+            cancelled_at=self.cancelled_at,
+        )
+
+
+def _row(record: asyncpg.Record) -> BatchRow:
+    return BatchRow(**dict(record))
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    endpoint: str
+    completion_window_s: float
+    completion_window: str
+    input_sha256: str
+    total: int
+    errors: list[LineError]
+    metadata: dict[str, Any]
+    webhook: dict[str, Any] | None
+    idempotency_key: str | None
+
+
+async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
+    """Record a batch in ``validating``; with a known idempotency key, return that batch.
+
+    Returns the batch and whether it was created now.
+    """
+    async with pool.acquire() as conn:
+        created = await conn.fetchrow(
+            f"""
+            INSERT INTO batches (id, status, endpoint, completion_window, idempotency_key,
+                input_sha256, metadata, webhook, total, errors, expires_at)
+            VALUES ($1, 'validating', $2, $3, $4, $5, $6, $7, $8, $9,
+                now() + make_interval(secs => $10))
+            ON CONFLICT (idempotency_key) DO NOTHING
+            RETURNING {_COLUMNS}
+            """,
+            uuid4(),
+            new.endpoint,
+            new.completion_window,
+            new.idempotency_key,
+            new.input_sha256,
+            new.metadata,
+            new.webhook,
+            new.total,
+            [e.model_dump(exclude_none=True) for e in new.errors],
+            new.completion_window_s,
+        )
+        if created is not None:
+            return _row(created), True
+        existing = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM batches WHERE idempotency_key = $1", new.idempotency_key
+        )
+    if existing is None:  # pragma: no cover - a key is never deleted
+        raise RuntimeError("batch idempotency key conflict without a batch")
+    return _row(existing), False
+
+
+async def get(pool: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> BatchRow | None:
+    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM batches WHERE id = $1", batch_id)
+    return _row(row) if row is not None else None
+
+
+async def admit(
+    pool: asyncpg.Pool, batch_id: UUID, lines: Sequence[tuple[str, JobRequest]]
+) -> set[UUID]:
+    """Record ``(custom_id, request)`` lines as queued jobs of a validating batch, in one
+    multi-row insert. A line admitted before (key ``batch:{id}:{custom_id}``) is skipped.
+
+    Returns the ids of the jobs created now: only those are to be published.
+    """
+    rows = await pool.fetch(
+        """
+        WITH input AS (
+            SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[],
+                                 $7::text[])
+                AS u(id, conversation_id, model, request, custom_id, user_id)
+            WHERE EXISTS (SELECT 1 FROM batches WHERE id = $1 AND status = 'validating')
+        ), conversation AS (
+            INSERT INTO conversations (id, user_id)
+            SELECT DISTINCT ON (conversation_id) conversation_id, user_id FROM input
+            ON CONFLICT (id) DO NOTHING
+        )
+        INSERT INTO jobs (id, conversation_id, model, kind, status, request, idempotency_key,
+            batch_id, custom_id)
+        SELECT id, conversation_id, model, 'chat', 'queued', request,
+            'batch:' || $1::text || ':' || custom_id, $1, custom_id
+        FROM input
+        ON CONFLICT (idempotency_key) DO NOTHING
+        RETURNING id
+        """,
+        batch_id,
+        [r.job_id for _, r in lines],
+        [r.conversation_id for _, r in lines],
+        [r.model for _, r in lines],
+        [r.model_dump(mode="json") for _, r in lines],
+        [custom_id for custom_id, _ in lines],
+        [r.user for _, r in lines],
+    )
+    return {row["id"] for row in rows}
+
+
+async def fail_jobs(pool: asyncpg.Pool, job_ids: Sequence[UUID], error: ErrorInfo) -> None:
+    """Finalise jobs that never reached the pipeline (they could not be published)."""
+    await pool.execute(
+        """
+        UPDATE jobs SET status = 'failed', error = $2, completed_at = now(), updated_at = now()
+        WHERE id = ANY($1::uuid[]) AND status NOT IN ('succeeded', 'failed')
+        """,
+        list(job_ids),
+        error.model_dump(mode="json"),
+    )
+
+
+async def start(pool: asyncpg.Pool, batch_id: UUID) -> None:
+    """Every good line is a published job: ``in_progress``, or ``failed`` when none was good."""
+    await pool.execute(
+        """
+        UPDATE batches SET updated_at = now(),
+            status = CASE WHEN jobs.n > 0 THEN 'in_progress' ELSE 'failed' END,
+            in_progress_at = CASE WHEN jobs.n > 0 THEN now() END,
+            failed_at = CASE WHEN jobs.n = 0 THEN now() END
+        FROM (SELECT count(*) AS n FROM jobs WHERE batch_id = $1) jobs
+        WHERE id = $1 AND status = 'validating'
+        """,
+        batch_id,
+    )
+
+
+async def cancel(pool: asyncpg.Pool, batch_id: UUID) -> BatchRow | None:
+    """Move an open batch to ``cancelling`` and fail its jobs not yet started.
+
+    Jobs already running finish; the batches service then moves it to ``cancelled``.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        moved = await conn.fetchval(
+            """
+            UPDATE batches SET status = 'cancelling', cancelling_at = now(), updated_at = now()
+            WHERE id = $1 AND status IN ('validating', 'in_progress')
+            RETURNING id
+            """,
+            batch_id,
+        )
+        if moved is not None:
+            await _fail_queued(conn, [batch_id], CANCELLED)
+        return await get(conn, batch_id)
+
+
+async def _fail_queued(conn: asyncpg.Connection, batch_ids: list[UUID], error: ErrorInfo) -> None:
+    await conn.execute(
+        """
+        UPDATE jobs SET status = 'failed', error = $2, completed_at = now(), updated_at = now()
+        WHERE batch_id = ANY($1::uuid[]) AND status = 'queued'
+        """,
+        batch_ids,
+        error.model_dump(mode="json"),
+    )
+
+
+async def refresh(
+    conn: asyncpg.Connection,
+    *,
+    job_ids: Sequence[UUID] | None = None,
+    batch_ids: Sequence[UUID] = (),
+) -> list[UUID]:
+    """Recount open batches from their jobs, in one statement: those of ``job_ids``, or
+    every open batch when None, plus ``batch_ids`` whatever their status.
+
+    A batch with no job left to run moves on: ``in_progress`` to ``finalizing``,
+    ``cancelling`` to ``cancelled``. Returns the ids of the batches now finalizing.
+    """
+    rows = await conn.fetch(
+        """
+        WITH touched AS (
+            SELECT id FROM batches
+            WHERE status IN ('in_progress', 'cancelling') AND ($1::uuid[] IS NULL
+                OR id IN (SELECT batch_id FROM jobs WHERE id = ANY($1::uuid[])))
+            UNION
+            SELECT unnest($2::uuid[])
+        ), counts AS (
+            SELECT t.id,
+                count(*) FILTER (WHERE j.status = 'succeeded') AS completed,
+                count(*) FILTER (WHERE j.status = 'failed') AS failed,
+                count(*) FILTER (WHERE j.status IN ('queued', 'running')) AS open
+            FROM touched t LEFT JOIN jobs j ON j.batch_id = t.id
+            GROUP BY t.id
+        )
+        UPDATE batches b SET completed = c.completed, failed = c.failed, updated_at = now(),
+            status = CASE WHEN c.open > 0 THEN b.status
+                          WHEN b.status = 'in_progress' THEN 'finalizing'
+                          WHEN b.status = 'cancelling' THEN 'cancelled'
+                          ELSE b.status END,
+            finalizing_at = CASE WHEN c.open = 0 AND b.status = 'in_progress' THEN now()
+                                 ELSE b.finalizing_at END,
+            cancelled_at = CASE WHEN c.open = 0 AND b.status = 'cancelling' THEN now()
+                                ELSE b.cancelled_at END
+        FROM counts c
+        WHERE b.id = c.id
+        RETURNING b.id, b.status
+        """,
+        None if job_ids is None else list(job_ids),
+        list(batch_ids),
+    )
+    return [row["id"] for row in rows if row["status"] == "finalizing"]
+
+
+async def complete(conn: asyncpg.Connection, batch_ids: Sequence[UUID] | None = None) -> None:
+    """Close finalizing batches (these, or all when None) as ``completed``."""
+    await conn.execute(
+        """
+        UPDATE batches SET status = 'completed', completed_at = now(), updated_at = now()
+        WHERE status = 'finalizing' AND ($1::uuid[] IS NULL OR id = ANY($1::uuid[]))
+        """,
+        None if batch_ids is None else list(batch_ids),
+    )
+
+
+async def expire(conn: asyncpg.Connection) -> list[UUID]:
+    """Expire open batches past ``expires_at`` and fail their jobs not yet started."""
+    rows = await conn.fetch(
+        """
+        UPDATE batches SET status = 'expired', expired_at = now(), updated_at = now()
+        WHERE status IN ('validating', 'in_progress') AND expires_at <= now()
+        RETURNING id
+        """
+    )
+    expired = [row["id"] for row in rows]
+    if expired:
+        await _fail_queued(conn, expired, EXPIRED)
+    return expired
+
+
+async def unnotified(conn: asyncpg.Connection, limit: int = 100) -> list[BatchRow]:
+    """Ended batches with a webhook and no delivery yet, locked until the transaction ends."""
+    rows = await conn.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM batches
+        WHERE webhook IS NOT NULL AND notified_at IS NULL
+            AND status IN ('completed', 'failed', 'expired', 'cancelled')
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+    return [_row(row) for row in rows]
+
+
+async def mark_notified(conn: asyncpg.Connection, batch_ids: Sequence[UUID]) -> None:
+    await conn.execute(
+        "UPDATE batches SET notified_at = now() WHERE id = ANY($1::uuid[])", list(batch_ids)
+    )
+
+
+@dataclass(frozen=True)
+class JobLine:
+    """A batch job as its output or error line needs it."""
+
+    job_id: UUID
+    custom_id: str
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+
+
+async def job_lines(
+    pool: asyncpg.Pool, batch_id: UUID, *, succeeded: bool, chunk: int = 500
+) -> AsyncIterator[list[JobLine]]:
+    """The batch's succeeded jobs (or its failed ones), ``chunk`` at a time, by custom_id."""
+    async with pool.acquire() as conn, conn.transaction():
+        cursor = conn.cursor(
+            """
+            SELECT id, custom_id, status, result, error FROM jobs
+            WHERE batch_id = $1 AND status = $2
+            ORDER BY custom_id
+            """,
+            batch_id,
+            "succeeded" if succeeded else "failed",
+            prefetch=chunk,
+        )
+        lines: list[JobLine] = []
+        async for row in cursor:
+            lines.append(
+                JobLine(row["id"], row["custom_id"], row["status"], row["result"], row["error"])
+            )
+            if len(lines) == chunk:
+                yield lines
+                lines = []
+        if lines:
+            yield lines

@@ -1,0 +1,530 @@
+"""``kontext bench``: Steve Min TPS under a closed-loop multi-turn workload.
+
+C conversations run at once, T turns each, replaying one speaker's side of real
+human conversations (the chitchat-dataset wheel). Turn 1 also plants a fact
+("my locker code is NNNN") and the last turn asks for it. Each turn goes through
+the whole pipeline; a conversation sends its next turn when the previous reply
+arrives. A turn counts towards ``steve_min_tps`` only if it succeeded and, when
+it asks for the fact, its prompt contained it.
+
+In the same run, on the same conversations, the baselines call the engine
+directly: naive full-history resend (the client keeps the history), then the
+resend prompts one request at a time and at batch sizes 1, 8, 16 and 32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import math
+import random
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from rich.progress import Progress
+
+from kontext import bench
+from kontext.runtime import Runtime
+from kontext.settings import Settings
+from producers.client import KontextClient, KontextError
+from schemas.events import ChatMessage
+from workers.engines import system_prompt
+from workers.engines.base import Engine, GenerationRequest
+from workers.inference import BATCH_SIZE
+
+log = logging.getLogger(__name__)
+
+FACT = "my locker code is {code}"
+PLANT = "{line} By the way, {fact}."
+QUESTION = "What is my locker code?"
+RAW_BATCH_SIZES = (1, 8, 16, 32)
+TURN_TIMEOUT_S = 600.0
+SETTLE_TIMEOUT_S = 60.0
+
+Advance = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Script:
+    """One benchmark conversation: the user's messages and the fact the last one asks for."""
+
+    messages: list[str]
+    fact: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One turn as the client saw it."""
+
+    latency_s: float
+    succeeded: bool
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    asks_for: str | None = None
+    """The planted fact, on the turn that asks for it."""
+    prompt: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        """Succeeded, and carried the planted fact in its prompt if it asked for it."""
+        if not self.succeeded:
+            return False
+        return self.asks_for is None or (self.prompt is not None and self.asks_for in self.prompt)
+
+
+def steve_min_tps(outcomes: Sequence[Outcome], elapsed_s: float) -> float:
+    """Verified turns per second."""
+    return sum(o.verified for o in outcomes) / elapsed_s if elapsed_s > 0 else 0.0
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (0 for no values)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(math.ceil(p / 100 * len(ordered)) - 1, 0)]
+
+
+def dataset_path() -> Path:
+    """``dataset.json`` inside the installed chitchat-dataset wheel (never imported)."""
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "kontext bench needs the chitchat-dataset wheel: pip install -e '.[bench]'"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "dataset.json"
+
+
+def _dialogues(path: Path) -> Iterator[list[str]]:
+    """Each conversation's first speaker's lines (consecutive messages joined), by id."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    for key in sorted(data):
+        groups = data[key]["messages"][0::2]
+        lines = [" ".join(m["text"].strip() for m in group).strip() for group in groups]
+        yield [line for line in lines if line]
+
+
+def scripts(
+    conversations: int, turns: int, seed: int = 0, path: Path | None = None
+) -> list[Script]:
+    """``conversations`` scripts of ``turns`` messages: real lines, fact first, question last.
+
+    A script takes the next dataset conversations, in id order, until it has enough lines.
+    """
+    if turns < 2:
+        raise ValueError("a benchmark conversation needs at least 2 turns (plant, then ask)")
+    rng = random.Random(seed)
+    sources = _dialogues(path or dataset_path())
+    out: list[Script] = []
+    for _ in range(conversations):
+        lines: list[str] = []
+        while len(lines) < turns - 1:
+            lines.extend(next(sources))
+        fact = FACT.format(code=rng.randrange(1000, 10000))
+        first = PLANT.format(line=lines[0], fact=fact)
+        out.append(Script([first, *lines[1 : turns - 1], QUESTION], fact))
+    return out
+
+
+@dataclass
+class Phase:
+    """The outcomes of one way of running the workload, and how long it took."""
+
+    outcomes: list[Outcome]
+    elapsed_s: float
+
+    def summary(self) -> dict[str, Any]:
+        latencies = [o.latency_s * 1000 for o in self.outcomes]
+        asked = [o for o in self.outcomes if o.asks_for is not None]
+        succeeded = [o for o in self.outcomes if o.succeeded]
+        return {
+            "steve_min_tps": round(steve_min_tps(self.outcomes, self.elapsed_s), 2),
+            "turns_per_s": round(len(succeeded) / self.elapsed_s, 2),
+            "tokens_per_s": round(sum(o.completion_tokens for o in succeeded) / self.elapsed_s, 1),
+            "p50_ms": round(percentile(latencies, 50), 1),
+            "p95_ms": round(percentile(latencies, 95), 1),
+            "p99_ms": round(percentile(latencies, 99), 1),
+            "turns_total": len(self.outcomes),
+            "turns_succeeded": len(succeeded),
+            "turns_verified": sum(o.verified for o in self.outcomes),
+            "fact_recalled": sum(o.verified for o in asked),
+            "fact_asked": len(asked),
+            "mean_prompt_tokens": round(
+                statistics.mean(o.prompt_tokens for o in succeeded) if succeeded else 0.0, 1
+            ),
+            "elapsed_s": round(self.elapsed_s, 3),
+        }
+
+
+async def pipeline(
+    client: KontextClient,
+    model: str,
+    work: Sequence[Script],
+    max_tokens: int,
+    advance: Advance,
+) -> Phase:
+    """Every conversation at once through the pipeline, each turn after the last reply."""
+    run = uuid.uuid4().hex[:8]
+
+    async def converse(index: int, script: Script) -> list[Outcome]:
+        conversation = f"bench-{run}-{index}"
+        outcomes: list[Outcome] = []
+        for number, text in enumerate(script.messages, 1):
+            asks = script.fact if number == len(script.messages) else None
+            began = time.perf_counter()
+            try:
+                reply = await client.chat(
+                    timeout=TURN_TIMEOUT_S,
+                    model=model,
+                    conversation_id=conversation,
+                    messages=[{"role": "user", "content": text}],
+                    max_tokens=max_tokens,
+                    include_prompt=asks is not None,
+                )
+            except (KontextError, TimeoutError, httpx.HTTPError) as exc:
+                log.warning("turn %d of %s failed: %s", number, conversation, exc)
+                outcomes.append(Outcome(time.perf_counter() - began, False, asks_for=asks))
+                advance()
+                continue
+            latency = time.perf_counter() - began
+            result = reply.result
+            if result is None or result.context is None:
+                outcomes.append(Outcome(latency, False, asks_for=asks))
+            else:
+                outcomes.append(
+                    Outcome(
+                        latency,
+                        True,
+                        completion_tokens=result.usage.completion_tokens,
+                        prompt_tokens=result.context.prompt_tokens,
+                        asks_for=asks,
+                        prompt=result.context.prompt,
+                    )
+                )
+            advance()
+        return outcomes
+
+    started = time.perf_counter()
+    done = await asyncio.gather(*(converse(i, s) for i, s in enumerate(work)))
+    elapsed = time.perf_counter() - started
+    return Phase([o for outcomes in done for o in outcomes], elapsed)
+
+
+async def naive_resend(
+    engine: Engine,
+    system_prompt: str,
+    work: Sequence[Script],
+    max_tokens: int,
+    batch_size: int,
+    advance: Advance,
+) -> tuple[Phase, list[str]]:
+    """Full history resent every turn straight to the engine, conversations in lockstep
+    (turn N of every conversation, ``batch_size`` per engine call); also the prompts sent."""
+    tokenizer = engine.tokenizer
+    budget = engine.context_window - max_tokens
+    histories = [[ChatMessage(role="system", content=system_prompt)] for _ in work]
+    outcomes: list[Outcome] = []
+    prompts: list[str] = []
+    started = time.perf_counter()
+    for turn in range(len(work[0].messages)):
+        rendered: list[str] = []
+        for script, history in zip(work, histories, strict=True):
+            history.append(ChatMessage(role="user", content=script.messages[turn]))
+            prompt = tokenizer.render(history)
+            while tokenizer.count(prompt) > budget and len(history) > 2:
+                del history[1]  # what a client must do once the window is full
+                prompt = tokenizer.render(history)
+            rendered.append(prompt)
+        prompts.extend(rendered)
+        last = turn == len(work[0].messages) - 1
+        for start in range(0, len(rendered), batch_size):
+            chunk = rendered[start : start + batch_size]
+            began = time.perf_counter()
+            answers = await engine.generate([GenerationRequest(p, max_tokens) for p in chunk])
+            latency = time.perf_counter() - began
+            for offset, (prompt, answer) in enumerate(zip(chunk, answers, strict=True)):
+                index = start + offset
+                histories[index].append(ChatMessage(role="assistant", content=answer.text))
+                outcomes.append(
+                    Outcome(
+                        latency,
+                        True,
+                        completion_tokens=answer.completion_tokens,
+                        prompt_tokens=answer.prompt_tokens,
+                        asks_for=work[index].fact if last else None,
+                        prompt=prompt,
+                    )
+                )
+                advance()
+    return Phase(outcomes, time.perf_counter() - started), prompts
+
+
+async def raw_engine(
+    engine: Engine, prompts: Sequence[str], max_tokens: int, batch_size: int, advance: Advance
+) -> Phase:
+    """The prompts straight to the engine, ``batch_size`` per call, one call after another."""
+    outcomes: list[Outcome] = []
+    started = time.perf_counter()
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        began = time.perf_counter()
+        answers = await engine.generate([GenerationRequest(p, max_tokens) for p in chunk])
+        latency = time.perf_counter() - began
+        outcomes.extend(
+            Outcome(latency, True, a.completion_tokens, a.prompt_tokens) for a in answers
+        )
+        for _ in answers:
+            advance()
+    return Phase(outcomes, time.perf_counter() - started)
+
+
+def batch_sizes(model: str) -> dict[str, float]:
+    """The inference worker's batch-size histogram for ``model`` as it stands now:
+    cumulative counts by bucket bound (``le``), plus ``count`` and ``sum``."""
+    snapshot = {"count": 0.0, "sum": 0.0}
+    for metric in BATCH_SIZE.collect():
+        for sample in metric.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name.endswith("_bucket"):
+                snapshot[sample.labels["le"]] = sample.value
+            elif sample.name.endswith("_count"):
+                snapshot["count"] = sample.value
+            elif sample.name.endswith("_sum"):
+                snapshot["sum"] = sample.value
+    return snapshot
+
+
+def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Engine calls between two snapshots: how many, the mean batch size, and how many
+    fell in each bucket ("1", "3-4", "257+")."""
+    calls = after["count"] - before.get("count", 0.0)
+    histogram: dict[str, int] = {}
+    lower, below = 1, 0.0
+    for le in (k for k in after if k not in ("count", "sum")):
+        cumulative = after[le] - before.get(le, 0.0)
+        upper = None if le == "+Inf" else int(float(le))
+        if upper is None:
+            label = f"{lower}+"
+        else:
+            label = str(upper) if upper == lower else f"{lower}-{upper}"
+        if cumulative > below:
+            histogram[label] = int(cumulative - below)
+        below = cumulative
+        lower = (upper or lower) + 1
+    mean = (after["sum"] - before.get("sum", 0.0)) / calls if calls else 0.0
+    return {"engine_calls": int(calls), "mean": round(mean, 2), "histogram": histogram}
+
+
+async def settle(pool: asyncpg.Pool, conversation_prefix: str = "bench-") -> None:
+    """Wait until the memory worker has embedded every stored benchmark turn, so its
+    work does not spill into the next measurement."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        pending = await pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM turns WHERE embedding IS NULL"
+            " AND conversation_id LIKE $1)",
+            f"{conversation_prefix}%",
+        )
+        if not pending:
+            return
+        await asyncio.sleep(0.2)
+    log.warning("memory worker still embedding after %.0f s; measuring anyway", SETTLE_TIMEOUT_S)
+
+
+def _tracker(progress: Progress, description: str, total: int) -> Advance:
+    task = progress.add_task(description, total=total)
+    return lambda: progress.advance(task)
+
+
+async def warm_up(client: KontextClient, engine: Engine, model: str, max_tokens: int) -> None:
+    """One engine call and one pipeline turn, untimed: first calls pay one-off costs."""
+    prompt = engine.tokenizer.render([ChatMessage(role="user", content="Hello!")])
+    await engine.generate([GenerationRequest(prompt, max_tokens)])
+    await client.chat(
+        timeout=TURN_TIMEOUT_S,
+        model=model,
+        conversation_id=f"bench-warmup-{uuid.uuid4().hex[:8]}",
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=max_tokens,
+    )
+
+
+async def measure(
+    runtime: Runtime,
+    client: KontextClient,
+    work: Sequence[Script],
+    max_tokens: int,
+    progress: Progress,
+) -> dict[str, Any]:
+    """The baselines, then the pipeline, on the same conversations; one result object."""
+    settings = runtime.settings
+    model = settings.engines[0]
+    engine = runtime.engines[0]
+    assert runtime.pool is not None
+    turns = len(work) * len(work[0].messages)
+    label = f"{len(work)} conversations"
+    naive, prompts = await naive_resend(
+        engine,
+        settings.system_prompt or system_prompt(model),
+        work,
+        max_tokens,
+        settings.batch_max_size,
+        _tracker(progress, f"naive resend, {label}", turns),
+    )
+    raw: dict[int, dict[str, Any]] = {}
+    for size in sorted({min(b, len(prompts)) for b in RAW_BATCH_SIZES}):
+        track = _tracker(progress, f"raw engine, batch {size}", len(prompts))
+        raw[size] = (await raw_engine(engine, prompts, max_tokens, size, track)).summary()
+    await settle(runtime.pool)
+    before = batch_sizes(engine.name)
+    phase = await pipeline(
+        client, model, work, max_tokens, _tracker(progress, f"pipeline, {label}", turns)
+    )
+    after = batch_sizes(engine.name)
+    await settle(runtime.pool)
+    best = max(raw, key=lambda size: float(raw[size]["tokens_per_s"]))
+    naive_summary = naive.summary()
+    return {
+        "engine": model,
+        "conversations": len(work),
+        "turns": len(work[0].messages),
+        "max_tokens": max_tokens,
+        **phase.summary(),
+        "batch_sizes": batch_distribution(before, after),
+        "baselines": {
+            "raw_engine": {
+                "best_batch_size": best,
+                "tokens_per_s": raw[best]["tokens_per_s"],
+                "tokens_per_s_by_batch_size": {
+                    str(size): r["tokens_per_s"] for size, r in raw.items()
+                },
+            },
+            "one_at_a_time": {
+                key: raw[1][key] for key in ("tokens_per_s", "turns_per_s", "p50_ms", "p99_ms")
+            },
+            "naive_resend": {
+                "batch_size": settings.batch_max_size,
+                **{
+                    key: naive_summary[key]
+                    for key in (
+                        "steve_min_tps",
+                        "turns_per_s",
+                        "tokens_per_s",
+                        "fact_recalled",
+                        "fact_asked",
+                        "mean_prompt_tokens",
+                    )
+                },
+            },
+        },
+    }
+
+
+def report(results: Sequence[dict[str, Any]]) -> str:
+    """Two Markdown tables: the pipeline's figures, then the baselines beside them."""
+    lines = [
+        "| conversations x turns | steve_min_tps | verified turns | fact recalled "
+        "| p50 / p95 / p99 ms | tokens/s | mean prompt tokens | engine calls (mean batch) "
+        "| batch sizes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        batches = r["batch_sizes"]
+        sizes = ", ".join(f"{k}: {v}" for k, v in batches["histogram"].items())
+        lines.append(
+            f"| {r['conversations']} x {r['turns']} | **{r['steve_min_tps']:.1f}** "
+            f"| {r['turns_verified']}/{r['turns_total']} "
+            f"| {r['fact_recalled']}/{r['fact_asked']} "
+            f"| {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} "
+            f"| {r['tokens_per_s']:.1f} | {r['mean_prompt_tokens']:.0f} "
+            f"| {batches['engine_calls']} ({batches['mean']:.1f}) | {sizes} |"
+        )
+    lines += [
+        "",
+        "| conversations x turns | pipeline tokens/s | raw engine, best batch: tokens/s "
+        "| raw engine tokens/s by batch size | one at a time: tokens/s (p50 ms) "
+        "| naive resend: steve_min_tps, tokens/s, fact recalled, mean prompt tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        base = r["baselines"]
+        raw, one, naive = base["raw_engine"], base["one_at_a_time"], base["naive_resend"]
+        by_size = ", ".join(f"{k}: {v:.1f}" for k, v in raw["tokens_per_s_by_batch_size"].items())
+        lines.append(
+            f"| {r['conversations']} x {r['turns']} | {r['tokens_per_s']:.1f} "
+            f"| {raw['tokens_per_s']:.1f} (batch {raw['best_batch_size']}) | {by_size} "
+            f"| {one['tokens_per_s']:.1f} ({one['p50_ms']:.0f}) "
+            f"| {naive['steve_min_tps']:.1f}, {naive['tokens_per_s']:.1f}, "
+            f"{naive['fact_recalled']}/{naive['fact_asked']}, {naive['mean_prompt_tokens']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """A PNG of steve_min_tps and p99 latency against concurrent conversations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["conversations"] for r in results]
+    figure, left = plt.subplots(figsize=(7, 4.2))
+    [tps] = left.plot(
+        xs, [r["steve_min_tps"] for r in results], "o-", color="tab:blue", label="steve_min_tps"
+    )
+    left.set_xscale("log", base=2)
+    left.set_xticks(xs, [str(x) for x in xs])
+    left.set_xlabel("concurrent conversations")
+    left.set_ylabel("steve_min_tps (verified turns/s)", color="tab:blue")
+    right = left.twinx()
+    [p99] = right.plot(xs, [r["p99_ms"] for r in results], "s--", color="tab:red", label="p99")
+    left.legend(handles=[tps, p99], loc="upper left")
+    right.set_ylabel("p99 end-to-end latency (ms)", color="tab:red")
+    engine = results[0]["engine"]
+    left.set_title(f"kontext bench, {engine} engine, {results[0]['turns']} turns per conversation")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def publish(
+    results: Sequence[dict[str, Any]],
+    settings: Settings,
+    command: str,
+    path: Path = Path("docs/benchmarks.md"),
+) -> tuple[str, Path | None]:
+    """Append the run's section to ``path`` (with a plot beside it when it swept
+    concurrency); the section's tables and the plot's path."""
+    body = report(results)
+    figure: Path | None = None
+    if len(results) > 1:
+        stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+        figure = path.parent / f"bench-{results[0]['engine']}-{stamp}.png"
+        plot(results, figure)
+        body += f"\n\n![steve_min_tps and p99 against concurrency]({figure.name})"
+    engine, turns = results[0]["engine"], results[0]["turns"]
+    what = " (no model: pipeline overhead only)" if engine == "null" else ""
+    bench.record(
+        f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
+        f"Engine `{engine}`{what}; {turns} turns per conversation replaying "
+        f"chitchat-dataset 0.9.0 lines, a fact planted in turn 1 and asked for in turn "
+        f"{turns}; max_tokens {results[0]['max_tokens']}, batch max "
+        f"{settings.batch_max_size} / {settings.batch_max_wait_ms} ms, "
+        f"{settings.topic_partitions} partitions, summariser `{settings.summarizer}`; broker, "
+        f"Postgres, workers and load generator on this machine. Command: `{command}`.",
+        body,
+        path,
+    )
+    return body, figure

@@ -1,0 +1,355 @@
+"""Batch backfills end to end: the ``kontext backfill`` CLI and ``/v1/batches`` against
+the real stack (``tiny`` engine, one output token per request)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from kontext.backfill import plan
+from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
+from tests.test_webhooks import Receiver
+
+# 10,000 lines take about 110 s on the 2-core development machine.
+BIG = int(os.environ.get("KONTEXT_TEST_BACKFILL_LINES", "10000"))
+BIG_TIMEOUT_S = 240
+
+
+def _line(custom_id: str, content: str = "ping", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            **body,
+        },
+    }
+
+
+def _jsonl(lines: list[Any]) -> str:
+    return "".join(
+        (line if isinstance(line, str) else orjson.dumps(line).decode()) + "\n" for line in lines
+    )
+
+
+def _input(path: Path, count: int, prefix: str) -> list[str]:
+    ids = [f"{prefix}-{i}" for i in range(count)]
+    path.write_text(_jsonl([_line(c, f"Say something about item {c}.") for c in ids]))
+    return ids
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(raw) for raw in path.read_bytes().splitlines() if raw.strip()]
+
+
+async def _cli(stack: Stack, *args: str | Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontext.cli",
+        "backfill",
+        *map(str, args),
+        "--api",
+        stack.api_url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+async def _finish(process: asyncio.subprocess.Process, timeout: float) -> tuple[int, str]:
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=timeout)
+    assert process.returncode is not None
+    return process.returncode, output.decode()
+
+
+def _assert_complete_output(out: Path, ids: list[str]) -> None:
+    lines = _read(out)
+    custom_ids = [line["custom_id"] for line in lines]
+    assert len(custom_ids) == len(set(custom_ids)), "a custom_id is repeated"
+    assert custom_ids == ids, "missing custom_ids, or not in input order"
+    for line in lines:
+        assert line["error"] is None
+        assert line["response"]["status_code"] == 200
+        body = line["response"]["body"]
+        assert body["object"] == "chat.completion"
+        assert body["model"] == "tiny"
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert body["usage"]["completion_tokens"] == 1
+        assert line["id"] == f"batch_req_{uuid.UUID(line['response']['request_id']).hex}"
+
+
+async def test_ten_thousand_line_backfill_writes_a_correct_output_file(
+    stack: Stack, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = _input(source, BIG, "big")
+    began = time.perf_counter()
+    code, output = await _finish(await _cli(stack, source, "-o", out), BIG_TIMEOUT_S)
+    elapsed = time.perf_counter() - began
+    assert code == 0, output
+    assert f"{BIG} succeeded, 0 failed, 0 bad lines" in output
+    assert "req/s" in output and "ETA" in output
+    _assert_complete_output(out, ids)
+    assert _read(tmp_path / "out.errors.jsonl") == []
+    print(f"\n{BIG} lines backfilled in {elapsed:.1f}s ({BIG / elapsed:.0f} requests/s)")
+
+    # Every line ran as a background chat job of one batch, each in its own conversation.
+    batch_id = await pool.fetchval(
+        "SELECT id FROM batches WHERE idempotency_key = $1", plan(source, tmp_path / "none").key
+    )
+    rows = await pool.fetch(
+        "SELECT request->>'priority' AS priority, kind, count(*) AS n, "
+        "count(DISTINCT conversation_id) AS conversations FROM jobs WHERE batch_id = $1 "
+        "GROUP BY 1, 2",
+        batch_id,
+    )
+    assert [dict(r) for r in rows] == [
+        {"priority": "background", "kind": "chat", "n": BIG, "conversations": BIG}
+    ]
+
+
+async def test_an_interrupted_backfill_resumes_without_duplicates_or_gaps(
+    stack: Stack, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = _input(source, 1500, "resume")
+    key = plan(source, out).key
+
+    async def progress() -> int:
+        done: int | None = await pool.fetchval(
+            "SELECT completed FROM batches WHERE idempotency_key = $1", key
+        )
+        return done or 0
+
+    first = await _cli(stack, source, "-o", out)
+    await wait_for(lambda: progress(), timeout=60, interval=0.1)
+    first.send_signal(signal.SIGINT)
+    code, output = await _finish(first, 30)
+    assert code == 130, output
+    assert "rerun the same command to resume" in output
+    assert not out.exists()
+    assert await progress() < len(ids), "interrupted too late to test resumption"
+
+    second = await _cli(stack, source, "-o", out)
+    code, output = await _finish(second, 120)
+    assert code == 0, output
+    assert "resumed" in output
+    _assert_complete_output(out, ids)
+    batch_id = await pool.fetchval("SELECT id FROM batches WHERE idempotency_key = $1", key)
+    jobs = await pool.fetchval("SELECT count(*) FROM jobs WHERE batch_id = $1", batch_id)
+    assert jobs == len(ids)
+
+    # Results lost from the output file: a rerun submits only those custom_ids.
+    kept = out.read_bytes().splitlines()
+    out.write_bytes(b"\n".join(kept[:1000]) + b"\n")
+    code, output = await _finish(await _cli(stack, source, "-o", out), 120)
+    assert code == 0, output
+    assert "1000 custom_ids already succeeded" in output
+    assert "500 requests" in output
+    _assert_complete_output(out, ids)
+    code, output = await _finish(await _cli(stack, source, "-o", out), 60)
+    assert code == 0 and "nothing to do" in output, output
+
+
+@pytest.fixture
+async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+        yield client
+
+
+async def _post(http: httpx.AsyncClient, text: str, key: str | None = None) -> httpx.Response:
+    headers = {"content-type": "application/jsonl"}
+    if key:
+        headers["idempotency-key"] = key
+    return await http.post("/v1/batches", content=text.encode(), headers=headers)
+
+
+async def _wait_status(
+    http: httpx.AsyncClient, batch_id: str, statuses: tuple[str, ...], timeout: float = 60
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        found.update((await http.get(f"/v1/batches/{batch_id}")).json())
+        return found["status"] in statuses
+
+    await wait_for(reached, timeout=timeout, interval=0.1)
+    return found
+
+
+async def _jsonl_lines(http: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
+    response = await http.get(path)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/jsonl")
+    return [orjson.loads(raw) for raw in response.content.splitlines()]
+
+
+async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
+    http: httpx.AsyncClient,
+) -> None:
+    good = _line("good-1", conversation_id=f"bf-{uuid.uuid4().hex[:8]}", top_p=1.0, seed=7)
+    openai_style = _line("good-2", max_completion_tokens=1, stream=False, user="ada")
+    del openai_style["body"]["max_tokens"]
+    text = _jsonl(
+        [
+            good,
+            "{not json",
+            "",  # blank lines are skipped, and still counted in line numbers
+            {**_line("no-method"), "method": "GET"},
+            {**_line("wrong-url"), "url": "/v1/embeddings"},
+            _line("good-1"),
+            _line("unknown-model", model="gpt-4o"),
+            _line("too-long", max_tokens=100_000),
+            _line("two", n=2),
+            _line("tools", tools=[]),
+            {"method": "POST", "url": "/v1/chat/completions", "body": {}},
+            _line("empty", content=" "),
+            openai_style,
+        ]
+    )
+    response = await _post(http, text)
+    assert response.status_code == 202, response.text
+    batch = response.json()
+    assert batch["object"] == "batch"
+    assert batch["request_counts"]["total"] == 12
+    reported = {(e["line"], e["code"]) for e in batch["errors"]}
+    assert reported == {
+        (2, "invalid_json"),
+        (4, "invalid_method"),
+        (5, "invalid_url"),
+        (6, "duplicate_custom_id"),
+        (7, "unknown_model"),
+        (8, "max_tokens_out_of_range"),
+        (9, "unsupported_value"),
+        (10, "unsupported_field"),
+        (11, "invalid_custom_id"),
+        (12, "invalid_request"),
+    }
+    done = await _wait_status(http, batch["id"], ("completed",))
+    assert done["request_counts"] == {"total": 12, "completed": 2, "failed": 10}
+    assert done["in_progress_at"] and done["finalizing_at"] and done["completed_at"]
+    output = await _jsonl_lines(http, f"/v1/batches/{batch['id']}/output")
+    assert sorted(line["custom_id"] for line in output) == ["good-1", "good-2"]
+    errors = await _jsonl_lines(http, f"/v1/batches/{batch['id']}/errors")
+    assert {(e["error"]["line"], e["error"]["code"]) for e in errors} == reported
+    assert all(e["response"] is None for e in errors)
+
+    # A batch whose every line is bad ends failed.
+    response = await _post(http, _jsonl(["[]", _line("x", model="nope")]))
+    assert response.status_code == 202
+    failed = response.json()
+    assert failed["status"] == "failed" and failed["failed_at"]
+    assert failed["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
+
+
+async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    key = f"retry-{uuid.uuid4().hex}"
+    text = _jsonl([_line(f"r-{i}") for i in range(50)])
+    first, again = await asyncio.gather(_post(http, text, key), _post(http, text, key))
+    assert {first.status_code, again.status_code} == {200, 202}
+    assert first.json()["id"] == again.json()["id"]
+    batch_id = uuid.UUID(first.json()["id"])
+    await _wait_status(http, str(batch_id), ("completed",))
+    assert await pool.fetchval("SELECT count(*) FROM jobs WHERE batch_id = $1", batch_id) == 50
+    assert (await _post(http, text, key)).status_code == 200
+    other = await _post(http, _jsonl([_line("other")]), key)
+    assert other.status_code == 409, other.text
+    assert other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_cancel_stops_the_batch_and_accounts_for_every_line(
+    http: httpx.AsyncClient,
+) -> None:
+    ids = [f"c-{i}" for i in range(3000)]
+    response = await _post(http, _jsonl([_line(c) for c in ids]))
+    assert response.status_code == 202
+    batch_id = response.json()["id"]
+    response = await http.post(f"/v1/batches/{batch_id}/cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] in ("cancelling", "cancelled")
+    assert response.json()["cancelling_at"]
+    done = await _wait_status(http, batch_id, ("cancelled",))
+    assert done["cancelled_at"] and done["completed_at"] is None
+    counts = done["request_counts"]
+    assert counts["total"] == len(ids) and counts["failed"] > 0
+    assert counts["completed"] + counts["failed"] == len(ids)
+
+    output = await _jsonl_lines(http, f"/v1/batches/{batch_id}/output")
+    errors = await _jsonl_lines(http, f"/v1/batches/{batch_id}/errors")
+    assert len(output) == counts["completed"] and len(errors) == counts["failed"]
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(ids)
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+
+    again = await http.post(f"/v1/batches/{batch_id}/cancel")
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    finished = await _post(http, _jsonl([_line("finished")]))
+    await _wait_status(http, finished.json()["id"], ("completed",))
+    refused = await http.post(f"/v1/batches/{finished.json()['id']}/cancel")
+    assert refused.status_code == 409
+    assert (await http.post(f"/v1/batches/{uuid.uuid4()}/cancel")).status_code == 404
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks/{name}", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    receiver.url = f"http://{host}:{port}"
+    yield receiver
+    await runner.cleanup()
+
+
+async def test_batch_completed_webhook_reaches_a_real_receiver(
+    http: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    name = f"batch-{uuid.uuid4().hex[:8]}"
+    response = await http.post(
+        "/v1/batches",
+        json={
+            "input": _jsonl([_line(f"w-{i}") for i in range(20)]),
+            "metadata": {"purpose": "webhook test"},
+            "webhook": {"url": receiver.hook(name)},
+        },
+    )
+    assert response.status_code == 202, response.text
+    batch_id = response.json()["id"]
+    await wait_for(lambda: receiver.calls[name], timeout=60, interval=0.1)
+    [call] = receiver.calls[name]
+    payload = Webhook(WEBHOOK_SECRETS[0]).verify(call.body, call.headers)
+    assert payload["type"] == "batch.completed"
+    data = payload["data"]
+    assert data["id"] == batch_id and data["status"] == "completed"
+    assert data["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
+    assert data["metadata"] == {"purpose": "webhook test"}
+    view = (await http.get(f"/v1/batches/{batch_id}")).json()
+    assert {k: v for k, v in view.items() if k != "errors"} == data
+
+    deliveries = (await http.get("/v1/webhooks/deliveries", params={"limit": 1000})).json()
+    [delivery] = [d for d in deliveries["data"] if d["batch_id"] == batch_id]
+    assert delivery["job_id"] is None and delivery["event_type"] == "batch.completed"
+    assert call.headers["webhook-id"] == delivery["id"]

@@ -1,0 +1,107 @@
+"""``kontext bench``: the Steve Min TPS counting rule, the workload, and one real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kontext import benchmark
+from kontext.benchmark import Outcome, Phase
+
+
+def test_a_turn_counts_only_if_it_succeeded_and_its_prompt_carried_the_fact() -> None:
+    fact = "my locker code is 4821"
+    outcomes = [
+        Outcome(0.1, True),
+        Outcome(0.1, False),
+        Outcome(0.1, True, asks_for=fact, prompt=f"<|user|>\nHi. By the way, {fact}.\n"),
+        Outcome(0.1, True, asks_for=fact, prompt="<|user|>\nWhat is my locker code?\n"),
+        Outcome(0.1, True, asks_for=fact, prompt=None),
+        Outcome(0.1, False, asks_for=fact, prompt=fact),
+    ]
+    assert [o.verified for o in outcomes] == [True, False, True, False, False, False]
+    assert benchmark.steve_min_tps(outcomes, 2.0) == 1.0
+    summary = Phase(outcomes, 2.0).summary()
+    assert summary["turns_verified"] == 2
+    assert summary["fact_recalled"] == 1 and summary["fact_asked"] == 4
+    assert summary["turns_per_s"] == 2.0  # succeeded, fact or not
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert [benchmark.percentile(values, p) for p in (50, 95, 99, 100)] == [50, 95, 99, 100]
+    assert benchmark.percentile([7.0], 99) == 7.0
+    assert benchmark.percentile([], 50) == 0.0
+
+
+def test_batch_distribution_between_two_snapshots() -> None:
+    before = {"count": 2.0, "sum": 3.0, "1.0": 1.0, "2.0": 2.0, "4.0": 2.0, "+Inf": 2.0}
+    after = {"count": 6.0, "sum": 20.0, "1.0": 2.0, "2.0": 3.0, "4.0": 5.0, "+Inf": 6.0}
+    assert benchmark.batch_distribution(before, after) == {
+        "engine_calls": 4,
+        "mean": 4.25,
+        "histogram": {"1": 1, "3-4": 2, "5+": 1},
+    }
+
+
+def test_scripts_replay_real_lines_between_the_fact_and_the_question() -> None:
+    work = benchmark.scripts(3, 5)
+    assert len(work) == 3
+    for script in work:
+        assert len(script.messages) == 5
+        assert script.fact.startswith("my locker code is ")
+        assert script.fact in script.messages[0]
+        assert script.messages[-1] == benchmark.QUESTION
+        assert all(m and script.fact not in m for m in script.messages[1:])
+    assert benchmark.scripts(3, 5) == work  # deterministic
+    assert len({s.fact for s in work}) == 3
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    results = [
+        {"engine": "null", "turns": 3, "conversations": c, "steve_min_tps": t, "p99_ms": p}
+        for c, t, p in ((1, 10.0, 50.0), (4, 30.0, 80.0))
+    ]
+    benchmark.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_json_through_the_whole_pipeline(tmp_path: Path) -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") and not k.startswith("KONTEXT_")
+    }
+    env["KONTEXT_KAFKA_SESSION_TIMEOUT_MS"] = "3000"
+    args = ["bench", "--engine", "null", "--conversations", "2", "--turns", "3", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "kontext.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["engine"] == "null"
+    assert (result["conversations"], result["turns"]) == (2, 3)
+    assert result["turns_total"] == result["turns_verified"] == 6
+    assert (result["fact_recalled"], result["fact_asked"]) == (2, 2)
+    assert result["steve_min_tps"] > 0 and result["tokens_per_s"] > 0
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    batches = result["batch_sizes"]
+    assert (
+        batches["engine_calls"] >= 1
+        and sum(batches["histogram"].values()) == batches["engine_calls"]
+    )
+    baselines = result["baselines"]
+    assert baselines["raw_engine"]["tokens_per_s"] > 0
+    assert baselines["one_at_a_time"]["tokens_per_s"] > 0
+    assert baselines["naive_resend"]["fact_recalled"] == 2
+    section = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "Steve Min TPS, closed-loop multi-turn: `null` engine" in section
+    assert "| 2 x 3 |" in section

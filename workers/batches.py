@@ -1,0 +1,140 @@
+"""The batches service: keeps batch counts current and closes batches whose jobs are done.
+
+A consumer of the reply topic (its own group) recounts the batches of each
+micro-batch's jobs in one statement; a batch with no job left to run goes to
+``finalizing``, then ``completed``. A sweep loop recounts every open batch
+(cancellations fail jobs that never reply), expires overdue ones, and closes any
+left in ``finalizing``. A batch that ended with a webhook gets one delivery of
+its end event, which the webhooks service attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from uuid import UUID
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from pydantic import ValidationError
+
+from kontext import batches, deliveries
+from kontext.settings import Settings
+from schemas.events import JobReply, utcnow
+from workers.consumer import BatchConsumer
+from workers.deadletter import DeadLetters
+from workers.records import Record
+
+log = logging.getLogger(__name__)
+
+
+def end_event(row: batches.BatchRow) -> deliveries.BatchEvent:
+    """``batch.completed`` (or ``.failed``, ``.cancelled``, ``.expired``); the data is the
+    batch as ``GET /v1/batches/{id}`` shows it, without the bad-line list."""
+    assert row.webhook is not None
+    event = f"batch.{row.status}"
+    data = row.view().model_dump(mode="json", exclude={"errors"})
+    return deliveries.BatchEvent(
+        batch_id=row.id,
+        type=event,
+        url=row.webhook["url"],
+        secret=row.webhook.get("secret"),
+        payload={"type": event, "timestamp": utcnow().isoformat(), "data": data},
+    )
+
+
+async def close(pool: asyncpg.Pool, finalizing: Sequence[UUID] | None, delay: float) -> None:
+    """Complete finalizing batches (these, or all) and queue the end events of ended ones."""
+    async with pool.acquire() as conn, conn.transaction():
+        await batches.complete(conn, finalizing)
+        ended = await batches.unnotified(conn)
+        if ended:
+            await deliveries.create_for_batches(conn, [end_event(r) for r in ended], delay)
+            await batches.mark_notified(conn, [r.id for r in ended])
+
+
+class BatchTracker:
+    """Recounts the batches of replied jobs; closes those with nothing left to run."""
+
+    name = "batches"
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+        self.pool = pool
+        self.first_delay_s = settings.webhook_retry_schedule_s[0]
+        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        sends: list[asyncio.Future[object]] = []
+        job_ids = []
+        for record in records:
+            try:
+                job_ids.append(JobReply.decode(record.value).job_id)
+            except (ValidationError, ValueError) as exc:
+                sends.append(await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
+        if job_ids:
+            async with self.pool.acquire() as conn:
+                finalizing = await batches.refresh(conn, job_ids=job_ids)
+            if finalizing:
+                await close(self.pool, finalizing, self.first_delay_s)
+        if sends:
+            await asyncio.gather(*sends)
+
+
+class Sweeper:
+    """Every few seconds: expire overdue batches, recount open ones, close finished ones."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.interval_s = settings.backfill_sweep_interval_s
+        self.first_delay_s = settings.webhook_retry_schedule_s[0]
+        self.stopping = asyncio.Event()
+
+    async def sweep(self) -> None:
+        async with self.pool.acquire() as conn:
+            expired = await batches.expire(conn)
+            await batches.refresh(conn, batch_ids=expired)
+        await close(self.pool, None, self.first_delay_s)
+
+    async def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("batch sweep failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=self.interval_s)
+
+
+class BatchService:
+    """The ``batches`` service: the reply consumer and the sweep loop."""
+
+    name = "batches"
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        consumer: AIOKafkaConsumer,
+    ) -> None:
+        self.consumer = BatchConsumer(
+            consumer,
+            BatchTracker(settings, pool, producer),
+            max_size=settings.backfill_chunk_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+        )
+        self.sweeper = Sweeper(settings, pool)
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.consumer.run())
+            group.create_task(self.sweeper.run())
+
+    def ready(self) -> bool:
+        return self.consumer.ready()
+
+    async def stop(self) -> None:
+        self.consumer.stop()
+        self.sweeper.stopping.set()
