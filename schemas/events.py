@@ -149,6 +149,7 @@ class JobRequest(Event):
 
     job_id: UUID
     conversation_id: str
+    tenant_id: str = "default"
     model: str
     messages: list[ChatMessage]
     max_tokens: int
@@ -178,6 +179,7 @@ class JobCompletion(Event):
 
     job_id: UUID
     conversation_id: str
+    tenant_id: str = "default"
     model: str
     status: FinalStatus
     output: str | None = None
@@ -235,6 +237,7 @@ class JobReply(Event):
 
     job_id: UUID
     conversation_id: str
+    tenant_id: str = "default"
     status: FinalStatus
     result: ChatCompletion | None = None
     error: ErrorInfo | None = None

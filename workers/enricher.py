@@ -118,6 +118,7 @@ class Enricher:
             failed = JobCompletion(
                 job_id=request.job_id,
                 conversation_id=request.conversation_id,
+                tenant_id=request.tenant_id,
                 model=request.model,
                 status="failed",
                 error=ErrorInfo(code=code, message=str(exc).strip("'\"")),

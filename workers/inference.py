@@ -94,6 +94,7 @@ class InferenceWorker:
         completion = JobCompletion(
             job_id=request.job_id,
             conversation_id=request.conversation_id,
+            tenant_id=request.tenant_id,
             model=request.model,
             context=item.context,
             status="failed",

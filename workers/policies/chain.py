@@ -1,0 +1,56 @@
+"""The policy chain: runs each hook of every step in order, over what is still undecided."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from uuid import UUID
+
+from schemas.events import EnrichedRequest, JobCompletion, JobRequest
+from workers.policies.base import Policy, Refusal
+
+
+class PolicyChain:
+    """Policy steps composed in order. A job decided by one step is not shown to later ones."""
+
+    def __init__(self, steps: Sequence[Policy]) -> None:
+        self.steps = list(steps)
+
+    async def check_submit(self, request: JobRequest) -> Refusal | None:
+        for step in self.steps:
+            refusal = await step.check_submit(request)
+            if refusal is not None:
+                return refusal
+        return None
+
+    async def admit(self, requests: Sequence[JobRequest]) -> dict[UUID, Refusal]:
+        refused: dict[UUID, Refusal] = {}
+        for step in self.steps:
+            pending = [r for r in requests if r.job_id not in refused]
+            if not pending:
+                break
+            refused.update(await step.admit(pending))
+        return refused
+
+    async def before_engine(self, items: Sequence[EnrichedRequest]) -> dict[UUID, JobCompletion]:
+        answered: dict[UUID, JobCompletion] = {}
+        for step in self.steps:
+            pending = [i for i in items if i.request.job_id not in answered]
+            if not pending:
+                break
+            answered.update(await step.before_engine(pending))
+        return answered
+
+    async def after_engine(
+        self, done: Sequence[tuple[EnrichedRequest, JobCompletion]]
+    ) -> set[UUID]:
+        held: set[UUID] = set()
+        for step in self.steps:
+            pending = [d for d in done if d[0].request.job_id not in held]
+            if not pending:
+                break
+            held |= await step.after_engine(pending)
+        return held
+
+    async def close(self) -> None:
+        for step in self.steps:
+            await step.close()
