@@ -60,6 +60,7 @@ def create_consumer(
         "session_timeout_ms": settings.kafka_session_timeout_ms,
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

@@ -88,6 +88,10 @@ class Settings(BaseSettings):
 
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=10_000)
+    """Longest a consumer's fetch waits on the broker when no data is ready: each hop's
+    worst added latency, traded against idle polling CPU (about 13% of a core at 25 ms,
+    5% at 500 ms for `kontext up`)."""
 
     webhook_secret: Annotated[list[WebhookSecret], NoDecode] = Field(
         default_factory=list, repr=False
