@@ -120,6 +120,25 @@ def worker(
     _run(lambda stop: _serve(settings, [name], stop))
 
 
+@app.command("health")
+def health_command(
+    max_age: Annotated[float, typer.Option(help="Oldest heartbeat that passes, in seconds.")] = 30,
+) -> None:
+    """Exit 0 if this machine's worker process is alive (its KONTEXT_HEALTH_FILE is fresh)."""
+    from kontext.health import age_s
+
+    path = Settings().health_file
+    if path is None:
+        console.print("[red]KONTEXT_HEALTH_FILE is not set")
+        raise typer.Exit(2)
+    age = age_s(path)
+    if age is None or age > max_age:
+        seen = "no heartbeat" if age is None else f"last heartbeat {age:.0f}s ago"
+        console.print(f"[red]unhealthy: {seen} ({path})")
+        raise typer.Exit(1)
+    console.print(f"healthy: heartbeat {age:.1f}s ago")
+
+
 @app.command("migrate")
 def migrate_command() -> None:
     """Apply database migrations to DATABASE_URL."""

@@ -18,7 +18,7 @@ import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
 
-from kontext import migrate
+from kontext import health, migrate
 from kontext.connections import create_consumer, create_pool, create_producer, ensure_topics
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
@@ -255,8 +255,13 @@ class Runtime:
             if not stop.is_set():
                 on_ready(self)
                 stopper = asyncio.create_task(stop.wait())
+                beating = asyncio.Event()
+                beat = self._beat(beating)
                 done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 stopper.cancel()
+                beating.set()
+                if beat is not None:
+                    await beat
                 for task in done - {stopper}:
                     if task.exception() is not None:
                         raise RuntimeError(
@@ -264,6 +269,15 @@ class Runtime:
                         ) from task.exception()
         finally:
             await self._shutdown(tasks)
+
+    def _beat(self, stop: asyncio.Event) -> asyncio.Task[None] | None:
+        """The heartbeat of this process's liveness, if KONTEXT_HEALTH_FILE is set."""
+        path = self.settings.health_file
+        if path is None:
+            return None
+        return asyncio.create_task(
+            health.beat(path, lambda: all(s.ready() for s in self.services), stop)
+        )
 
     async def _wait_ready(
         self, tasks: dict[asyncio.Task[None], Service], stop: asyncio.Event

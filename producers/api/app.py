@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from kontext.connections import create_pool, create_producer
 from kontext.settings import Settings
-from producers.api import batches, conversations, errors, jobs, webhooks
+from producers.api import batches, conversations, errors, health, jobs, webhooks
 from producers.api.limits import BodySizeLimit
 from producers.api.state import ApiState
 from producers.api.waiters import JobWaiters
@@ -38,9 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(batches.router)
 
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    app.include_router(health.router)
 
     app.add_middleware(
         BodySizeLimit,

@@ -1,0 +1,47 @@
+"""Health endpoints, the only ones that need no key: liveness and readiness."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+
+from producers.api.state import state
+
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process answers (liveness)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
+async def readyz(request: Request) -> ORJSONResponse:
+    """Postgres and Kafka both answer within 2 s: send traffic here (readiness)."""
+    api = state(request)
+
+    async def postgres() -> None:
+        async with api.pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def kafka() -> None:
+        if not await api.producer.client.force_metadata_update():
+            raise ConnectionError("no broker answered a metadata request")
+
+    checks: dict[str, str] = {}
+    for name, check in (("postgres", postgres), ("kafka", kafka)):
+        try:
+            await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+            checks[name] = "ok"
+        except Exception as exc:  # any failure means: not ready; say which and why
+            checks[name] = f"unavailable: {type(exc).__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return ORJSONResponse(
+        {"status": "ready" if ready else "unavailable", "checks": checks},
+        status_code=200 if ready else 503,
+    )
