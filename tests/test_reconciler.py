@@ -8,8 +8,11 @@ import uuid
 import asyncpg
 
 from kontext import ledger
+from kontext.connections import create_producer
 from producers.client import KontextClient
 from schemas.events import ChatMessage, JobRequest
+from tests.conftest import Stack
+from workers.reconciler import Reconciler
 
 
 async def test_a_job_whose_message_was_lost_is_driven_again(
@@ -35,3 +38,52 @@ async def test_a_job_whose_message_was_lost_is_driven_again(
     assert turns == 2
     job = await pool.fetchrow("SELECT status, attempts FROM jobs WHERE id = $1", request.job_id)
     assert job is not None and job["status"] == "succeeded" and job["attempts"] == 1
+
+
+async def test_a_background_job_is_stuck_only_when_its_lane_stalls(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    model = f"lane-{uuid.uuid4().hex[:6]}"  # a lane of its own: no other test's jobs in it
+
+    def background(content: str) -> JobRequest:
+        return JobRequest(
+            job_id=uuid.uuid4(),
+            conversation_id=f"lane-{uuid.uuid4().hex[:8]}",
+            model=model,
+            messages=[ChatMessage(role="user", content=content)],
+            max_tokens=8,
+            priority="background",
+        )
+
+    waiting, finished = background("line 2 of a backfill"), background("line 1")
+    for request in (waiting, finished):
+        await ledger.admit(pool, request, None)
+    # Another job of its lane finished just now; the waiting job is past its lease.
+    await pool.execute("UPDATE jobs SET status = 'succeeded' WHERE id = $1", finished.job_id)
+    await pool.execute(
+        "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", waiting.job_id
+    )
+
+    async def lease_age_s() -> float:
+        age = await pool.fetchval(
+            "SELECT extract(epoch FROM now() - updated_at) FROM jobs WHERE id = $1",
+            waiting.job_id,
+        )
+        return float(age)
+
+    producer = create_producer(stack.settings)
+    await producer.start()
+    try:
+        reconciler = Reconciler(stack.settings, pool, producer)
+        await reconciler.sweep()
+        assert await lease_age_s() > 3000, "its lane is moving: not stuck, not re-driven"
+
+        # The lane finished nothing within the lease: now the job is stuck.
+        await pool.execute(
+            "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1",
+            finished.job_id,
+        )
+        await reconciler.sweep()
+        assert await lease_age_s() < 600, "a stalled lane's job is re-driven"
+    finally:
+        await producer.stop()

@@ -6,7 +6,9 @@ their request again. Every consumer is idempotent by job id, so a job that was
 only slow is still answered once. Turns waiting behind an earlier turn of their
 conversation are left alone: the recorder sends them on. A job's lease doubles
 with every attempt (up to 8 times), so work that is only slow under load is not
-multiplied by re-drives.
+multiplied by re-drives. A background job (a backfill line, a summary) waits
+behind the rest of its lane, possibly for hours: it counts as stuck only when its
+model's background lane finished nothing within the lease.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ WHERE id IN (
         AND NOT EXISTS (
             SELECT 1 FROM conversations c
             WHERE c.id = j.conversation_id AND j.id = ANY(c.waiting))
+        -- A background job queues behind its lane: not stuck while that lane moves.
+        AND NOT (
+            j.request->>'priority' = 'background'
+            AND EXISTS (
+                SELECT 1 FROM jobs d
+                WHERE d.status IN ('succeeded', 'failed')
+                    AND d.updated_at > now() - $1::interval
+                    AND d.request->>'priority' = 'background'
+                    AND d.request->>'model' = j.request->>'model'))
     ORDER BY j.updated_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
