@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import asyncpg
 import uvicorn
@@ -37,6 +37,8 @@ from workers.streams import StreamProcessor
 from workers.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERVICES = (
     "api",
@@ -109,7 +111,7 @@ class ConsumerService:
 
 class StreamService:
     def __init__(self, processor: StreamProcessor) -> None:
-        self.name = processor.handler.name
+        self.name = processor.name
         self.processor = processor
 
     async def run(self) -> None:
@@ -189,7 +191,19 @@ class Runtime:
         if name == "enricher":
             models = {model: ServedModel.load(model, settings) for model in settings.engines}
             handler = Enricher(settings, pool, producer, models, await self._embedder())
-            return [StreamService(StreamProcessor(settings, settings.topics.requests, handler))]
+            # One stream processor per lane: a backfill waiting to be enriched never
+            # holds up an interactive turn.
+            return [
+                StreamService(StreamProcessor(settings, settings.topics.requests, handler)),
+                StreamService(
+                    StreamProcessor(
+                        settings,
+                        settings.topics.requests_lane("background"),
+                        handler,
+                        name=f"{handler.name}-background",
+                    )
+                ),
+            ]
         if name == "recorder":
             consumer = create_consumer(
                 settings, settings.topics.completions, group_id=f"{settings.topic_prefix}-recorder"
@@ -312,6 +326,31 @@ class Runtime:
             await self.pool.close()
         for engine in self.engines:
             await engine.close()
+
+
+async def run_while(
+    settings: Settings, work: Callable[[Runtime, str], Awaitable[T]], stop: asyncio.Event
+) -> T:
+    """Migrate, start every service, run ``work(runtime, api_url)`` once all are ready,
+    then shut down. Raises if the runtime stopped before the work finished."""
+    await prepare(settings)
+    runtime = Runtime(settings)
+    await runtime.start(SERVICES)
+    started = asyncio.Event()
+
+    async def go() -> T:
+        await started.wait()
+        try:
+            return await work(runtime, f"http://{settings.api_host}:{runtime.api_port}")
+        finally:
+            stop.set()
+
+    task = asyncio.create_task(go())
+    await runtime.run(stop, lambda _: started.set())
+    if not task.done():
+        task.cancel()
+        raise RuntimeError("Kontext stopped before the work finished")
+    return task.result()
 
 
 async def prepare(settings: Settings) -> None:

@@ -45,7 +45,9 @@ async def _publish(
         try:
             sends = [
                 await producer.send(
-                    settings.topics.requests, request.encode(), key=request.conversation_id.encode()
+                    settings.topics.requests_lane(request.priority),
+                    request.encode(),
+                    key=request.conversation_id.encode(),
                 )
                 for _, request in chunk
                 if request.job_id in created

@@ -101,7 +101,7 @@ async def enqueue(
         return job, False
     try:
         await producer.send_and_wait(
-            settings.topics.requests,
+            settings.topics.requests_lane(request.priority),
             _without_secret(request).encode(),
             key=request.conversation_id.encode(),
         )

@@ -15,8 +15,13 @@ class Topics:
 
     @property
     def requests(self) -> str:
-        """Admitted job requests (JobRequest), keyed by conversation id."""
+        """Admitted interactive job requests (JobRequest), keyed by conversation id."""
         return f"{self.prefix}.requests"
+
+    def requests_lane(self, priority: str) -> str:
+        """Admitted job requests of one priority lane: a backfill queued for enrichment
+        never holds up interactive requests."""
+        return self.requests if priority == "interactive" else f"{self.prefix}.requests.{priority}"
 
     def inference(self, model: str, priority: str = "interactive") -> str:
         """Enriched requests for one model's inference workers (EnrichedRequest), one
@@ -41,7 +46,7 @@ class Topics:
 
     def all(self, models: list[str]) -> list[str]:
         return [
-            self.requests,
+            *(self.requests_lane(lane) for lane in LANES),
             *(self.inference(m, lane) for m in models for lane in LANES),
             self.completions,
             self.replies,

@@ -309,6 +309,32 @@ async def test_cancel_stops_the_batch_and_accounts_for_every_line(
     assert (await http.post(f"/v1/batches/{uuid.uuid4()}/cancel")).status_code == 404
 
 
+async def test_an_interactive_job_overtakes_a_queued_backfill(http: httpx.AsyncClient) -> None:
+    lines = 2000
+    response = await _post(http, _jsonl([_line(f"q-{i}") for i in range(lines)]))
+    assert response.status_code == 202
+    batch_id = response.json()["id"]
+    try:
+        submitted = await http.post(
+            "/v1/jobs",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "me first"}]},
+        )
+        assert submitted.status_code == 202
+        job_id = submitted.json()["id"]
+        job: dict[str, Any] = {"status": "queued"}
+        deadline = time.monotonic() + 120
+        while job["status"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+            job = (await http.get(f"/v1/jobs/{job_id}", params={"wait": 10})).json()
+        assert job["status"] == "succeeded"
+        counts = (await http.get(f"/v1/batches/{batch_id}")).json()["request_counts"]
+        # Queued behind the backfill for enrichment or inference, it would come after most
+        # of it; in its own lane it passes the queue.
+        assert counts["completed"] + counts["failed"] < lines // 4, counts
+    finally:
+        await http.post(f"/v1/batches/{batch_id}/cancel")
+        await _wait_status(http, batch_id, ("cancelled", "completed"))
+
+
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     receiver = Receiver()

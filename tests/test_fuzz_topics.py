@@ -76,6 +76,7 @@ def _consumers(stack: Stack) -> dict[str, set[str]]:
     topics = stack.settings.topics
     return {
         topics.requests: {"enricher"},
+        topics.requests_lane("background"): {"enricher"},
         topics.inference("tiny"): {"inference-tiny"},
         topics.completions: {"recorder"},
         topics.replies: {"memory", "webhooks", "batches"},

@@ -71,7 +71,7 @@ class Reconciler:
         rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT)
         sends = [
             await self.producer.send(
-                self.settings.topics.requests,
+                self.settings.topics.requests_lane(row["request"].get("priority", "interactive")),
                 orjson.dumps(row["request"]),
                 key=str(row["request"]["conversation_id"]).encode(),
             )

@@ -86,7 +86,7 @@ class Recorder:
                 # The next turn of a conversation, held back until this one was recorded.
                 sends.append(
                     await self.producer.send(
-                        self.settings.topics.requests,
+                        self.settings.topics.requests_lane(request.get("priority", "interactive")),
                         orjson.dumps(request),
                         key=str(request["conversation_id"]).encode(),
                     )

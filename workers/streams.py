@@ -50,11 +50,15 @@ def _prompt_transport(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
 class StreamProcessor:
     """A faust app running one handler over one topic, as a start/stop service."""
 
-    def __init__(self, settings: Settings, topic: str, handler: BatchHandler) -> None:
+    def __init__(
+        self, settings: Settings, topic: str, handler: BatchHandler, name: str | None = None
+    ) -> None:
+        """``name`` (default: the handler's) names the consumer group, after the prefix."""
         self.handler = handler
+        self.name = name or handler.name
         self.stopping = asyncio.Event()
         self.app = faust.App(
-            f"{settings.topic_prefix}-{handler.name}",
+            f"{settings.topic_prefix}-{self.name}",
             broker=[f"kafka://{server}" for server in settings.bootstrap.split(",")],
             processing_guarantee="at_least_once",
             broker_session_timeout=settings.kafka_session_timeout_ms / 1000,
@@ -89,7 +93,7 @@ class StreamProcessor:
                 await retry_until_done(self.handler, records, self.stopping)
                 yield None
 
-        self.app.agent(source, name=handler.name)(process)
+        self.app.agent(source, name=self.name)(process)
 
     def assigned(self) -> bool:
         """True once the consumer group has given this processor partitions."""
