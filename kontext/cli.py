@@ -364,6 +364,44 @@ def bench_memory(
         _run(main)
 
 
+@app.command("bench-lanes")
+def bench_lanes(
+    engine: Annotated[str, typer.Option("--engine", "-e")] = "tiny",
+    probes: Annotated[int, typer.Option(min=10, help="Interactive jobs per phase.")] = 100,
+    lines: Annotated[int, typer.Option(min=1, help="Lines in the background backfill.")] = 10_000,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 16,
+) -> None:
+    """Interactive p50/p95/p99 latency without, then during, a large batch backfill."""
+    import httpx
+
+    from kontext import bench, bench_lanes
+    from kontext.runtime import run_while
+
+    _logging(False)
+    with embedded(_settings([engine], 0)) as settings:
+
+        async def work(runtime: Runtime, url: str) -> list[bench_lanes.Phase]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                return await bench_lanes.run(http, engine, probes, lines, max_tokens)
+
+        phases: list[bench_lanes.Phase] = []
+
+        async def main(stop: asyncio.Event) -> None:
+            phases.extend(await run_while(settings, work, stop))
+
+        _run(main)
+    body = bench_lanes.table(phases)
+    print(body)
+    bench.record(
+        "Interactive latency during a batch backfill",
+        f"Engine `{engine}`, max_tokens {max_tokens}, interactive jobs one at a time, "
+        f"background share {settings.background_share}, batch max size "
+        f"{settings.batch_max_size}; command: `kontext bench-lanes --engine {engine} "
+        f"--probes {probes} --lines {lines}`.",
+        body,
+    )
+
+
 @app.command("bench")
 def bench_command(
     engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
