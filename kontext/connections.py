@@ -61,6 +61,7 @@ def create_consumer(
         "heartbeat_interval_ms": settings.kafka_heartbeat_interval_ms,
         "max_partition_fetch_bytes": 4 * 1024 * 1024,
         "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
+        "fetch_max_bytes": settings.kafka_fetch_max_bytes,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

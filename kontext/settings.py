@@ -91,6 +91,9 @@ class Settings(BaseSettings):
 
     kafka_session_timeout_ms: int = Field(default=6000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    kafka_fetch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    """Most bytes one fetch brings back: with the batch in hand and the next one, what a
+    consumer holds of a backlog (the rest stays on the broker)."""
     kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=10_000)
     """Longest a consumer's fetch waits on the broker when no data is ready: each hop's
     worst added latency, traded against idle polling CPU (about 13% of a core at 25 ms,

@@ -23,18 +23,20 @@ from workers.records import BatchHandler, Record
 log = logging.getLogger(__name__)
 
 
-def _prompt_transport(fetch_max_wait_ms: int) -> type[faust_aiokafka.Transport]:
-    """faust's Kafka transport with our fetch wait instead of its fixed 1.5 s.
-
-    A broker may hold an empty fetch for the whole wait even once data arrives
-    (the embedded one does), so that wait is added to every hop's latency."""
+def _prompt_transport(settings: Settings) -> type[faust_aiokafka.Transport]:
+    """faust's Kafka transport with our fetch limits: the wait instead of its fixed
+    1.5 s (a broker may hold an empty fetch for the whole wait even once data
+    arrives, the embedded one does, adding it to every hop's latency), and a bound
+    on the bytes one fetch brings back (the embedded broker ignores the
+    per-partition bound), so a backlog stays on the broker."""
 
     class Thread(faust_aiokafka.AIOKafkaConsumerThread):
         def _create_worker_consumer(
             self, transport: faust_aiokafka.Transport
         ) -> aiokafka.AIOKafkaConsumer:
             consumer = super()._create_worker_consumer(transport)
-            consumer._fetch_max_wait_ms = fetch_max_wait_ms
+            consumer._fetch_max_wait_ms = settings.kafka_fetch_max_wait_ms
+            consumer._fetch_max_bytes = settings.kafka_fetch_max_bytes
             return consumer
 
     class PromptConsumer(faust_aiokafka.Consumer):
@@ -71,7 +73,7 @@ class StreamProcessor:
             store="memory://",
             loop=asyncio.get_running_loop(),
         )
-        transport = _prompt_transport(settings.kafka_fetch_max_wait_ms)
+        transport = _prompt_transport(settings)
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         source = self.app.topic(topic, key_serializer="raw", value_serializer="raw")
         max_size = settings.batch_max_size
