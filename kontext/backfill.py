@@ -128,8 +128,17 @@ def _settled(batch: BatchView) -> int:
 class Backfill:
     """One run: submit (or attach to) the batch, follow it, write the files."""
 
-    def __init__(self, api: str, source: Path, out: Path, errors: Path, console: Console) -> None:
+    def __init__(
+        self,
+        api: str,
+        source: Path,
+        out: Path,
+        errors: Path,
+        console: Console,
+        api_key: str | None = None,
+    ) -> None:
         self.api = api
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.source = source
         self.out = out
         self.errors = errors
@@ -147,7 +156,9 @@ class Backfill:
         if todo.done:
             self.console.print(f"{len(todo.done)} custom_ids already succeeded in {self.out}")
         timeout = httpx.Timeout(30.0, read=600.0)
-        async with httpx.AsyncClient(base_url=self.api, timeout=timeout) as http:
+        async with httpx.AsyncClient(
+            base_url=self.api, timeout=timeout, headers=self.headers
+        ) as http:
             batch = await _until(stop, self._submit(http, todo))
             if batch is None:
                 self.console.print("interrupted while submitting; rerun the same command")

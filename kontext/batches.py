@@ -90,6 +90,8 @@ class NewBatch:
     metadata: dict[str, Any]
     webhook: dict[str, Any] | None
     idempotency_key: str | None
+    tenant_id: str = "default"
+    key_id: UUID | None = None
 
 
 async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
@@ -101,10 +103,10 @@ async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
         created = await conn.fetchrow(
             f"""
             INSERT INTO batches (id, status, endpoint, completion_window, idempotency_key,
-                input_sha256, metadata, webhook, total, errors, expires_at)
+                input_sha256, metadata, webhook, total, errors, expires_at, tenant_id, key_id)
             VALUES ($1, 'validating', $2, $3, $4, $5, $6, $7, $8, $9,
-                now() + make_interval(secs => $10))
-            ON CONFLICT (idempotency_key) DO NOTHING
+                now() + make_interval(secs => $10), $11, $12)
+            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
             RETURNING {_COLUMNS}
             """,
             uuid4(),
@@ -117,19 +119,30 @@ async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
             new.total,
             [e.model_dump(exclude_none=True) for e in new.errors],
             new.completion_window_s,
+            new.tenant_id,
+            new.key_id,
         )
         if created is not None:
             return _row(created), True
         existing = await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM batches WHERE idempotency_key = $1", new.idempotency_key
+            f"SELECT {_COLUMNS} FROM batches WHERE tenant_id = $1 AND idempotency_key = $2",
+            new.tenant_id,
+            new.idempotency_key,
         )
     if existing is None:  # pragma: no cover - a key is never deleted
         raise RuntimeError("batch idempotency key conflict without a batch")
     return _row(existing), False
 
 
-async def get(pool: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> BatchRow | None:
-    row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM batches WHERE id = $1", batch_id)
+async def get(
+    pool: asyncpg.Pool | asyncpg.Connection, batch_id: UUID, tenant_id: str | None = None
+) -> BatchRow | None:
+    """The batch, or None; with ``tenant_id``, only a batch of that tenant."""
+    row = await pool.fetchrow(
+        f"SELECT {_COLUMNS} FROM batches WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2)",
+        batch_id,
+        tenant_id,
+    )
     return _row(row) if row is not None else None
 
 
@@ -139,27 +152,44 @@ async def admit(
     """Record ``(custom_id, request)`` lines as queued jobs of a validating batch, in one
     multi-row insert. A line admitted before (key ``batch:{id}:{custom_id}``) is skipped.
 
+    The jobs are the batch's tenant's. A line naming a conversation another tenant
+    owns (validation refuses those; this covers one taken since) is recorded as
+    failed (``conversation_not_found``) and not published.
+
     Returns the ids of the jobs created now: only those are to be published.
     """
     rows = await pool.fetch(
         """
-        WITH input AS (
-            SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[],
-                                 $7::text[])
+        WITH batch AS (
+            SELECT tenant_id, key_id FROM batches WHERE id = $1 AND status = 'validating'
+        ), input AS (
+            SELECT u.*, batch.tenant_id, batch.key_id
+            FROM unnest($2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::text[], $7::text[])
                 AS u(id, conversation_id, model, request, custom_id, user_id)
-            WHERE EXISTS (SELECT 1 FROM batches WHERE id = $1 AND status = 'validating')
+            CROSS JOIN batch
         ), conversation AS (
-            INSERT INTO conversations (id, user_id)
-            SELECT DISTINCT ON (conversation_id) conversation_id, user_id FROM input
+            INSERT INTO conversations (id, user_id, tenant_id)
+            SELECT DISTINCT ON (conversation_id) conversation_id, user_id, tenant_id FROM input
             ON CONFLICT (id) DO NOTHING
+            RETURNING id
+        ), owned AS (
+            SELECT id FROM conversation
+            UNION
+            SELECT c.id FROM conversations c JOIN batch ON c.tenant_id = batch.tenant_id
+            WHERE c.id IN (SELECT conversation_id FROM input)
         )
         INSERT INTO jobs (id, conversation_id, model, kind, status, request, idempotency_key,
-            batch_id, custom_id)
-        SELECT id, conversation_id, model, 'chat', 'queued', request,
-            'batch:' || $1::text || ':' || custom_id, $1, custom_id
-        FROM input
-        ON CONFLICT (idempotency_key) DO NOTHING
-        RETURNING id
+            batch_id, custom_id, tenant_id, key_id, error, completed_at)
+        SELECT i.id, i.conversation_id, i.model, 'chat',
+            CASE WHEN o.id IS NULL THEN 'failed' ELSE 'queued' END, i.request,
+            'batch:' || $1::text || ':' || i.custom_id, $1, i.custom_id, i.tenant_id, i.key_id,
+            CASE WHEN o.id IS NULL THEN jsonb_build_object(
+                'code', 'conversation_not_found',
+                'message', 'no conversation ' || i.conversation_id) END,
+            CASE WHEN o.id IS NULL THEN now() END
+        FROM input i LEFT JOIN owned o ON o.id = i.conversation_id
+        ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+        RETURNING id, status
         """,
         batch_id,
         [r.job_id for _, r in lines],
@@ -169,7 +199,7 @@ async def admit(
         [custom_id for custom_id, _ in lines],
         [r.user for _, r in lines],
     )
-    return {row["id"] for row in rows}
+    return {row["id"] for row in rows if row["status"] == "queued"}
 
 
 async def fail_jobs(pool: asyncpg.Pool, job_ids: Sequence[UUID], error: ErrorInfo) -> None:
@@ -199,8 +229,8 @@ async def start(pool: asyncpg.Pool, batch_id: UUID) -> None:
     )
 
 
-async def cancel(pool: asyncpg.Pool, batch_id: UUID) -> BatchRow | None:
-    """Move an open batch to ``cancelling`` and fail its jobs not yet started.
+async def cancel(pool: asyncpg.Pool, batch_id: UUID, tenant_id: str) -> BatchRow | None:
+    """Move the tenant's open batch to ``cancelling`` and fail its jobs not yet started.
 
     Jobs already running finish; the batches service then moves it to ``cancelled``.
     """
@@ -208,14 +238,15 @@ async def cancel(pool: asyncpg.Pool, batch_id: UUID) -> BatchRow | None:
         moved = await conn.fetchval(
             """
             UPDATE batches SET status = 'cancelling', cancelling_at = now(), updated_at = now()
-            WHERE id = $1 AND status IN ('validating', 'in_progress')
+            WHERE id = $1 AND tenant_id = $2 AND status IN ('validating', 'in_progress')
             RETURNING id
             """,
             batch_id,
+            tenant_id,
         )
         if moved is not None:
             await _fail_queued(conn, [batch_id], CANCELLED)
-        return await get(conn, batch_id)
+        return await get(conn, batch_id, tenant_id)
 
 
 async def _fail_queued(conn: asyncpg.Connection, batch_ids: list[UUID], error: ErrorInfo) -> None:
@@ -303,11 +334,12 @@ async def expire(conn: asyncpg.Connection) -> list[UUID]:
 
 
 async def unnotified(conn: asyncpg.Connection, limit: int = 100) -> list[BatchRow]:
-    """Ended batches with a webhook and no delivery yet, locked until the transaction ends."""
+    """Ended batches whose end event is not queued yet (for their webhook or their
+    tenant's endpoints), locked until the transaction ends."""
     rows = await conn.fetch(
         f"""
         SELECT {_COLUMNS} FROM batches
-        WHERE webhook IS NOT NULL AND notified_at IS NULL
+        WHERE notified_at IS NULL
             AND status IN ('completed', 'failed', 'expired', 'cancelled')
         LIMIT $1
         FOR UPDATE SKIP LOCKED

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from kontext import keys_cli
 from kontext.runtime import SERVICES, Runtime, embedded, prepare
 from kontext.settings import Settings
 
@@ -96,6 +97,8 @@ def up(engine: EngineOption = None, port: PortOption = None, verbose: bool = Fal
 
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)
+            key = await keys_cli.mint(settings.dsn)
+            print(f"Dev API key (tenant default): {key}", flush=True)
             await _serve(settings, SERVICES, stop)
 
         _run(main)
@@ -152,6 +155,7 @@ def migrate_command() -> None:
 
 webhooks_app = typer.Typer(help="Webhook deliveries: list them, redeliver one.")
 app.add_typer(webhooks_app, name="webhooks")
+app.add_typer(keys_cli.app, name="keys")
 
 
 def _database_settings() -> Settings:
@@ -236,11 +240,19 @@ def backfill(
         typer.Option(help="Error file (bad lines and failed requests). Default: OUT.errors.jsonl"),
     ] = None,
     api: Annotated[str, typer.Option(help="Kontext API URL.")] = "http://127.0.0.1:8000",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="KONTEXT_API_KEY", help="API key (kx_...).", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Run a batch file through a Kontext API at low priority, with progress; rerun to resume."""
     from kontext.backfill import Backfill
 
-    runner = Backfill(api, source, out, errors or out.with_suffix(".errors.jsonl"), console)
+    runner = Backfill(
+        api, source, out, errors or out.with_suffix(".errors.jsonl"), console, api_key=api_key
+    )
     code = 0
 
     async def main(stop: asyncio.Event) -> None:
@@ -268,6 +280,7 @@ def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> 
 
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)
+            key = await keys_cli.mint(settings.dsn)
             runtime = Runtime(settings)
             await runtime.start(SERVICES)
             started = asyncio.Event()
@@ -275,7 +288,9 @@ def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> 
             async def conversation() -> None:
                 await started.wait()
                 url = f"http://{settings.api_host}:{runtime.api_port}"
-                async with KontextClient(url, settings.bootstrap, topics=settings.topics) as client:
+                async with KontextClient(
+                    url, settings.bootstrap, topics=settings.topics, api_key=key
+                ) as client:
                     conversation_id = None
                     for number, text in enumerate(DEMO_TURNS, 1):
                         began = time.perf_counter()
@@ -329,6 +344,7 @@ def bench_memory(
 
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)
+            key = await keys_cli.mint(settings.dsn)
             runtime = Runtime(settings)
             await runtime.start(SERVICES)
             started = asyncio.Event()
@@ -337,7 +353,9 @@ def bench_memory(
             async def measure() -> None:
                 await started.wait()
                 url = f"http://{settings.api_host}:{runtime.api_port}"
-                async with KontextClient(url, settings.bootstrap, topics=settings.topics) as client:
+                async with KontextClient(
+                    url, settings.bootstrap, topics=settings.topics, api_key=key
+                ) as client:
                     for n in lengths:
                         rows.append(await bench.kontext_run(client, engine, n, runs, max_tokens))
                         console.print(f"kontext, {n} turns: done")
@@ -442,12 +460,17 @@ def bench_command(
     _logging(False)
     with redirect_stdout(sys.stderr if as_json else stdout):
         work = benchmark.scripts(max(sizes), turns)
-        base = _settings([engine], 0).model_copy(update={"summarizer": summarizer})
+        # The response cache off: runs replay the same prompts, and a cached answer
+        # from an earlier run would skip the engine being measured.
+        base = _settings([engine], 0).model_copy(
+            update={"summarizer": summarizer, "cache_ttl_s": 0.0}
+        )
         results: list[dict[str, object]] = []
         with embedded(base) as settings:
 
             async def main(stop: asyncio.Event) -> None:
                 await prepare(settings)
+                key = await keys_cli.mint(settings.dsn)
                 runtime = Runtime(settings)
                 await runtime.start(SERVICES)
                 started = asyncio.Event()
@@ -457,7 +480,9 @@ def bench_command(
                     url = f"http://{settings.api_host}:{runtime.api_port}"
                     topics = settings.topics
                     with Progress(console=console) as progress:
-                        async with KontextClient(url, settings.bootstrap, topics=topics) as client:
+                        async with KontextClient(
+                            url, settings.bootstrap, topics=topics, api_key=key
+                        ) as client:
                             await benchmark.warm_up(client, runtime.engines[0], engine, max_tokens)
                             for size in sizes:
                                 results.append(
@@ -485,6 +510,40 @@ def bench_command(
         print(json.dumps(output), file=stdout, flush=True)
     else:
         print(body)
+
+
+@app.command("bench-policies")
+def bench_policies_command(
+    requests: Annotated[int, typer.Option(min=10, help="Requests per run.")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 8,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of chain off, then on.")] = 2,
+) -> None:
+    """Per-request overhead of the full policy chain: off vs on, same workload, null engine."""
+    import json
+
+    from kontext import bench_policies
+
+    _logging(False)
+    with embedded(_settings(["null"], 0)) as settings:
+        out: dict[str, object] = {}
+
+        async def main(stop: asyncio.Event) -> None:
+            await prepare(settings)
+            load = [os.getloadavg()[0]]
+            runs = await bench_policies.measure(settings, requests, concurrency, rounds)
+            load.append(os.getloadavg()[0])
+            micro = await bench_policies.hooks()
+            body, summary = bench_policies.report(runs, micro)
+            command = (
+                f"kontext bench-policies --requests {requests} --concurrency {concurrency} "
+                f"--rounds {rounds}"
+            )
+            bench_policies.publish(body, requests, concurrency, rounds, command, load)
+            out.update(summary=summary, body=body)
+
+        _run(main)
+    print(out.get("body", ""))
+    print(json.dumps(out.get("summary", {})))
 
 
 if __name__ == "__main__":  # pragma: no cover

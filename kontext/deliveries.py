@@ -21,6 +21,11 @@ import asyncpg
 from schemas.webhooks import DeliveryStatus, DeliveryView
 
 _CLAIMED = "id, job_id, url, secret, payload, attempts, cycle_attempts"
+_SUBSCRIBED = (
+    "({type} = ANY(w.events) OR split_part({type}, '.', 1) || '.*' = ANY(w.events)"
+    " OR '*' = ANY(w.events))"
+)
+"""An endpoint subscribed to an event type: by its name, its family (``job.*``) or ``*``."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ class Attempt:
 async def create(
     conn: asyncpg.Connection, job_ids: Sequence[UUID], first_delay_s: float, lease_s: float
 ) -> list[Delivery]:
-    """Create the deliveries of those final jobs that carry a webhook, once per job.
+    """Create the deliveries of these final jobs, once each: to the job's own webhook
+    and to each endpoint of its tenant subscribed to the event.
 
     The body is the job as ``GET /v1/jobs/{id}`` shows it. With no first delay
     the new deliveries come back claimed for their first attempt; otherwise
@@ -73,10 +79,9 @@ async def create(
     claim = first_delay_s == 0
     rows = await conn.fetch(
         f"""
-        INSERT INTO webhook_deliveries AS d (id, job_id, event_type, url, secret, payload,
-            attempts, cycle_attempts, next_attempt_at, leased_until)
-        SELECT gen_random_uuid(), j.id, e.type, j.request->'webhook'->>'url',
-            j.request->'webhook'->>'secret',
+        INSERT INTO webhook_deliveries AS d (id, job_id, endpoint_id, event_type, url, secret,
+            payload, attempts, cycle_attempts, next_attempt_at, leased_until, tenant_id)
+        SELECT gen_random_uuid(), j.id, t.endpoint_id, e.type, t.url, t.secret,
             jsonb_build_object(
                 'type', e.type,
                 'timestamp', coalesce(j.completed_at, now()),
@@ -85,13 +90,23 @@ async def create(
                     'model', j.model, 'created_at', j.created_at,
                     'completed_at', j.completed_at, 'result', j.result, 'error', j.error)),
             $2::int, $2::int, now() + make_interval(secs => $3),
-            CASE WHEN $2 = 1 THEN now() + make_interval(secs => $4) END
+            CASE WHEN $2 = 1 THEN now() + make_interval(secs => $4) END, j.tenant_id
         FROM jobs j
         CROSS JOIN LATERAL (SELECT CASE j.status WHEN 'succeeded' THEN 'job.completed'
                                                  ELSE 'job.failed' END AS type) e
+        CROSS JOIN LATERAL (
+            SELECT NULL::uuid AS endpoint_id, j.request->'webhook'->>'url' AS url,
+                j.request->'webhook'->>'secret' AS secret
+            WHERE jsonb_typeof(j.request->'webhook') = 'object'
+            UNION ALL
+            -- The tenant's endpoints hear of its own chat jobs, not of each batch line
+            -- (its batch's end event covers those) nor of summaries.
+            SELECT w.id, w.url, w.secret FROM webhook_endpoints w
+            WHERE w.tenant_id = j.tenant_id AND j.batch_id IS NULL
+                AND j.request->>'kind' = 'chat' AND {_SUBSCRIBED.format(type="e.type")}
+        ) t
         WHERE j.id = ANY($1::uuid[]) AND j.status IN ('succeeded', 'failed')
-            AND jsonb_typeof(j.request->'webhook') = 'object'
-        ON CONFLICT (job_id) DO NOTHING
+        ON CONFLICT DO NOTHING
         RETURNING {_CLAIMED}
         """,
         list(job_ids),
@@ -108,7 +123,8 @@ class BatchEvent:
 
     batch_id: UUID
     type: str
-    url: str
+    url: str | None
+    """The batch's own webhook, if it has one."""
     secret: str | None = field(repr=False)
     payload: dict[str, Any] = field(repr=False)
 
@@ -116,16 +132,24 @@ class BatchEvent:
 async def create_for_batches(
     conn: asyncpg.Connection, events: Sequence[BatchEvent], first_delay_s: float
 ) -> None:
-    """Create one delivery per batch (once), for the scheduler to attempt when due."""
+    """Create each batch's end-event deliveries (once each), for the scheduler to attempt
+    when due: to its own webhook and to each endpoint of its tenant subscribed to it."""
     await conn.execute(
-        """
-        INSERT INTO webhook_deliveries (id, batch_id, event_type, url, secret, payload,
-            next_attempt_at)
-        SELECT gen_random_uuid(), e.batch_id, e.type, e.url, e.secret, e.payload,
-            now() + make_interval(secs => $6)
+        f"""
+        INSERT INTO webhook_deliveries (id, batch_id, endpoint_id, event_type, url, secret,
+            payload, next_attempt_at, tenant_id)
+        SELECT gen_random_uuid(), e.batch_id, t.endpoint_id, e.type, t.url, t.secret,
+            e.payload, now() + make_interval(secs => $6), b.tenant_id
         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
             AS e(batch_id, type, url, secret, payload)
-        ON CONFLICT (batch_id) DO NOTHING
+        JOIN batches b ON b.id = e.batch_id
+        CROSS JOIN LATERAL (
+            SELECT NULL::uuid AS endpoint_id, e.url, e.secret WHERE e.url IS NOT NULL
+            UNION ALL
+            SELECT w.id, w.url, w.secret FROM webhook_endpoints w
+            WHERE w.tenant_id = b.tenant_id AND {_SUBSCRIBED.format(type="e.type")}
+        ) t
+        ON CONFLICT DO NOTHING
         """,
         [e.batch_id for e in events],
         [e.type for e in events],
@@ -205,9 +229,11 @@ async def find(
     status: DeliveryStatus | None = None,
     job_id: UUID | None = None,
     delivery_id: UUID | None = None,
+    tenant_id: str | None = None,
     limit: int = 100,
 ) -> list[DeliveryView]:
-    """Deliveries, newest first, each with its attempts (never its secret)."""
+    """Deliveries (of ``tenant_id``, or every tenant's when None), newest first, each
+    with its attempts (never its secret)."""
     rows = await pool.fetch(
         """
         SELECT d.id, d.job_id, d.batch_id, d.event_type, d.url, d.status, d.next_attempt_at,
@@ -220,7 +246,7 @@ async def find(
                 FROM webhook_attempts a WHERE a.delivery_id = d.id), '[]'::jsonb) AS attempts
         FROM webhook_deliveries d
         WHERE ($1::text IS NULL OR d.status = $1) AND ($2::uuid IS NULL OR d.job_id = $2)
-            AND ($3::uuid IS NULL OR d.id = $3)
+            AND ($3::uuid IS NULL OR d.id = $3) AND ($5::text IS NULL OR d.tenant_id = $5)
         ORDER BY d.created_at DESC
         LIMIT $4
         """,
@@ -228,6 +254,7 @@ async def find(
         job_id,
         delivery_id,
         limit,
+        tenant_id,
     )
     return [DeliveryView.model_validate(dict(row)) for row in rows]
 
@@ -238,19 +265,29 @@ class Redelivery(Enum):
     MISSING = "missing"
 
 
-async def redeliver(pool: asyncpg.Pool, delivery_id: UUID) -> Redelivery:
-    """Queue a delivery for an attempt now, with a fresh retry schedule, whatever its status."""
+async def redeliver(
+    pool: asyncpg.Pool, delivery_id: UUID, tenant_id: str | None = None
+) -> Redelivery:
+    """Queue a delivery (of ``tenant_id``, when given) for an attempt now, with a fresh
+    retry schedule, whatever its status."""
     async with pool.acquire() as conn:
         queued = await conn.fetchval(
             """
             UPDATE webhook_deliveries SET status = 'pending', cycle_attempts = 0,
                 next_attempt_at = now(), updated_at = now()
             WHERE id = $1 AND (leased_until IS NULL OR leased_until < now())
+                AND ($2::text IS NULL OR tenant_id = $2)
             RETURNING id
             """,
             delivery_id,
+            tenant_id,
         )
         if queued is not None:
             return Redelivery.QUEUED
-        exists = await conn.fetchval("SELECT 1 FROM webhook_deliveries WHERE id = $1", delivery_id)
+        exists = await conn.fetchval(
+            "SELECT 1 FROM webhook_deliveries "
+            "WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2)",
+            delivery_id,
+            tenant_id,
+        )
     return Redelivery.IN_FLIGHT if exists else Redelivery.MISSING

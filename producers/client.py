@@ -1,15 +1,18 @@
 """Async Python client: submit jobs over HTTP, await results from the reply topic.
 
-async with KontextClient("http://127.0.0.1:8000", "127.0.0.1:9092") as client:
+async with KontextClient("http://127.0.0.1:8000", "127.0.0.1:9092", api_key="kx_...") as client:
     job = await client.submit(model="smollm2", messages=[{"role": "user", "content": "Hi"}])
     reply = await client.result(job.id, timeout=60)
     print(reply.result.choices[0].message.content)
+
+The API key defaults to the ``KONTEXT_API_KEY`` environment variable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import OrderedDict
 from types import TracebackType
 from typing import Any
@@ -45,8 +48,11 @@ class KontextClient:
         *,
         topics: Topics | None = None,
         http_timeout: float = 30.0,
+        api_key: str | None = None,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=api_url, timeout=http_timeout)
+        key = api_key or os.environ.get("KONTEXT_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else None
+        self._http = httpx.AsyncClient(base_url=api_url, timeout=http_timeout, headers=headers)
         self._topic = (topics or Topics()).replies
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None

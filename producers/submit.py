@@ -14,6 +14,9 @@ from kontext.settings import Settings
 from kontext.ssrf import UrlGuard, UrlRefused
 from schemas.api import JobSubmission
 from schemas.events import ErrorInfo, JobRequest, WebhookTarget
+from schemas.limits import Submitted
+from workers.policies.base import Refused
+from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +35,17 @@ class EnqueueFailed(Exception):
     """The job was recorded but could not be published; it is marked failed."""
 
 
-def to_request(settings: Settings, submission: JobSubmission) -> JobRequest:
-    """The event for a submission, or SubmissionRejected."""
-    if submission.model not in settings.engines:
+def to_request(
+    settings: Settings,
+    submission: JobSubmission,
+    *,
+    tenant_id: str = "default",
+    key_id: uuid.UUID | None = None,
+) -> JobRequest:
+    """The event for a tenant's submission, or SubmissionRejected. A model alias
+    (``KONTEXT_MODEL_ALIASES``) is resolved to the model it names."""
+    model = settings.model_aliases.get(submission.model, submission.model)
+    if model not in settings.engines:
         raise SubmissionRejected(
             "unknown_model",
             f"model {submission.model!r} is not served here; served models: "
@@ -50,7 +61,9 @@ def to_request(settings: Settings, submission: JobSubmission) -> JobRequest:
     return JobRequest(
         job_id=uuid.uuid4(),
         conversation_id=submission.conversation_id or uuid.uuid4().hex,
-        model=submission.model,
+        tenant_id=tenant_id,
+        key_id=key_id,
+        model=model,
         messages=submission.messages,
         max_tokens=max_tokens,
         temperature=submission.temperature,
@@ -96,15 +109,30 @@ async def enqueue(
 ) -> tuple[ledger.JobRow, bool]:
     """Record a job in the ledger, then publish it. Returns the job and whether it is
     new (an idempotency key seen before returns the earlier job, not published again)."""
-    job, created = await ledger.admit(pool, request, idempotency_key)
+    try:
+        job, created = await ledger.admit(pool, request, idempotency_key)
+    except ledger.ConversationNotOwned:
+        # Another tenant's conversation: answered like one that does not exist.
+        raise SubmissionRejected(
+            "conversation_not_found",
+            f"no conversation {request.conversation_id}; choose another conversation_id",
+        ) from None
     if not created:
         return job, False
     try:
-        await producer.send_and_wait(
-            settings.topics.requests_lane(request.priority),
-            _without_secret(request).encode(),
-            key=request.conversation_id.encode(),
-        )
+        if settings.policy_limits:
+            # To the tenant's limiter first: it forwards admitted jobs to the requests topic.
+            await producer.send_and_wait(
+                settings.topics.admission,
+                Submitted(request=_without_secret(request)).encode(),
+                key=request.tenant_id.encode(),
+            )
+        else:
+            await producer.send_and_wait(
+                settings.topics.requests_lane(request.priority),
+                _without_secret(request).encode(),
+                key=request.conversation_id.encode(),
+            )
     except KafkaError as exc:
         log.error("could not publish job %s: %s", request.job_id, exc)
         await ledger.fail(
@@ -121,8 +149,18 @@ async def submit(
     pool: asyncpg.Pool,
     producer: AIOKafkaProducer,
     submission: JobSubmission,
+    *,
+    tenant_id: str = "default",
+    key_id: uuid.UUID | None = None,
+    chain: PolicyChain | None = None,
 ) -> tuple[ledger.JobRow, bool]:
-    """Validate a client's submission against this deployment, then enqueue it."""
-    request = to_request(settings, submission)
+    """Validate a tenant's submission against this deployment and the policy chain's
+    ``check_submit`` (which raises Refused), then enqueue it."""
+    request = to_request(settings, submission, tenant_id=tenant_id, key_id=key_id)
+    if chain is not None:
+        request = chain.rewrite_request(request)
+        refusal = await chain.check_submit(request)
+        if refusal is not None:
+            raise Refused(refusal)
     await check_webhook(settings, submission.webhook)
     return await enqueue(settings, pool, producer, request, submission.idempotency_key)

@@ -91,7 +91,7 @@ class JobAccepted(BaseModel):
     conversation_id: str
 
 
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobStatus = Literal["queued", "running", "needs_review", "succeeded", "failed"]
 
 
 class JobView(BaseModel):

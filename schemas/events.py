@@ -103,6 +103,13 @@ class ContextInfo(BaseModel):
     memories: list[MemoryRef] = Field(default_factory=list)
     truncated: bool = Field(default=False, description="a new message was cut to fit")
     prompt: str | None = Field(default=None, description="the rendered prompt, on request")
+    cached: bool = Field(default=False, description="answered from the response cache")
+    routed_from: str | None = Field(
+        default=None, description="the model asked for, when a fallback model answered"
+    )
+    review: Literal["approved", "replaced"] | None = Field(
+        default=None, description="a reviewer's decision on a result held for human review"
+    )
 
 
 class TurnRecord(BaseModel):
@@ -150,6 +157,8 @@ class JobRequest(Event):
     job_id: UUID
     conversation_id: str
     tenant_id: str = "default"
+    key_id: UUID | None = None
+    """The API key that submitted the job (None: internal work such as summaries)."""
     model: str
     messages: list[ChatMessage]
     max_tokens: int
@@ -189,6 +198,10 @@ class JobCompletion(Event):
     context: ContextInfo | None = None
     new_turns: list[TurnRecord] = Field(default_factory=list)
     completed_at: datetime = Field(default_factory=utcnow)
+    submitted_at: datetime | None = None
+    """When the job was submitted (for the end-to-end latency metric)."""
+    mean_logprob: float | None = None
+    """The engine's mean token log-probability of ``output``, when it reports one."""
 
 
 class AssistantMessage(BaseModel):

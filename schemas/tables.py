@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -27,10 +28,68 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 EMBEDDING_DIM = 384
-JOB_STATUSES = ("queued", "running", "succeeded", "failed")
+JOB_STATUSES = ("queued", "running", "needs_review", "succeeded", "failed")
 FINAL_STATUSES = ("succeeded", "failed")
 
 metadata = MetaData()
+NIL_KEY = "00000000-0000-0000-0000-000000000000"
+"""``usage.key_id`` of work no API key submitted (memory summaries)."""
+
+
+def _tenant() -> Column:  # type: ignore[type-arg]
+    """The owning tenant of a row (what a key's requests are scoped to)."""
+    return Column(
+        "tenant_id", Text, ForeignKey("tenants.id"), nullable=False, server_default="default"
+    )
+
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Policy settings, read by the admission policies: NULL is no limit.
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("token_budget", BigInteger),
+    Column("cache_opt_out", Boolean, nullable=False, server_default=false()),
+)
+
+tenant_budget_spent = Table(
+    "tenant_budget_spent",
+    metadata,
+    # Tokens spent against the tenant's budget, as the admission stage last saved them
+    # (its own state is a stream table; this copy survives a lost changelog).
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("spent", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("prefix", Text, nullable=False, unique=True),  # kx_<8 hex>: shown, names the key
+    Column("hash", Text, nullable=False, unique=True),  # hex SHA-256 of the key; never the key
+    Column("operator", Boolean, nullable=False, server_default=false()),  # sees every tenant
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+usage = Table(
+    "usage",
+    metadata,
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("key_id", UUID(as_uuid=True), primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("period", DateTime(timezone=True), primary_key=True),  # the hour it was answered
+    Column("requests", BigInteger, nullable=False, server_default="0"),
+    Column("prompt_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("completion_tokens", BigInteger, nullable=False, server_default="0"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
 
 jobs = Table(
     "jobs",
@@ -44,7 +103,10 @@ jobs = Table(
     Column("result", JSONB),
     Column("error", JSONB),
     Column("attempts", Integer, nullable=False, server_default="0"),
-    Column("idempotency_key", Text, unique=True),
+    Column("idempotency_key", Text),
+    _tenant(),
+    Column("key_id", UUID(as_uuid=True)),  # the API key that submitted it
+    Column("usage_recorded_at", DateTime(timezone=True)),  # counted in ``usage`` (once)
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("completed_at", DateTime(timezone=True)),
@@ -54,9 +116,11 @@ jobs = Table(
     Column("batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE")),
     Column("custom_id", Text),
     CheckConstraint(
-        "status IN ('queued', 'running', 'succeeded', 'failed')", name="jobs_status_valid"
+        "status IN ('queued', 'running', 'needs_review', 'succeeded', 'failed')",
+        name="jobs_status_valid",
     ),
     CheckConstraint("kind IN ('chat', 'summary')", name="jobs_kind_valid"),
+    UniqueConstraint("tenant_id", "idempotency_key", name="jobs_tenant_idempotency_key"),
     Index("jobs_conversation_created", "conversation_id", "created_at"),
     Index("jobs_status_updated", "status", "updated_at"),
     Index("jobs_batch_status", "batch_id", "status", postgresql_where=text("batch_id IS NOT NULL")),
@@ -69,7 +133,9 @@ batches = Table(
     Column("status", Text, nullable=False, server_default="validating"),
     Column("endpoint", Text, nullable=False),
     Column("completion_window", Text, nullable=False),
-    Column("idempotency_key", Text, unique=True),
+    Column("idempotency_key", Text),
+    _tenant(),
+    Column("key_id", UUID(as_uuid=True)),
     Column("input_sha256", Text, nullable=False),
     Column("metadata", JSONB, nullable=False, server_default="{}"),
     Column("webhook", JSONB),  # {"url", "secret"?}: where the batch's end event goes
@@ -93,14 +159,16 @@ batches = Table(
         "'expired', 'cancelling', 'cancelled')",
         name="batches_status_valid",
     ),
+    UniqueConstraint("tenant_id", "idempotency_key", name="batches_tenant_idempotency_key"),
     Index("batches_status", "status"),
 )
 
 conversations = Table(
     "conversations",
     metadata,
-    Column("id", Text, primary_key=True),
+    Column("id", Text, primary_key=True),  # client-chosen; owned by the tenant that made it
     Column("user_id", Text),
+    _tenant(),
     # The order gate: the chat turn in flight, and the turns waiting behind it.
     Column("in_flight", UUID(as_uuid=True)),
     Column("in_flight_since", DateTime(timezone=True)),
@@ -108,6 +176,7 @@ conversations = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Index("conversations_user", "user_id"),
+    Index("conversations_tenant_user", "tenant_id", "user_id"),
 )
 
 turns = Table(
@@ -167,6 +236,20 @@ summaries = Table(
 )
 
 
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("secret", Text, nullable=False),  # whsec_..., shown once at registration
+    Column("events", ARRAY(Text), nullable=False),  # e.g. job.completed, batch.*
+    Column("description", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("webhook_endpoints_tenant", "tenant_id"),
+)
+
+
 webhook_deliveries = Table(
     "webhook_deliveries",
     metadata,
@@ -175,13 +258,15 @@ webhook_deliveries = Table(
         "job_id",
         UUID(as_uuid=True),
         ForeignKey("jobs.id", ondelete="CASCADE"),
-        unique=True,
     ),
     # A delivery is about one job or one batch (batch.completed and the other batch events).
+    Column("batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE")),
+    # To a tenant's registered endpoint; NULL: to the job's (or batch's) own webhook.
     Column(
-        "batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE"), unique=True
+        "endpoint_id", UUID(as_uuid=True), ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
     ),
     Column("event_type", Text, nullable=False),
+    _tenant(),
     Column("url", Text, nullable=False),
     Column("secret", Text),  # the job's own whsec_ secret; NULL: the deployment's
     Column("payload", JSONB, nullable=False),
@@ -204,6 +289,33 @@ webhook_deliveries = Table(
     ),
     Index("webhook_deliveries_due", "next_attempt_at", postgresql_where=text("status = 'pending'")),
     Index("webhook_deliveries_status_created", "status", "created_at"),
+    # One delivery per subject for its own webhook, and one per subscribed endpoint.
+    Index(
+        "webhook_deliveries_job_own",
+        "job_id",
+        unique=True,
+        postgresql_where=text("endpoint_id IS NULL"),
+    ),
+    Index(
+        "webhook_deliveries_job_endpoint",
+        "job_id",
+        "endpoint_id",
+        unique=True,
+        postgresql_where=text("endpoint_id IS NOT NULL"),
+    ),
+    Index(
+        "webhook_deliveries_batch_own",
+        "batch_id",
+        unique=True,
+        postgresql_where=text("endpoint_id IS NULL"),
+    ),
+    Index(
+        "webhook_deliveries_batch_endpoint",
+        "batch_id",
+        "endpoint_id",
+        unique=True,
+        postgresql_where=text("endpoint_id IS NOT NULL"),
+    ),
 )
 
 webhook_attempts = Table(
@@ -222,4 +334,48 @@ webhook_attempts = Table(
     Column("error", Text),
     Column("attempted_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     UniqueConstraint("delivery_id", "attempt", name="webhook_attempts_delivery_attempt"),
+)
+
+response_cache = Table(
+    "response_cache",
+    metadata,
+    # Hex SHA-256 of tenant, model, max_tokens and the assembled prompt.
+    Column("key", Text, primary_key=True),
+    Column("tenant_id", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("output", Text, nullable=False),
+    Column("finish_reason", Text),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("mean_logprob", Float),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Index("response_cache_created", "created_at"),
+)
+
+REVIEW_STATUSES = ("pending", "approved", "replaced")
+
+reviews = Table(
+    "reviews",
+    metadata,
+    Column(
+        "job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("tenant_id", Text, nullable=False),
+    Column("conversation_id", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("reasons", ARRAY(Text), nullable=False),
+    Column("mean_logprob", Float),
+    Column("request", JSONB, nullable=False),  # the turn's new messages
+    Column("original_output", Text, nullable=False),
+    # The held JobCompletion; once decided, the one delivered.
+    Column("completion", JSONB, nullable=False),
+    Column("final_output", Text),
+    Column("reviewer", Text),
+    Column("note", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("decided_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('pending', 'approved', 'replaced')", name="reviews_status_valid"),
+    Index("reviews_status_created", "status", "created_at"),
+    Index("reviews_tenant_status", "tenant_id", "status"),
 )

@@ -40,6 +40,22 @@ class Topics:
         return f"{self.prefix}.replies"
 
     @property
+    def admission(self) -> str:
+        """API submissions (JobRequest) and usage settlements on their way to the limiter,
+        keyed by tenant id: one partition, so one writer, per tenant."""
+        return f"{self.prefix}.admission"
+
+    @property
+    def limits(self) -> str:
+        """The limiter's per-tenant state (TenantLimitStatus), followed by every API replica."""
+        return f"{self.prefix}.limits"
+
+    @property
+    def heartbeats(self) -> str:
+        """Inference workers' heartbeats (WorkerHeartbeat), followed by the router."""
+        return f"{self.prefix}.heartbeats"
+
+    @property
     def dead_letters(self) -> str:
         """Messages no consumer could handle (DeadLetter), with the reason."""
         return f"{self.prefix}.deadletter"
@@ -51,4 +67,7 @@ class Topics:
             self.completions,
             self.replies,
             self.dead_letters,
+            self.admission,
+            self.limits,
+            self.heartbeats,
         ]

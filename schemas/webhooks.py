@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 DeliveryStatus = Literal["pending", "delivered", "dead"]
 
@@ -42,3 +42,50 @@ class DeliveryView(BaseModel):
 
 class DeliveryList(BaseModel):
     data: list[DeliveryView]
+
+
+EventPattern = Literal[
+    "job.completed",
+    "job.failed",
+    "batch.completed",
+    "batch.failed",
+    "batch.cancelled",
+    "batch.expired",
+    "job.*",
+    "batch.*",
+    "*",
+]
+"""An event type an endpoint subscribes to, a family of them, or every one."""
+
+
+def _every_event() -> list[EventPattern]:
+    return ["*"]
+
+
+class EndpointCreate(BaseModel):
+    """A webhook endpoint for every job and batch of the caller's tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[EventPattern] = Field(
+        default_factory=_every_event,
+        min_length=1,
+        description="event types, a family (job.*, batch.*) or * (the default)",
+    )
+    description: str | None = Field(default=None, max_length=500)
+
+
+class EndpointView(BaseModel):
+    """A registered endpoint; its secret is shown once, in the answer that creates it."""
+
+    id: UUID
+    url: str
+    events: list[str]
+    description: str | None
+    created_at: datetime
+    secret: str | None = Field(default=None, description="whsec_...; only when created")
+
+
+class EndpointList(BaseModel):
+    data: list[EndpointView]

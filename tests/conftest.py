@@ -22,6 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from kontext import keys
 from kontext.connections import create_pool
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.migrate import upgrade
@@ -29,6 +30,7 @@ from kontext.settings import Settings
 from producers.client import KontextClient
 
 READY = re.compile(r"Kontext ready: API (http://[0-9.]+:\d+)")
+DEV_KEY = re.compile(r"Dev API key \(tenant default\): (kx_\S+)")
 START_TIMEOUT_S = 180
 # The deployment's webhook secrets during a rotation: every delivery is signed with both.
 WEBHOOK_SECRETS = (
@@ -80,6 +82,8 @@ def stack_env(broker: EmbeddedBroker, database: EmbeddedPostgres, prefix: str) -
         KONTEXT_WEBHOOK_RETRY_SCHEDULE_S="0,0.2,0.2",
         KONTEXT_WEBHOOK_POLL_INTERVAL_S="0.1",
         KONTEXT_WEBHOOK_TIMEOUT_S="3",
+        # Long enough that a revoked key is only refused in time through NOTIFY.
+        KONTEXT_AUTH_CACHE_TTL_S="300",
     )
     return env
 
@@ -92,6 +96,20 @@ class Stack:
     api_url: str
     settings: Settings
     output: list[str]
+    api_key: str = ""
+    """The dev key ``kontext up`` printed (tenant ``default``)."""
+    operator_key: str = ""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """``Authorization`` with the dev key: pass to every HTTP client of the API."""
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    @property
+    def operator_headers(self) -> dict[str, str]:
+        """``Authorization`` with an operator key of the session stack, e.g. for /metrics."""
+        assert self.operator_key, "only the session stack has an operator key"
+        return {"Authorization": f"Bearer {self.operator_key}"}
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -112,12 +130,16 @@ def start_stack(args: list[str], env: dict[str, str], cwd: Path) -> Stack:
     assert process.stdout is not None
     output: list[str] = []
     found: list[str] = []
+    keys: list[str] = []
     ready = threading.Event()
 
     def pump() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             output.append(line)
+            key = DEV_KEY.search(line)
+            if key:
+                keys.append(key.group(1))
             match = READY.search(line)
             if match:
                 found.append(match.group(1))
@@ -133,7 +155,21 @@ def start_stack(args: list[str], env: dict[str, str], cwd: Path) -> Stack:
         database_url=env.get("DATABASE_URL"),
         topic_prefix=env.get("KONTEXT_TOPIC_PREFIX", "kontext"),
     )
-    return Stack(process=process, api_url=found[0], settings=settings, output=output)
+    return Stack(
+        process=process,
+        api_url=found[0],
+        settings=settings,
+        output=output,
+        api_key=keys[0] if keys else "",
+    )
+
+
+async def _operator_key(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return (await keys.create(conn, "default", operator=True)).key
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +179,7 @@ def stack(broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path) -> 
     running = start_stack(
         ["up", "--engine", "tiny", "--engine", "smollm2", "--port", "0"], env, workdir
     )
+    running.operator_key = asyncio.run(_operator_key(database.url))
     yield running
     code = running.stop()
     assert code == 0, "".join(running.output[-40:])
@@ -158,7 +195,7 @@ async def pool(database: EmbeddedPostgres) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture(scope="session")
 async def client(stack: Stack) -> AsyncIterator[KontextClient]:
     async with KontextClient(
-        stack.api_url, stack.settings.bootstrap, topics=stack.settings.topics
+        stack.api_url, stack.settings.bootstrap, topics=stack.settings.topics, api_key=stack.api_key
     ) as client:
         yield client
 

@@ -105,7 +105,7 @@ async def test_bad_submission_is_refused_and_nothing_is_stored(
     stack: Stack, pool: asyncpg.Pool, name: str, body: Any, status: int, code: str, text: str
 ) -> None:
     before = await _counts(pool)
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         if isinstance(body, str):
             response = await http.post(
                 "/v1/jobs", content=body, headers={"content-type": "application/json"}
@@ -125,7 +125,7 @@ async def test_bad_submission_is_refused_and_nothing_is_stored(
 async def test_body_over_the_size_limit_is_refused(stack: Stack, pool: asyncpg.Pool) -> None:
     before = await _counts(pool)
     huge = {"model": "tiny", "messages": [{"role": "user", "content": "a" * 2_000_000}]}
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         response = await http.post("/v1/jobs", json=huge)
 
         async def chunks():  # no Content-Length: the limit applies while streaming
@@ -142,7 +142,7 @@ async def test_body_over_the_size_limit_is_refused(stack: Stack, pool: asyncpg.P
 
 
 async def test_unknown_job_is_404(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         response = await http.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
         malformed = await http.get("/v1/jobs/not-a-uuid")
     assert response.status_code == 404

@@ -68,6 +68,8 @@ async def _cli(stack: Stack, *args: str | Path) -> asyncio.subprocess.Process:
         *map(str, args),
         "--api",
         stack.api_url,
+        "--api-key",
+        stack.api_key,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "200"},
@@ -171,7 +173,9 @@ async def test_an_interrupted_backfill_resumes_without_duplicates_or_gaps(
 
 @pytest.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.api_url, headers=stack.headers, timeout=60
+    ) as client:
         yield client
 
 

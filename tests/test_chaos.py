@@ -17,7 +17,7 @@ from kontext.chaos.load import ReplyTally
 from kontext.connections import create_pool
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 
-SERVICES = ("api", "enricher", "inference", "recorder", "reconciler")
+SERVICES = ("api", "admission", "enricher", "inference", "recorder", "reconciler")
 
 
 @pytest.fixture

@@ -47,11 +47,11 @@ def test_importing_the_registry_loads_no_model_library() -> None:
 
 
 async def test_unknown_engine_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="'gpt-9'; known engines: smollm2, tiny"):
+    with pytest.raises(ValueError, match="'gpt-9'; known engines: smollm2, vllm, tiny, null"):
         await load_engine("gpt-9", Settings())
-    with pytest.raises(ValueError, match="known engines: smollm2, tiny"):
+    with pytest.raises(ValueError, match="known engines: smollm2, vllm, tiny, null"):
         load_tokenizer("gpt-9", Settings())
-    with pytest.raises(ValueError, match="known engines: smollm2, tiny"):
+    with pytest.raises(ValueError, match="known engines: smollm2, vllm, tiny, null"):
         context_window("gpt-9")
 
 

@@ -28,7 +28,7 @@ def _served(case: Any) -> None:
         query["wait"] = min(query["wait"], 0.2)
 
 
-def _fuzz(operation: Any, examples: int, tally: Tally) -> None:
+def _fuzz(operation: Any, examples: int, tally: Tally, headers: dict[str, str]) -> None:
     """Up to ``examples`` generated requests to one operation; none may get a 5xx."""
 
     @settings(
@@ -40,7 +40,7 @@ def _fuzz(operation: Any, examples: int, tally: Tally) -> None:
     @given(case=operation.as_strategy())
     def check(case: Any) -> None:
         _served(case)
-        response = case.call(timeout=30)
+        response = case.call(timeout=30, headers=headers)
         tally.count(f"{case.method} {case.path} -> {response.status_code // 100}xx")
         assert response.status_code < 500, (
             f"{case.method} {case.formatted_path} {case.body!r:.500}: {response.status_code} "
@@ -62,7 +62,7 @@ def test_no_request_gets_a_server_error(stack: Stack) -> None:
         unexhausted = []
         for operation in operations:
             before = tally.cases
-            _fuzz(operation, share, tally)
+            _fuzz(operation, share, tally, stack.headers)
             if tally.cases - before >= share:
                 unexhausted.append(operation)
         operations = unexhausted

@@ -79,7 +79,8 @@ def _consumers(stack: Stack) -> dict[str, set[str]]:
         topics.requests_lane("background"): {"enricher"},
         topics.inference("tiny"): {"inference-tiny"},
         topics.completions: {"recorder"},
-        topics.replies: {"memory", "webhooks", "batches"},
+        topics.replies: {"memory", "webhooks", "batches", "usage"},
+        topics.admission: {"admission"},
     }
 
 

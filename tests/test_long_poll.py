@@ -17,7 +17,9 @@ from tests.conftest import Stack
 
 @pytest.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=90) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.api_url, headers=stack.headers, timeout=90
+    ) as client:
         yield client
 
 

@@ -65,7 +65,7 @@ async def test_a_fact_from_turn_1_reaches_the_prompt_of_turn_40(
     assert 1 not in context.turns
     assert context.summaries or any(m.seq == 1 for m in context.memories)
 
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         view = (await http.get(f"/v1/conversations/{conversation}")).json()
     assert len(view["turns"]) == 80
     levels = {s["level"] for s in view["summaries"]}
@@ -95,7 +95,7 @@ async def test_turns_submitted_at_once_are_answered_in_order(
     for position, reply in enumerate(replies):
         assert reply.result is not None and reply.result.context is not None
         assert reply.result.context.turns == list(range(1, 2 * position + 1))
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         view = (await http.get(f"/v1/conversations/{conversation}")).json()
     users = [t["content"] for t in view["turns"] if t["role"] == "user"]
     assert users == texts
@@ -124,7 +124,7 @@ async def test_deleting_a_conversation_forgets_it(
         )
 
     await wait_for(embedded, timeout=30)
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         assert (await http.get(f"/v1/conversations/{conversation}")).status_code == 200
         deleted = await http.delete(f"/v1/conversations/{conversation}")
         assert deleted.status_code == 204

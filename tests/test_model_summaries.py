@@ -32,7 +32,7 @@ async def test_the_model_writes_summaries_as_background_jobs(
     settings = model_stack.settings
     conversation = f"summ-{uuid.uuid4().hex[:8]}"
     async with KontextClient(
-        model_stack.api_url, settings.bootstrap, topics=settings.topics
+        model_stack.api_url, settings.bootstrap, topics=settings.topics, api_key=model_stack.api_key
     ) as client:
         for turn in range(8):
             reply = await client.chat(

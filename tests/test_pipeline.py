@@ -14,7 +14,7 @@ from tests.conftest import Stack
 async def test_job_travels_from_http_to_reply_topic_and_ledger(
     stack: Stack, client: KontextClient, pool: asyncpg.Pool
 ) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         response = await http.post(
             "/v1/jobs",
             json={"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]},
@@ -89,7 +89,7 @@ async def test_same_idempotency_key_returns_the_same_job(
         "messages": [{"role": "user", "content": "only once please"}],
         "idempotency_key": key,
     }
-    async with httpx.AsyncClient(base_url=stack.api_url) as http:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         first = await http.post("/v1/jobs", json=body)
         second = await http.post("/v1/jobs", json=body)
     assert first.status_code == 202

@@ -14,11 +14,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
-from tests.conftest import stack_env, start_stack, wait_for
+from tests.conftest import Stack, stack_env, start_stack, wait_for
 
 
-async def _submit_and_finish(api_url: str, count: int) -> list[str]:
-    async with httpx.AsyncClient(base_url=api_url) as http:
+async def _submit_and_finish(stack: Stack, count: int) -> list[str]:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         ids = []
         for i in range(count):
             response = await http.post(
@@ -61,7 +61,7 @@ async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) ->
         children = _descendants(stack.process.pid)
         names = {c.name() for c in children}
         assert "tansu" in names and "postgres" in names
-        await _submit_and_finish(stack.api_url, 2)
+        await _submit_and_finish(stack, 2)
     finally:
         code = stack.stop(timeout=60)
     output = "".join(stack.output)
@@ -101,7 +101,7 @@ async def test_sigterm_commits_every_consumer_groups_offsets(
         ["up", "--engine", "tiny", "--port", "0"], stack_env(broker, database, prefix), workdir
     )
     try:
-        await _submit_and_finish(stack.api_url, 6)
+        await _submit_and_finish(stack, 6)
     finally:
         code = stack.stop(timeout=60)
     assert code == 0, "".join(stack.output[-40:])

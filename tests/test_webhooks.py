@@ -82,7 +82,9 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 @pytest.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=stack.api_url, headers=stack.headers, timeout=30
+    ) as client:
         yield client
 
 

@@ -4,8 +4,9 @@ A consumer of the reply topic (its own group) recounts the batches of each
 micro-batch's jobs in one statement; a batch with no job left to run goes to
 ``finalizing``, then ``completed``. A sweep loop recounts every open batch
 (cancellations fail jobs that never reply), expires overdue ones, and closes any
-left in ``finalizing``. A batch that ended with a webhook gets one delivery of
-its end event, which the webhooks service attempts.
+left in ``finalizing``. A batch that ended gets one delivery of its end event
+for its webhook and one per subscribed endpoint of its tenant, which the
+webhooks service attempts.
 """
 
 from __future__ import annotations
@@ -32,15 +33,15 @@ log = logging.getLogger(__name__)
 
 def end_event(row: batches.BatchRow) -> deliveries.BatchEvent:
     """``batch.completed`` (or ``.failed``, ``.cancelled``, ``.expired``); the data is the
-    batch as ``GET /v1/batches/{id}`` shows it, without the bad-line list."""
-    assert row.webhook is not None
+    batch as ``GET /v1/batches/{id}`` shows it, without the bad-line list. ``url`` is
+    the batch's own webhook, if any (the tenant's endpoints get the event too)."""
     event = f"batch.{row.status}"
     data = row.view().model_dump(mode="json", exclude={"errors"})
     return deliveries.BatchEvent(
         batch_id=row.id,
         type=event,
-        url=row.webhook["url"],
-        secret=row.webhook.get("secret"),
+        url=row.webhook["url"] if row.webhook else None,
+        secret=row.webhook.get("secret") if row.webhook else None,
         payload={"type": event, "timestamp": utcnow().isoformat(), "data": data},
     )
 

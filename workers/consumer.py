@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from kontext.metrics import observe_lag
 from workers.records import BatchHandler, Record
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ class BatchConsumer:
             mine = {tp: offset for tp, offset in ends.items() if tp in consumer.assignment()}
             if mine:
                 await consumer.commit(mine)
+            for tp, end in mine.items():
+                observe_lag(self.handler.name, tp.topic, tp.partition, consumer.highwater(tp), end)
 
     def ready(self) -> bool:
         """Every lane has its partitions."""

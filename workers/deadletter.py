@@ -7,6 +7,7 @@ import logging
 
 from aiokafka import AIOKafkaProducer
 
+from kontext.metrics import DEAD_LETTERS, reason_code
 from schemas.events import DeadLetter
 from workers.records import Record
 
@@ -23,6 +24,7 @@ class DeadLetters:
 
     async def send(self, record: Record, reason: str) -> asyncio.Future[object]:
         """Queue the dead letter; await the returned future for delivery."""
+        DEAD_LETTERS.labels(record.topic, self._consumer, reason_code(reason)).inc()
         log.warning(
             "dead-lettering %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason
         )

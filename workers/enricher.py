@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -21,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from kontext import memory
+from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
 from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest
 from workers.context import PromptTooLong, assemble, budget_for
@@ -29,6 +31,7 @@ from workers.embeddings import Embedder
 from workers.engines import context_window, load_tokenizer, system_prompt
 from workers.engines.base import ChatTokenizer
 from workers.records import Record
+from workers.routing import Router
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,10 @@ class Enricher:
         producer: AIOKafkaProducer,
         models: Mapping[str, ServedModel],
         embedder: Embedder,
+        router: Router | None = None,
     ) -> None:
+        """``router`` picks a fallback model while a model is unhealthy (workers/routing.py)."""
+        self.router = router
         self.settings = settings
         self.pool = pool
         self.producer = producer
@@ -83,6 +89,7 @@ class Enricher:
                 continue
             requests.setdefault(request.job_id, request)
         if requests:
+            started = time.perf_counter()
             queries = {job_id: recall_query(r) for job_id, r in requests.items()}
             texts = [q for q in queries.values() if q is not None]
             vectors = iter(await self.embedder.embed(texts)) if texts else iter(())
@@ -98,6 +105,9 @@ class Enricher:
             for job_id, request in requests.items():
                 if job_id in contexts:
                     sends.append(await self._forward(request, contexts[job_id]))
+            admitted = [r.submitted_at for job_id, r in requests.items() if job_id in contexts]
+            observe_waits("enrich", admitted)
+            ENRICHMENT_LATENCY.observe(time.perf_counter() - started)
         if sends:
             await asyncio.gather(*sends)
 
@@ -106,6 +116,9 @@ class Enricher:
     ) -> asyncio.Future[object]:
         topics = self.settings.topics
         key = request.conversation_id.encode()
+        asked = request.model
+        if self.router is not None and (chosen := self.router.choose(asked)) != asked:
+            request = request.model_copy(update={"model": chosen})
         served = self.models.get(request.model)
         try:
             if served is None:
@@ -121,6 +134,7 @@ class Enricher:
                 tenant_id=request.tenant_id,
                 model=request.model,
                 status="failed",
+                submitted_at=request.submitted_at,
                 error=ErrorInfo(code=code, message=str(exc).strip("'\"")),
             )
             future: asyncio.Future[object] = await self.producer.send(
@@ -130,7 +144,9 @@ class Enricher:
         enriched = EnrichedRequest(
             request=request,
             prompt=assembled.prompt,
-            context=assembled.context,
+            context=assembled.context
+            if asked == request.model
+            else assembled.context.model_copy(update={"routed_from": asked}),
             new_turns=assembled.new_turns,
         )
         future = await self.producer.send(

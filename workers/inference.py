@@ -1,42 +1,52 @@
 """The inference worker: drains micro-batches of enriched requests into one engine.
 
-Each batch is one engine call. Results go to the completions topic; the batch's
-offsets are committed (by the consume loop) only after they are delivered.
+Each batch is one engine call, between the policy chain's two inference hooks
+(one call each per batch): ``before_engine`` may answer jobs itself (the
+response cache), so they skip the engine; ``rewrite_completion`` may change
+each engine result (PII redaction); ``after_engine`` may hold results (human
+review), which are then not published. The rest go to the completions
+topic; the batch's offsets are committed (by the consume loop) only after they
+are delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
-from prometheus_client import Histogram
 from pydantic import ValidationError
 
+from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY, ENGINE_REQUESTS, TOKENS, observe_waits
 from kontext.settings import Settings
-from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, TurnRecord, Usage
+from schemas.events import EnrichedRequest, ErrorInfo
+from workers.completions import completion_for
 from workers.deadletter import DeadLetters
 from workers.engines.base import Engine, Generation, GenerationRequest
+from workers.policies.chain import PolicyChain
 from workers.records import Record
+
+__all__ = ["BATCH_SIZE", "InferenceWorker"]
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = Histogram(
-    "kontext_inference_batch_size",
-    "Requests per engine call",
-    ["model"],
-    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-)
-
 
 class InferenceWorker:
-    def __init__(self, settings: Settings, engine: Engine, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        producer: AIOKafkaProducer,
+        policies: PolicyChain | None = None,
+    ) -> None:
         self.name = f"inference-{engine.name}"
         self.settings = settings
         self.engine = engine
         self.producer = producer
+        self.policies = policies or PolicyChain([])
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
 
     async def handle(self, records: Sequence[Record]) -> None:
@@ -52,15 +62,26 @@ class InferenceWorker:
                 continue
             batch.setdefault(item.request.job_id, item)
         items = list(batch.values())
-        if items:
-            BATCH_SIZE.labels(self.engine.name).observe(len(items))
-        outputs = await self._generate(items) if items else []
-        for item, output in zip(items, outputs, strict=True):
-            completion = self._completion(item, output)
+        observe_waits("inference", [item.enriched_at for item in items])
+        answered = await self.policies.before_engine(items) if items else {}
+        to_run = [item for item in items if item.request.job_id not in answered]
+        if to_run:
+            BATCH_SIZE.labels(self.engine.name).observe(len(to_run))
+        outputs = await self._generate(to_run) if to_run else []
+        ran = [
+            (item, self.policies.rewrite_completion(completion_for(item, output)))
+            for item, output in zip(to_run, outputs, strict=True)
+        ]
+        held = await self.policies.after_engine(ran) if ran else set()
+        completions = dict(answered)
+        completions.update((item.request.job_id, done) for item, done in ran)
+        for item in items:
+            if item.request.job_id in held:
+                continue
             sends.append(
                 await self.producer.send(
                     self.settings.topics.completions,
-                    completion.encode(),
+                    completions[item.request.job_id].encode(),
                     key=item.request.conversation_id.encode(),
                 )
             )
@@ -78,44 +99,21 @@ class InferenceWorker:
             )
             for item in items
         ]
+        model = self.engine.name
+        started = time.perf_counter()
         try:
-            return list(await self.engine.generate(requests))
+            generations = list(await self.engine.generate(requests))
         except Exception as exc:
             if len(requests) == 1:
                 log.exception("%s: engine failed on job %s", self.name, items[0].request.job_id)
                 return [ErrorInfo(code="engine_error", message=f"the engine failed: {exc}")]
+        else:
+            ENGINE_LATENCY.labels(model).observe(time.perf_counter() - started)
+            ENGINE_REQUESTS.labels(model).inc(len(generations))
+            TOKENS.labels(model, "prompt").inc(sum(g.prompt_tokens for g in generations))
+            TOKENS.labels(model, "completion").inc(sum(g.completion_tokens for g in generations))
+            return list(generations)
         results: list[Generation | ErrorInfo] = []
         for item in items:
             results.extend(await self._generate([item]))
         return results
-
-    def _completion(self, item: EnrichedRequest, output: Generation | ErrorInfo) -> JobCompletion:
-        request = item.request
-        completion = JobCompletion(
-            job_id=request.job_id,
-            conversation_id=request.conversation_id,
-            tenant_id=request.tenant_id,
-            model=request.model,
-            context=item.context,
-            status="failed",
-        )
-        if isinstance(output, ErrorInfo):
-            return completion.model_copy(update={"error": output})
-        usage = Usage(
-            prompt_tokens=output.prompt_tokens,
-            completion_tokens=output.completion_tokens,
-            total_tokens=output.prompt_tokens + output.completion_tokens,
-        )
-        # A model may emit a NUL byte; Postgres text cannot hold one, and the job must be
-        # recordable (a completion the recorder cannot store would stall its partition).
-        text = output.text.replace("\x00", "")
-        answer = TurnRecord(role="assistant", content=text, tokens=output.completion_tokens)
-        return completion.model_copy(
-            update={
-                "status": "succeeded",
-                "output": text,
-                "finish_reason": output.finish_reason,
-                "usage": usage,
-                "new_turns": [*item.new_turns, answer],
-            }
-        )

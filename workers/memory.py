@@ -116,9 +116,7 @@ class MemoryWorker:
                 conn, conversation, state.pending_first, state.pending_last
             )
             lines: list[Line] = [(t.role, t.content) for t in turns]
-            await self._summarise(
-                conn, conversation, 1, state.pending_first, state.pending_last, lines
-            )
+            await self._summarise(conn, state, 1, state.pending_first, state.pending_last, lines)
             return
         for level in sorted(state.unrolled):
             if (
@@ -128,19 +126,20 @@ class MemoryWorker:
                 summaries = await memory.unrolled_summaries(conn, conversation, level)
                 lines = [("summary", s.content) for s in summaries]
                 first, last = summaries[0].first_seq, summaries[-1].last_seq
-                await self._summarise(conn, conversation, level + 1, first, last, lines)
+                await self._summarise(conn, state, level + 1, first, last, lines)
                 return
 
     async def _summarise(
         self,
         conn: asyncpg.Connection,
-        conversation_id: str,
+        state: SummaryState,
         level: int,
         first_seq: int,
         last_seq: int,
         lines: Sequence[Line],
     ) -> None:
         settings = self.settings
+        conversation_id = state.conversation_id
         if settings.summarizer == "extractive":
             text = extractive_summary(lines, settings.summary_max_tokens, self.tokenizer.count)
             await self._store(
@@ -158,7 +157,7 @@ class MemoryWorker:
             last_seq,
             lines,
             settings.summary_max_tokens,
-        )
+        ).model_copy(update={"tenant_id": state.tenant_id})  # the conversation's owner
         key = f"summary:{conversation_id}:{level}:{first_seq}:{last_seq}"
         await enqueue(settings, self.pool, self.producer, job, key)
         log.info(

@@ -17,14 +17,23 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
+from typing import Any
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from pydantic import ValidationError
 
+from kontext import ledger, reviews
 from kontext.settings import Settings
+from schemas.events import ErrorInfo, JobRequest
 
 log = logging.getLogger(__name__)
+
+UNREADABLE = ErrorInfo(
+    code="unreadable_request", message="the job's stored request cannot be read; it was not run"
+)
 
 REDRIVE_LIMIT = 500
 
@@ -52,7 +61,7 @@ WHERE id IN (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
-RETURNING request
+RETURNING id, request
 """
 
 
@@ -69,28 +78,59 @@ class Reconciler:
         """Re-publish every job stuck past its lease; returns how many."""
         lease = timedelta(seconds=self.settings.job_lease_s)
         rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT)
-        sends = [
-            await self.producer.send(
-                self.settings.topics.requests_lane(row["request"].get("priority", "interactive")),
-                orjson.dumps(row["request"]),
-                key=str(row["request"]["conversation_id"]).encode(),
-            )
-            for row in rows
-        ]
+        sends = []
+        for row in rows:
+            try:
+                JobRequest.model_validate(row["request"])
+            except ValidationError:
+                # Nothing can run it: fail it rather than re-drive it for ever.
+                log.error("job %s: its stored request is unreadable; failing it", row["id"])
+                await ledger.fail(self.pool, row["id"], UNREADABLE)
+                continue
+            sends.append(await self._publish(row["request"]))
         if sends:
             await asyncio.gather(*sends)
             log.warning("re-drove %d job(s) stuck past their %ss lease", len(sends), lease.seconds)
-        return len(sends)
+        # Reviewed results whose decision was published but never recorded (message lost).
+        topic = self.settings.topics.completions
+        decided = await reviews.redrive_decided(
+            self.pool, self.producer, topic, lease, REDRIVE_LIMIT
+        )
+        return len(sends) + decided
+
+    async def _publish(self, request: dict[str, Any]) -> asyncio.Future[object]:
+        """Back to its requests lane; an API submission goes through its tenant's
+        limiter again instead (which forwards a job it already admitted without
+        counting it twice), so a re-drive never slips past a limit."""
+        topics = self.settings.topics
+        priority = request.get("priority", "interactive")
+        if self.settings.policy_limits and request.get("key_id") and priority == "interactive":
+            future: asyncio.Future[object] = await self.producer.send(
+                topics.admission,
+                orjson.dumps({"version": 1, "type": "submitted", "request": request}),
+                key=str(request.get("tenant_id", "default")).encode(),
+            )
+            return future
+        future = await self.producer.send(
+            topics.requests_lane(priority),
+            orjson.dumps(request),
+            key=str(request["conversation_id"]).encode(),
+        )
+        return future
 
     async def run(self) -> None:
         while not self.stopping.is_set():
             try:
                 await self.sweep()
-            except (OSError, asyncpg.PostgresError) as exc:
+            except (OSError, asyncpg.PostgresError, KafkaError) as exc:
                 log.warning(
                     "reconciler sweep failed (%s); next sweep in %ss",
                     exc,
                     self.settings.reconcile_interval_s,
+                )
+            except Exception:  # a bug in one sweep must not stop every other service
+                log.exception(
+                    "reconciler sweep failed; next sweep in %ss", self.settings.reconcile_interval_s
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.settings.reconcile_interval_s)

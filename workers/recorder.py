@@ -25,8 +25,9 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from kontext import ledger
+from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply, utcnow
 from workers.deadletter import DeadLetters
 from workers.records import Record
 
@@ -57,6 +58,7 @@ class Recorder:
         if pairs:
             recorded, stored = await self._record(pairs, sends)
             outcomes = recorded.outcomes
+            _observe_e2e(outcomes, [done for _, done in stored])
             known = {o.job_id for o in outcomes}
             for record, done in stored:
                 if done.job_id not in known:
@@ -125,3 +127,14 @@ class Recorder:
             redrive += alone.redrive
             stored.append((record, done))
         return ledger.Recorded(outcomes=outcomes, redrive=redrive), stored
+
+
+def _observe_e2e(outcomes: Sequence[ledger.Outcome], stored: Sequence[JobCompletion]) -> None:
+    """End-to-end latency of each job this batch finalised: submission until recorded."""
+    fresh = {o.job_id: o.status for o in outcomes if o.fresh}
+    now = utcnow()
+    for done in stored:
+        status = fresh.pop(done.job_id, None)
+        if status is not None and done.submitted_at is not None:
+            seconds = max((now - done.submitted_at).total_seconds(), 0.0)
+            E2E_LATENCY.labels(done.model, status).observe(seconds)

@@ -15,7 +15,9 @@ import aiokafka
 import faust
 from faust.exceptions import ConsumerNotStarted
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 
+from kontext.metrics import observe_lag
 from kontext.settings import Settings
 from workers.consumer import retry_until_done
 from workers.records import BatchHandler, Record
@@ -93,9 +95,23 @@ class StreamProcessor:
                     for e in events
                 ]
                 await retry_until_done(self.handler, records, self.stopping)
+                self._observe_lag(records)
                 yield None
 
         self.app.agent(source, name=self.name)(process)
+
+    def _observe_lag(self, records: list[Record]) -> None:
+        """Consumer lag of the partitions in this batch (the client's last known highwater)."""
+        ends: dict[TP, int] = {}
+        for r in records:
+            tp = TP(r.topic, r.partition)
+            ends[tp] = max(ends.get(tp, 0), r.offset + 1)
+        for tp, end in ends.items():
+            try:
+                highwater = self.app.consumer.highwater(tp)
+            except Exception:  # not started, or rebalancing: no figure this time
+                continue
+            observe_lag(self.handler.name, tp.topic, tp.partition, highwater, end)
 
     def assigned(self) -> bool:
         """True once the consumer group has given this processor partitions."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kontext import migrate
+from kontext import keys_cli, migrate
 from kontext.connections import ensure_topics
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
 from kontext.runtime import SERVICES
@@ -144,6 +144,8 @@ class Cluster:
             engines=[ENGINE],
         )
         self.lease_s = lease_s
+        self.api_key: str | None = None
+        """A key of the default tenant, minted at start."""
         self.services = {
             name: ServiceProcess(name, self.env, workdir, self.api_port if name == "api" else None)
             for name in services
@@ -159,6 +161,7 @@ class Cluster:
         if self.owns[1]:
             self.database.start()
         await asyncio.to_thread(migrate.upgrade, self.database.url)
+        self.api_key = await keys_cli.mint(self.settings.dsn)
         await self.create_topics()
         for service in self.services.values():
             service.spawn()

@@ -27,8 +27,11 @@ class LoadGenerator:
     the offered load; a refused or timed-out submission is counted, not retried.
     """
 
-    def __init__(self, api_url: str, rate: float, duration: float, body: Body) -> None:
+    def __init__(
+        self, api_url: str, rate: float, duration: float, body: Body, api_key: str | None = None
+    ) -> None:
         self.api_url = api_url
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.rate = rate
         self.duration = duration
         self.body = body
@@ -37,7 +40,9 @@ class LoadGenerator:
         self.refused: Counter[str] = Counter()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(base_url=self.api_url, timeout=10.0) as http:
+        async with httpx.AsyncClient(
+            base_url=self.api_url, timeout=10.0, headers=self.headers
+        ) as http:
             start = time.monotonic()
             tasks = []
             for n in range(int(self.rate * self.duration)):

@@ -140,6 +140,7 @@ async def run(
         chaos.rate,
         duration or chaos.duration,
         chat_body(receiver.url if receiver else None),
+        api_key=chaos.cluster.api_key,
     )
     submitting = asyncio.create_task(load.run())
     repairs = await fault(load)

@@ -9,8 +9,23 @@ from fastapi import FastAPI
 
 from kontext.connections import create_pool, create_producer
 from kontext.settings import Settings
-from producers.api import batches, conversations, errors, health, jobs, webhooks
+from producers.api import (
+    batches,
+    conversations,
+    dashboard,
+    endpoints,
+    errors,
+    health,
+    jobs,
+    metrics,
+    reviews,
+    usage,
+    webhooks,
+)
+from producers.api.auth import KeyCache
 from producers.api.limits import BodySizeLimit
+from producers.api.metrics import RequestMetrics
+from producers.api.policies import ApiPolicies, install_refusals
 from producers.api.state import ApiState
 from producers.api.waiters import JobWaiters
 
@@ -23,26 +38,40 @@ def create_app(settings: Settings) -> FastAPI:
         await producer.start()
         waiters = JobWaiters(settings.dsn)
         waiters.start()
+        app.state.keys = KeyCache(settings.dsn, settings.auth_cache_ttl_s)
+        app.state.keys.start()
+        policies = ApiPolicies(settings)
+        await policies.start()
         app.state.api = ApiState(settings=settings, pool=pool, producer=producer, waiters=waiters)
+        app.state.api.chain = policies.chain
         try:
             yield
         finally:
+            await app.state.keys.close()
+            await policies.close()
             await waiters.close()
             await producer.stop()
             await pool.close()
 
     app = FastAPI(title="Kontext", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    install_refusals(app)
     app.include_router(jobs.router)
     app.include_router(conversations.router)
     app.include_router(webhooks.router)
+    app.include_router(endpoints.router)
     app.include_router(batches.router)
+    app.include_router(usage.router)
 
     app.include_router(health.router)
+    app.include_router(dashboard.router)
+    app.include_router(reviews.router)
+    app.include_router(metrics.router)
 
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
         larger={"/v1/batches": settings.backfill_max_bytes},
     )
+    app.add_middleware(RequestMetrics)  # outermost: counts every answer, 413s too
     return app

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from kontext import batches
+from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from producers.batches import submit_batch
 from schemas.api import ErrorBody
@@ -24,8 +25,9 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"])
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/json-lines", "text/plain")
 JSONL = "application/jsonl"
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (400, 409, 413, 415, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 409, 413, 415, 422, 503)
 }
+NOT_FOUND: dict[int | str, dict[str, object]] = {code: {"model": ErrorBody} for code in (401, 404)}
 
 
 def _create_body(request: Request, raw: bytes) -> BatchCreate:
@@ -51,41 +53,56 @@ def _create_body(request: Request, raw: bytes) -> BatchCreate:
 
 @router.post("", status_code=202, response_model=BatchView, responses=ERRORS)
 async def create_batch(
-    request: Request, response: Response, api: Annotated[ApiState, Depends(state)]
+    request: Request,
+    response: Response,
+    api: Annotated[ApiState, Depends(state)],
+    principal: Caller,
 ) -> BatchView:
     """Validate every line, run the good ones as background jobs; bad lines are listed
     in ``errors`` by line number. An ``Idempotency-Key`` header (or ``idempotency_key``)
     seen before returns that batch (200)."""
     create = _create_body(request, await request.body())
-    row, created = await submit_batch(api.settings, api.pool, api.producer, create)
+    row, created = await submit_batch(
+        api.settings,
+        api.pool,
+        api.producer,
+        create,
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        chain=api.chain,
+    )
     response.headers["Location"] = f"/v1/batches/{row.id}"
     if not created:
         response.status_code = 200
     return row.view()
 
 
-async def _batch(api: ApiState, batch_id: UUID) -> batches.BatchRow:
-    row = await batches.get(api.pool, batch_id)
+async def _batch(api: ApiState, batch_id: UUID, tenant_id: str) -> batches.BatchRow:
+    row = await batches.get(api.pool, batch_id, tenant_id)
     if row is None:
         raise HTTPException(404, f"no batch {batch_id}")
     return row
 
 
-@router.get("/{batch_id}", response_model=BatchView, responses={404: {"model": ErrorBody}})
-async def get_batch(batch_id: UUID, api: Annotated[ApiState, Depends(state)]) -> BatchView:
+@router.get("/{batch_id}", response_model=BatchView, responses=NOT_FOUND)
+async def get_batch(
+    batch_id: UUID, api: Annotated[ApiState, Depends(state)], principal: Caller
+) -> BatchView:
     """The batch's status, counts and timestamps."""
-    return (await _batch(api, batch_id)).view()
+    return (await _batch(api, batch_id, principal.tenant_id)).view()
 
 
 @router.post(
     "/{batch_id}/cancel",
     response_model=BatchView,
-    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+    responses={**NOT_FOUND, 409: {"model": ErrorBody}},
 )
-async def cancel_batch(batch_id: UUID, api: Annotated[ApiState, Depends(state)]) -> BatchView:
+async def cancel_batch(
+    batch_id: UUID, api: Annotated[ApiState, Depends(state)], principal: Caller
+) -> BatchView:
     """Stop an open batch: jobs not started fail as ``batch_cancelled``, running ones
     finish, then the batch is ``cancelled``."""
-    row = await batches.cancel(api.pool, batch_id)
+    row = await batches.cancel(api.pool, batch_id, principal.tenant_id)
     if row is None:
         raise HTTPException(404, f"no batch {batch_id}")
     if row.status not in ("cancelling", "cancelled"):
@@ -118,19 +135,19 @@ def _dump(line: OutputLine) -> bytes:
     return orjson.dumps(line.model_dump(mode="json")) + b"\n"
 
 
-@router.get("/{batch_id}/output", responses={404: {"model": ErrorBody}})
+@router.get("/{batch_id}/output", responses=NOT_FOUND)
 async def batch_output(
-    batch_id: UUID, api: Annotated[ApiState, Depends(state)]
+    batch_id: UUID, api: Annotated[ApiState, Depends(state)], principal: Caller
 ) -> StreamingResponse:
     """The succeeded requests so far, as OpenAI Batch output lines (JSONL)."""
-    row = await _batch(api, batch_id)
+    row = await _batch(api, batch_id, principal.tenant_id)
     return StreamingResponse(_stream(api, row, succeeded=True), media_type=JSONL)
 
 
-@router.get("/{batch_id}/errors", responses={404: {"model": ErrorBody}})
+@router.get("/{batch_id}/errors", responses=NOT_FOUND)
 async def batch_errors(
-    batch_id: UUID, api: Annotated[ApiState, Depends(state)]
+    batch_id: UUID, api: Annotated[ApiState, Depends(state)], principal: Caller
 ) -> StreamingResponse:
     """The bad input lines (with ``error.line``) and the failed requests so far (JSONL)."""
-    row = await _batch(api, batch_id)
+    row = await _batch(api, batch_id, principal.tenant_id)
     return StreamingResponse(_stream(api, row, succeeded=False), media_type=JSONL)

@@ -45,7 +45,11 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
 
 async def _rejected(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SubmissionRejected)
-    status = {"unknown_model": 400, "idempotency_key_reused": 409}.get(exc.code, 422)
+    status = {
+        "unknown_model": 400,
+        "idempotency_key_reused": 409,
+        "conversation_not_found": 404,
+    }.get(exc.code, 422)
     return error_response(
         status, ApiError(code=exc.code, message=exc.message, served_models=exc.served_models)
     )
@@ -73,12 +77,18 @@ async def _http(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     code = {
         400: "bad_request",
+        401: "unauthorized",
+        403: "forbidden",
         404: "not_found",
         405: "method_not_allowed",
         409: "conflict",
         415: "unsupported_media_type",
     }.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, ApiError(code=code, message=str(exc.detail)))
+    return error_response(
+        exc.status_code,
+        ApiError(code=code, message=str(exc.detail)),
+        headers=dict(exc.headers) if exc.headers else None,
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

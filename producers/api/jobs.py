@@ -10,6 +10,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from kontext import ledger
+from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from producers.api.waiters import RECHECK_S
 from producers.submit import submit
@@ -22,32 +23,46 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 MAX_WAIT_S = 60
 
 ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (400, 413, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 402, 404, 413, 422, 429, 503)
 }
 
 
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
 async def create_job(
-    submission: JobSubmission, response: Response, api: Annotated[ApiState, Depends(state)]
+    submission: JobSubmission,
+    response: Response,
+    api: Annotated[ApiState, Depends(state)],
+    principal: Caller,
 ) -> JobAccepted:
-    """Queue a chat job and answer at once; the result comes on the reply topic or by GET."""
-    job, created = await submit(api.settings, api.pool, api.producer, submission)
+    """Queue a chat job and answer at once; the result comes on the reply topic or by GET.
+
+    A ``conversation_id`` another tenant uses answers 404, as if it did not exist.
+    """
+    job, created = await submit(
+        api.settings,
+        api.pool,
+        api.producer,
+        submission,
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        chain=api.chain,
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if not created:
         response.status_code = 200
     return JobAccepted(id=job.id, status=job.status, conversation_id=job.conversation_id)
 
 
-async def _read(api: ApiState, job_id: UUID, wait: float) -> ledger.JobRow | None:
-    """The job, once final or after ``wait`` seconds, whichever comes first."""
+async def _read(api: ApiState, job_id: UUID, tenant_id: str, wait: float) -> ledger.JobRow | None:
+    """The tenant's job, once final or after ``wait`` seconds, whichever comes first."""
     if wait <= 0:
-        return await ledger.get(api.pool, job_id)
+        return await ledger.get(api.pool, job_id, tenant_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     with api.waiters.watch(job_id) as changed:
         while True:
             changed.clear()
-            job = await ledger.get(api.pool, job_id)
+            job = await ledger.get(api.pool, job_id, tenant_id)
             left = deadline - loop.time()
             if job is None or job.status in FINAL_STATUSES or left <= 0:
                 return job
@@ -56,11 +71,14 @@ async def _read(api: ApiState, job_id: UUID, wait: float) -> ledger.JobRow | Non
 
 
 @router.get(
-    "/{job_id}", response_model=JobView, responses={404: {"model": ErrorBody}, 422: ERRORS[422]}
+    "/{job_id}",
+    response_model=JobView,
+    responses={401: ERRORS[401], 404: ERRORS[404], 422: ERRORS[422]},
 )
 async def get_job(
     job_id: UUID,
     api: Annotated[ApiState, Depends(state)],
+    principal: Caller,
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a final status")
     ] = 0,
@@ -70,7 +88,7 @@ async def get_job(
     With ``wait``, answers as soon as the job is final, or after ``wait`` seconds
     with whatever status it has then (a long poll).
     """
-    job = await _read(api, job_id, wait)
+    job = await _read(api, job_id, principal.tenant_id, wait)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return JobView(

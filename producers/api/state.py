@@ -3,7 +3,7 @@ and the long-poll waiters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -11,6 +11,7 @@ from fastapi import Request
 
 from kontext.settings import Settings
 from producers.api.waiters import JobWaiters
+from workers.policies.chain import PolicyChain
 
 
 @dataclass
@@ -19,6 +20,8 @@ class ApiState:
     pool: asyncpg.Pool
     producer: AIOKafkaProducer
     waiters: JobWaiters
+    chain: PolicyChain = field(default_factory=lambda: PolicyChain([]))
+    """The policy chain's API hooks (built in workers/policies/compose.py)."""
 
 
 def state(request: Request) -> ApiState:

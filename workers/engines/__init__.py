@@ -13,7 +13,7 @@ from typing import Protocol, cast
 from kontext.settings import Settings
 from workers.engines.base import ChatTokenizer, Engine
 
-ENGINE_NAMES: tuple[str, ...] = ("smollm2", "tiny", "null")
+ENGINE_NAMES: tuple[str, ...] = ("smollm2", "vllm", "tiny", "null")
 
 
 class _Backend(Protocol):

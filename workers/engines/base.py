@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from schemas.events import ChatMessage
@@ -24,6 +24,10 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    mean_logprob: float | None = field(default=None, compare=False)
+    """Mean log-probability of the generated tokens under the model (None if unknown):
+    how sure the model was; human review holds answers under a threshold. Not compared:
+    padding in a batch moves it in the last digits."""
 
 
 class ChatTokenizer(Protocol):

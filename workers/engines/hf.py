@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from schemas.events import ChatMessage
 from workers.engines.base import ChatTokenizer, Generation, GenerationRequest
@@ -59,6 +59,35 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+class ChosenLogprobs:
+    """A logits processor that records each chosen token's log-probability.
+
+    It runs before the sampling warpers (temperature), so the figures are the
+    model's own distribution; it keeps one step's log-softmax at a time.
+    """
+
+    def __init__(self) -> None:
+        self._previous: torch.Tensor | None = None
+        self._steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1:])
+        self._previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        if self._previous is not None:
+            self._steps.append(self._previous.gather(1, chosen).squeeze(1))
+            self._previous = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """Per row, the log-probability of each generated token (batch x new tokens)."""
+        self._take(sequences[:, -1:])
+        if not self._steps:
+            return torch.zeros((sequences.shape[0], 0))
+        return torch.stack(self._steps, dim=1)
 
 
 class HFEngine:
@@ -112,25 +141,36 @@ class HFEngine:
             pad_token_id=pad,
             **sampling,
         )
+        chosen = ChosenLogprobs()
         with torch.inference_mode():
             output = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, generation_config=config
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([chosen]),
             )
-        assert isinstance(output, torch.Tensor)
+            assert isinstance(output, torch.Tensor)
+            logprobs = chosen.finish(output).tolist()
         return [
-            self._result(len(prompt), row[width:].tolist(), request.max_tokens)
-            for prompt, row, request in zip(prompts, output, requests, strict=True)
+            self._result(len(prompt), row[width:].tolist(), request.max_tokens, scores)
+            for prompt, row, request, scores in zip(
+                prompts, output, requests, logprobs, strict=True
+            )
         ]
 
-    def _result(self, prompt_tokens: int, new_ids: list[int], max_tokens: int) -> Generation:
+    def _result(
+        self, prompt_tokens: int, new_ids: list[int], max_tokens: int, logprobs: list[float]
+    ) -> Generation:
         """Cut ``new_ids`` at this request's max_tokens or at its first EOS (not counted)."""
         new_ids = new_ids[:max_tokens]
         stopped = self.tokenizer.eos_id in new_ids
         if stopped:
             new_ids = new_ids[: new_ids.index(self.tokenizer.eos_id)]
+        kept = logprobs[: len(new_ids)]
         return Generation(
             text=self.tokenizer.decode(new_ids),
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids),
             finish_reason="stop" if stopped else "length",
+            mean_logprob=sum(kept) / len(kept) if kept else None,
         )

@@ -45,6 +45,7 @@ class NullEngine:
                 prompt_tokens=self.tokenizer.count(request.prompt),
                 completion_tokens=self._reply_tokens,
                 finish_reason="stop",
+                mean_logprob=0.0,  # a fixed reply: probability 1
             )
             for request in batch
         ]

@@ -15,6 +15,16 @@ class PolicyChain:
     def __init__(self, steps: Sequence[Policy]) -> None:
         self.steps = list(steps)
 
+    def rewrite_request(self, request: JobRequest) -> JobRequest:
+        for step in self.steps:
+            request = step.rewrite_request(request)
+        return request
+
+    def rewrite_completion(self, completion: JobCompletion) -> JobCompletion:
+        for step in self.steps:
+            completion = step.rewrite_completion(completion)
+        return completion
+
     async def check_submit(self, request: JobRequest) -> Refusal | None:
         for step in self.steps:
             refusal = await step.check_submit(request)

@@ -1,0 +1,55 @@
+"""Events of the limiter and the router: the admission topic, the limiter's published
+state, and inference workers' heartbeats."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import Field, TypeAdapter
+
+from schemas.events import Event, JobRequest
+
+
+class Submitted(Event):
+    """A submission waiting for the limiter (admission topic, keyed by tenant)."""
+
+    type: Literal["submitted"] = "submitted"
+    request: JobRequest
+
+
+class Settled(Event):
+    """A job's actual token use, sent back to its tenant's limiter to settle its
+    reservation (admission topic, keyed by tenant)."""
+
+    type: Literal["settled"] = "settled"
+    job_id: UUID
+    tenant_id: str
+    tokens: int = Field(ge=0)
+
+
+AdmissionEvent = Annotated[Submitted | Settled, Field(discriminator="type")]
+ADMISSION_EVENT: TypeAdapter[Submitted | Settled] = TypeAdapter(AdmissionEvent)
+
+
+class TenantLimitStatus(Event):
+    """What the limiter knows for sure about a tenant, for the API to refuse early.
+
+    ``blocked_until`` (unix seconds): the requests- or tokens-per-minute window is
+    full until then. ``budget_spent`` only grows, so ``budget - budget_spent``
+    bounds what any request can still get."""
+
+    tenant_id: str
+    blocked_until: float | None = None
+    blocked_by: Literal["rpm", "tpm"] | None = None
+    budget: int | None = None
+    budget_spent: int = 0
+
+
+class WorkerHeartbeat(Event):
+    """An inference worker is alive; ``lag`` is how many records its consumer is behind."""
+
+    model: str
+    worker_id: str
+    at: float
+    lag: int | None = None

@@ -1,0 +1,327 @@
+"""Per-tenant rate limits and token budgets across two API replicas.
+
+One ``kontext up`` (API replica A, the admission stage and every worker, null
+engine) and a second API-only process (replica B) share the broker and the
+database. Concurrent submitters on both replicas must not push a tenant past
+its limit or budget by even one job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from kontext import keys, ledger
+from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.settings import Settings
+from schemas.events import ChatMessage, JobRequest
+from schemas.limits import Settled
+from tests.conftest import Stack, stack_env, start_stack, wait_for
+from workers.policies.limits import (
+    LimitLedger,
+    TenantLimits,
+    budget_reservation,
+    reservation,
+)
+
+RPM = 10
+MAX_TOKENS = 40
+BURST_JOBS = 5
+MESSAGE = "How many tokens will this use?"
+LONG = " ".join(["word"] * 120)
+UNSERVED = "tiny"
+"""Served (accepted, enriched) but no inference worker runs it in this module."""
+
+
+@dataclass
+class Replicas:
+    a: Stack
+    b: Stack
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def replicas(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
+) -> Iterator[Replicas]:
+    env = stack_env(broker, database, prefix=f"lim{uuid.uuid4().hex[:8]}")
+    env.update(
+        KONTEXT_ENGINES=f"null,{UNSERVED}",
+        KONTEXT_INFERENCE_ENGINES="null",
+        KONTEXT_LIMITS_REFRESH_S="0.5",
+        KONTEXT_POLICY_LIMITS="true",
+    )
+    a = start_stack(["up", "--port", "0"], env, workdir)
+    try:
+        b = start_stack(["worker", "api", "--port", "0"], env, workdir)
+    except BaseException:
+        a.stop()
+        raise
+    yield Replicas(a, b, env)
+    assert b.stop() == 0, "".join(b.output[-40:])
+    assert a.stop() == 0, "".join(a.output[-40:])
+
+
+async def _tenant(pool: asyncpg.Pool, **limits: int) -> keys.NewKey:
+    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key."""
+    created = await keys.create(pool, f"t-{uuid.uuid4().hex[:10]}")
+    for column, value in limits.items():
+        await pool.execute(
+            f"UPDATE tenants SET {column} = $2 WHERE id = $1", created.tenant_id, value
+        )
+    return created
+
+
+def _probe(text: str = MESSAGE) -> JobRequest:
+    return JobRequest(
+        job_id=uuid.uuid4(),
+        conversation_id="x",
+        model="null",
+        messages=[ChatMessage(role="user", content=text)],
+        max_tokens=MAX_TOKENS,
+    )
+
+
+def _cost() -> int:
+    """What one test job counts in a tokens-per-minute window."""
+    return reservation(_probe())
+
+
+def _hold(replicas: Replicas) -> int:
+    """What one test job holds against its budget in the replicas' deployment: the
+    most it can use (its prompt budget, memory included, plus max_tokens)."""
+    settings = Settings(
+        engines=replicas.env["KONTEXT_ENGINES"].split(","),
+        context_budget_tokens=int(replicas.env["KONTEXT_CONTEXT_BUDGET_TOKENS"]),
+        budget_reserve="max",
+    )
+    return budget_reservation(settings, _probe())
+
+
+@pytest.fixture
+async def http(replicas: Replicas) -> AsyncIterator[list[httpx.AsyncClient]]:
+    async with (
+        httpx.AsyncClient(base_url=replicas.a.api_url, timeout=30) as a,
+        httpx.AsyncClient(base_url=replicas.b.api_url, timeout=30) as b,
+    ):
+        yield [a, b]
+
+
+async def _submit(
+    client: httpx.AsyncClient, key: str, model: str = "null", text: str = MESSAGE
+) -> httpx.Response:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": MAX_TOKENS,
+    }
+    return await client.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+async def _final(client: httpx.AsyncClient, key: str, job_id: str) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {key}"}
+    for _ in range(6):
+        job: dict[str, Any] = (
+            await client.get(f"/v1/jobs/{job_id}", params={"wait": 10}, headers=headers)
+        ).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+    raise AssertionError(f"job {job_id} not final: {job}")
+
+
+def _retry_after(response: httpx.Response) -> int:
+    value = response.headers.get("Retry-After")
+    assert value is not None and value.isdigit() and int(value) >= 1, response.headers
+    return int(value)
+
+
+async def _burst(
+    http: list[httpx.AsyncClient], key: str, count: int
+) -> tuple[list[dict[str, Any]], list[httpx.Response]]:
+    """``count`` concurrent submissions alternating between the replicas; returns the
+    accepted jobs once final, and the refused responses."""
+    responses = await asyncio.gather(*(_submit(http[i % 2], key) for i in range(count)))
+    accepted = [r for r in responses if r.status_code == 202]
+    refused = [r for r in responses if r.status_code != 202]
+    jobs = await asyncio.gather(*(_final(http[0], key, r.json()["id"]) for r in accepted))
+    return list(jobs), refused
+
+
+async def test_rpm_holds_exactly_across_two_replicas(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient]
+) -> None:
+    key = (await _tenant(pool, rpm=RPM)).key
+    jobs, refused = await _burst(http, key, 40)
+
+    succeeded = [j for j in jobs if j["status"] == "succeeded"]
+    assert len(succeeded) == RPM
+    for job in jobs:
+        if job["status"] == "failed":
+            assert job["error"]["code"] == "rate_limited", job
+            assert "retry after" in job["error"]["message"]
+    for response in refused:
+        assert response.status_code == 429, response.text
+        assert response.json()["error"]["code"] == "rate_limited"
+        assert _retry_after(response) <= 61
+    assert len(jobs) + len(refused) == 40
+
+    # Once the limiter has published the full window, both replicas refuse at once,
+    # with Retry-After, and nothing more is admitted.
+    for client in http:
+        answers: list[httpx.Response] = []
+
+        async def refused_here(
+            client: httpx.AsyncClient = client, answers: list[httpx.Response] = answers
+        ) -> bool:
+            answers.append(await _submit(client, key))
+            return answers[-1].status_code == 429
+
+        await wait_for(refused_here, timeout=20, interval=0.2)
+        assert 1 <= _retry_after(answers[-1]) <= 61
+        late = [r.json()["id"] for r in answers if r.status_code == 202]
+        for job_id in late:
+            assert (await _final(client, key, job_id))["status"] == "failed"
+
+
+async def test_budget_holds_exactly_across_two_replicas(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
+) -> None:
+    # UNSERVED has no inference worker here: admitted jobs keep their reservation for
+    # the whole burst (nothing settles early), so the bound is exact whatever the timing.
+    hold = _hold(replicas)
+    tenant = await _tenant(pool, token_budget=BURST_JOBS * hold + hold // 2)
+    responses = await asyncio.gather(
+        *(_submit(http[i % 2], tenant.key, model=UNSERVED) for i in range(20))
+    )
+    assert all(r.status_code == 202 for r in responses), [r.text for r in responses]
+    ids = [r.json()["id"] for r in responses]
+    headers = {"Authorization": f"Bearer {tenant.key}"}
+
+    async def statuses() -> list[dict[str, Any]]:
+        return [(await http[0].get(f"/v1/jobs/{job_id}", headers=headers)).json() for job_id in ids]
+
+    async def decided() -> bool:
+        return sum(j["status"] == "failed" for j in await statuses()) >= 20 - BURST_JOBS
+
+    await wait_for(decided, timeout=30, interval=0.2)
+    jobs = await statuses()
+    failed = [j for j in jobs if j["status"] == "failed"]
+    assert len(failed) == 20 - BURST_JOBS
+    assert all(j["error"]["code"] == "budget_exhausted" for j in failed)
+    admitted = [j for j in jobs if j["status"] != "failed"]
+    assert len(admitted) == BURST_JOBS
+    assert all(j["status"] in ("queued", "running") for j in admitted)  # no worker for them
+
+
+async def test_budget_settles_to_actual_use(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
+) -> None:
+    hold = _hold(replicas)
+    budget = hold + hold // 2  # room to hold one job at a time
+    tenant = await _tenant(pool, token_budget=budget)
+    client, used, succeeded = http[1], 0, 0
+    # One job at a time: each settles to what it used (less than it held), so the
+    # budget serves more jobs than it could hold at once, until what is left cannot
+    # cover one more job's most.
+    while True:
+        response = await _submit(client, tenant.key, text=LONG)
+        if response.status_code == 402:
+            assert response.json()["error"]["code"] == "budget_exhausted"
+            assert "Retry-After" not in response.headers
+            break
+        assert response.status_code == 202, response.text
+        job = await _final(client, tenant.key, response.json()["id"])
+        if job["status"] == "failed":
+            assert job["error"]["code"] == "budget_exhausted", job
+            assert budget - used < hold
+            continue  # the API refuses once the limiter's new state reaches it
+        used += job["result"]["usage"]["total_tokens"]
+        succeeded += 1
+        assert used <= budget
+    assert succeeded > 1
+    assert budget - used < hold
+    spent = await pool.fetchval(
+        "SELECT spent FROM tenant_budget_spent WHERE tenant_id = $1", tenant.tenant_id
+    )
+    assert spent == used
+
+
+async def test_a_job_driven_again_from_the_ledger_passes_its_tenants_limiter(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient]
+) -> None:
+    tenant = await _tenant(pool, rpm=1)
+    lost = JobRequest(
+        job_id=uuid.uuid4(),
+        conversation_id=f"lost-{uuid.uuid4().hex[:8]}",
+        tenant_id=tenant.tenant_id,
+        key_id=tenant.id,
+        model="null",
+        messages=[ChatMessage(role="user", content=MESSAGE)],
+        max_tokens=MAX_TOKENS,
+    )
+    # In the ledger but never published, and past its lease: the reconciler re-drives it.
+    await ledger.admit(pool, lost, None)
+    await pool.execute(
+        "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", lost.job_id
+    )
+    assert (await _final(http[0], tenant.key, str(lost.job_id)))["status"] == "succeeded"
+    # It went through the limiter: it took the tenant's one request of this minute.
+    response = await _submit(http[1], tenant.key)
+    if response.status_code == 202:
+        job = await _final(http[1], tenant.key, response.json()["id"])
+        assert job["status"] == "failed" and job["error"]["code"] == "rate_limited", job
+    else:
+        assert response.status_code == 429, response.text
+
+
+def _ledger(**limits: int | None) -> LimitLedger:
+    settings = Settings(
+        default_rpm=limits.get("rpm"),
+        default_tpm=limits.get("tpm"),
+        default_token_budget=limits.get("budget"),
+    )
+    return LimitLedger(TenantLimits(settings, None), {})
+
+
+def _request(max_tokens: int = MAX_TOKENS) -> JobRequest:
+    return JobRequest(
+        job_id=uuid.uuid4(),
+        conversation_id="c",
+        tenant_id="t",
+        model="null",
+        messages=[ChatMessage(role="user", content=MESSAGE)],
+        max_tokens=max_tokens,
+    )
+
+
+async def test_the_window_slides_and_says_when_to_retry() -> None:
+    ledger, start = _ledger(rpm=3), 1_000_000.0
+    assert await ledger.admit([_request() for _ in range(3)], start) == {}
+    later = [_request()]
+    refusal = (await ledger.admit(later, start + 30))[later[0].job_id]
+    assert refusal.code == "rate_limited"
+    assert refusal.retry_after_s is not None and 30 <= refusal.retry_after_s <= 31
+    assert ledger.status("t", start + 30).blocked_until == start + 61
+    assert await ledger.admit(later, start + 61) == {}  # the first three left the window
+
+
+async def test_tokens_per_minute_count_actual_use_once_settled() -> None:
+    cost = _cost()
+    ledger, now = _ledger(tpm=2 * cost + 5), 1_000_000.0
+    first, second, third = _request(), _request(), _request()
+    assert await ledger.admit([first, second], now) == {}
+    assert third.job_id in await ledger.admit([third], now)
+    ledger.settle([Settled(job_id=first.job_id, tenant_id="t", tokens=5)], now + 1)
+    ledger.settle([Settled(job_id=first.job_id, tenant_id="t", tokens=5)], now + 1)  # again
+    assert await ledger.admit([third], now + 2) == {}
+    too_big = _request(max_tokens=3 * cost)
+    refusal = (await ledger.admit([too_big], now + 2))[too_big.job_id]
+    assert refusal.code == "rate_limited" and "lower max_tokens" in refusal.message

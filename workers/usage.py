@@ -1,0 +1,53 @@
+"""The usage service: counts tokens per tenant, key and model from the reply topic.
+
+A consumer of the reply topic in its own group, off the request path: each
+micro-batch of replies is one upsert (``kontext.usage.record``), idempotent per
+job id, so a redelivered reply is never counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
+
+from kontext import usage
+from kontext.settings import Settings
+from schemas.events import JobReply
+from workers.deadletter import DeadLetters
+from workers.records import Record
+
+
+class UsageRecorder:
+    """Adds each replied job's prompt and completion tokens to its tenant's usage."""
+
+    name = "usage"
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+        self.pool = pool
+        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        sends: list[asyncio.Future[object]] = []
+        counted: list[usage.Counted] = []
+        for record in records:
+            try:
+                reply = JobReply.decode(record.value)
+            except (ValidationError, ValueError) as exc:
+                sends.append(await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
+                continue
+            spent = reply.result.usage if reply.result is not None else None
+            counted.append(
+                usage.Counted(
+                    job_id=reply.job_id,
+                    prompt_tokens=spent.prompt_tokens if spent else 0,
+                    completion_tokens=spent.completion_tokens if spent else 0,
+                )
+            )
+        if counted:
+            await usage.record(self.pool, counted)
+        if sends:
+            await asyncio.gather(*sends)
