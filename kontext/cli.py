@@ -340,7 +340,9 @@ def bench_memory(
 
     _logging(False)
     lengths = [int(n) for n in turns.split(",")]
-    with embedded(_settings([engine], 0)) as settings:
+    # No response cache: repeated runs of the same script must reach the engine.
+    base = _settings([engine], 0).model_copy(update={"cache_ttl_s": 0})
+    with embedded(base) as settings:
 
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)
@@ -396,10 +398,14 @@ def bench_lanes(
     from kontext.runtime import run_while
 
     _logging(False)
-    with embedded(_settings([engine], 0)) as settings:
+    # No response cache: every probe and line must reach the engine.
+    base = _settings([engine], 0).model_copy(update={"cache_ttl_s": 0})
+    with embedded(base) as settings:
 
         async def work(runtime: Runtime, url: str) -> list[bench_lanes.Phase]:
-            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            key = await keys_cli.mint(settings.dsn)
+            auth = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
                 return await bench_lanes.run(http, engine, probes, lines, max_tokens)
 
         phases: list[bench_lanes.Phase] = []

@@ -24,11 +24,33 @@ from producers.batch_lines import ParsedInput, parse
 from producers.submit import EnqueueFailed, SubmissionRejected, check_webhook
 from schemas.batches import BatchCreate, LineError
 from schemas.events import ErrorInfo, JobRequest
+from schemas.limits import Submitted
 from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
 
 WINDOWS_S = {"24h": 24 * 3600.0}
+
+
+async def _send(
+    settings: Settings, producer: AIOKafkaProducer, request: JobRequest
+) -> asyncio.Future[object]:
+    """To the tenant's limiter (it holds budget for the line, then forwards it to the
+    background lane), or straight to the lane when limits are off."""
+    if settings.policy_limits:
+        topic, value, key = (
+            settings.topics.admission,
+            Submitted(request=request).encode(),
+            request.tenant_id,
+        )
+    else:
+        topic, value, key = (
+            settings.topics.requests_lane(request.priority),
+            request.encode(),
+            request.conversation_id,
+        )
+    sent: asyncio.Future[object] = await producer.send(topic, value, key=key.encode())
+    return sent
 
 
 async def _publish(
@@ -46,11 +68,7 @@ async def _publish(
         created = await batches.admit(pool, batch_id, chunk)
         try:
             sends = [
-                await producer.send(
-                    settings.topics.requests_lane(request.priority),
-                    request.encode(),
-                    key=request.conversation_id.encode(),
-                )
+                await _send(settings, producer, request)
                 for _, request in chunk
                 if request.job_id in created
             ]

@@ -24,9 +24,9 @@ from kontext.backfill import plan
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.test_webhooks import Receiver
 
-# 10,000 lines take about 110 s on the 2-core development machine.
+# 10,000 lines take 110-230 s on the 2-core development machine, by its load.
 BIG = int(os.environ.get("KONTEXT_TEST_BACKFILL_LINES", "10000"))
-BIG_TIMEOUT_S = 240
+BIG_TIMEOUT_S = 420
 
 
 def _line(custom_id: str, content: str = "ping", **body: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from kontext import keys, ledger
@@ -219,6 +220,50 @@ async def test_budget_holds_exactly_across_two_replicas(
     admitted = [j for j in jobs if j["status"] != "failed"]
     assert len(admitted) == BURST_JOBS
     assert all(j["status"] in ("queued", "running") for j in admitted)  # no worker for them
+
+
+async def test_a_batch_holds_budget_but_is_not_paced_by_the_per_minute_limits(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
+) -> None:
+    # Each line holds budget like a job; rpm 1 does not apply to the background lane.
+    hold = _hold(replicas)
+    tenant = await _tenant(pool, token_budget=3 * hold + hold // 2, rpm=1)
+    lines = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": UNSERVED,  # no worker: admitted lines keep their hold
+                "messages": [{"role": "user", "content": MESSAGE}],
+                "max_tokens": MAX_TOKENS,
+            },
+        }
+        for i in range(10)
+    ]
+    headers = {"Authorization": f"Bearer {tenant.key}", "content-type": "application/jsonl"}
+    created = await http[0].post(
+        "/v1/batches", content="\n".join(orjson.dumps(x).decode() for x in lines), headers=headers
+    )
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+
+    async def counts() -> dict[str, int]:
+        got: dict[str, int] = (
+            await http[1].get(f"/v1/batches/{batch_id}", headers=headers)
+        ).json()["request_counts"]
+        return got
+
+    async def decided() -> bool:
+        return (await counts())["failed"] >= 7
+
+    await wait_for(decided, timeout=30, interval=0.2)
+    assert await counts() == {"total": 10, "completed": 0, "failed": 7}
+    errors = await http[0].get(f"/v1/batches/{batch_id}/errors", headers=headers)
+    codes = {orjson.loads(line)["error"]["code"] for line in errors.text.splitlines() if line}
+    assert codes == {"budget_exhausted"}
+    cancelled = await http[0].post(f"/v1/batches/{batch_id}/cancel", headers=headers)
+    assert cancelled.status_code == 200, cancelled.text
 
 
 async def test_budget_settles_to_actual_use(

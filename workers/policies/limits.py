@@ -208,7 +208,10 @@ class LimitLedger:
             return None  # delivered again: admitted already, counted once
         cost = reservation(request)
         hold = budget_reservation(self.limits.settings, request)
-        if limits.rpm is not None and tenant.in_window >= limits.rpm:
+        # A background job (a batch line) is paced by its lane, not by the per-minute
+        # limits, and does not count in them; it holds and spends budget like any job.
+        paced = request.priority != "background"
+        if paced and limits.rpm is not None and tenant.in_window >= limits.rpm:
             wait = tenant.frees_at(tenant.requests) - now
             return Refusal(
                 "rate_limited",
@@ -216,7 +219,7 @@ class LimitLedger:
                 f"retry after {math.ceil(wait)} s",
                 retry_after_s=wait,
             )
-        if limits.tpm is not None:
+        if paced and limits.tpm is not None:
             if cost > limits.tpm:
                 return Refusal(
                     "rate_limited",
@@ -241,11 +244,14 @@ class LimitLedger:
                     f"(not spent nor held by jobs in flight); this request may use {hold}",
                     status=402,
                 )
+        tenant.reserved += hold
+        if not paced:
+            tenant.held[job] = [hold, -1, 0]  # second -1: settling touches no window
+            return None
         second = str(int(now))
         tenant.requests[second] = tenant.requests.get(second, 0) + 1
         tenant.tokens[second] = tenant.tokens.get(second, 0) + cost
         tenant.held[job] = [hold, int(now), cost]
-        tenant.reserved += hold
         tenant.in_window += 1
         tenant.tokens_in_window += cost
         return None
