@@ -17,12 +17,11 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 from standardwebhooks import Webhook
 
 from kontext.backfill import plan
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
-from tests.test_webhooks import Receiver
+from tests.receiver import Receiver, serving
 
 # 10,000 lines take 110-230 s on the 2-core development machine, by its load.
 BIG = int(os.environ.get("KONTEXT_TEST_BACKFILL_LINES", "10000"))
@@ -341,17 +340,8 @@ async def test_an_interactive_job_overtakes_a_queued_backfill(http: httpx.AsyncC
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hooks/{name}", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    receiver.url = f"http://{host}:{port}"
-    yield receiver
-    await runner.cleanup()
+    async with serving() as receiver:
+        yield receiver
 
 
 async def test_batch_completed_webhook_reaches_a_real_receiver(

@@ -16,9 +16,13 @@ from standardwebhooks import Webhook, WebhookVerificationError
 
 from kontext import keys
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
-from tests.test_webhooks import Receiver, receiver
+from tests.receiver import Receiver, serving
 
-__all__ = ["receiver"]  # the module-scoped local webhook receiver
+
+@pytest.fixture(scope="module")
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serving() as receiver:
+        yield receiver
 
 
 @pytest.fixture

@@ -9,21 +9,19 @@ log-probability threshold of -1 and the pattern ``escalate``.
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-import orjson
 import pytest
-from aiohttp import web
 
 from kontext import keys
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from schemas.events import ChatMessage, ContextInfo, EnrichedRequest, JobRequest
 from tests.conftest import Stack, stack_env, start_stack, wait_for
+from tests.receiver import Receiver, serving
 from workers.completions import completion_for
 from workers.engines.base import Generation
 from workers.policies.review import HumanReview
@@ -44,31 +42,10 @@ def review_stack(
     assert running.stop() == 0, "".join(running.output[-40:])
 
 
-class Receiver:
-    """A real webhook endpoint that keeps every body it is sent, by hook name."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.calls: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.calls[request.match_info["name"]].append(orjson.loads(await request.read()))
-        return web.Response(status=204)
-
-
 @pytest.fixture(scope="module")
 async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hooks/{name}", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    receiver.url = f"http://{host}:{port}"
-    yield receiver
-    await runner.cleanup()
+    async with serving() as receiver:
+        yield receiver
 
 
 @pytest.fixture
@@ -161,7 +138,7 @@ async def test_a_result_matching_a_pattern_is_delivered_only_once_approved(
     assert view["result"]["choices"][0]["message"]["content"] == "ok"
     assert view["result"]["context"]["review"] == "approved"
     await wait_for(lambda: len(receiver.calls[hook]) == 1, timeout=90, interval=0.1)
-    assert receiver.calls[hook][0]["data"]["status"] == "succeeded"
+    assert receiver.calls[hook][0].json()["data"]["status"] == "succeeded"
 
     # Decided once: a second decision is refused, nothing is published again.
     again = await http.post(f"/v1/jobs/{job['id']}/review", json={"action": "approve"})

@@ -7,17 +7,23 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
 from aiokafka import AIOKafkaConsumer
 
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from tests.conftest import WEBHOOK_SECRETS, Stack, stack_env, start_stack, wait_for
-from tests.test_webhooks import Receiver, receiver
+from tests.receiver import Receiver, serving
 
-__all__ = ["receiver"]  # the webhook receiver fixture, shared
+
+@pytest.fixture(scope="module")
+async def receiver() -> AsyncIterator[Receiver]:
+    async with serving() as receiver:
+        yield receiver
 
 
 async def _topic_bytes(stack: Stack) -> bytes:

@@ -10,16 +10,13 @@ import asyncio
 import sys
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
 import pytest
-from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from standardwebhooks import Webhook, WebhookVerificationError
 
@@ -29,55 +26,17 @@ from kontext.ssrf import UrlGuard
 from schemas.api import JobView
 from schemas.events import JobReply, JobRequest
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
+from tests.receiver import Receiver, serving
 from workers.retries import RetryPolicy
 from workers.sender import Sender
 
 JOB_SECRET = "whsec_a29udGV4dC10ZXN0LXNlY3JldC1vZi1vbmUtam9iISE="
 
 
-@dataclass
-class Call:
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """A webhook endpoint per name; each can be told to fail (503) a number of times."""
-
-    url: str = ""
-    calls: defaultdict[str, list[Call]] = field(default_factory=lambda: defaultdict(list))
-    failures: dict[str, int] = field(default_factory=dict)
-    """Failures left per name; negative: fail for ever."""
-
-    def hook(self, name: str) -> str:
-        return f"{self.url}/hooks/{name}"
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        self.calls[name].append(Call(dict(request.headers), await request.read()))
-        if name.startswith("redirect"):
-            raise web.HTTPFound(self.hook("elsewhere"))
-        left = self.failures.get(name, 0)
-        if left:
-            self.failures[name] = left - 1 if left > 0 else left
-            return web.Response(status=503, text="receiver down")
-        return web.Response(status=204)
-
-
 @pytest.fixture(scope="module")
 async def receiver() -> AsyncIterator[Receiver]:
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hooks/{name}", receiver.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    receiver.url = f"http://{host}:{port}"
-    yield receiver
-    await runner.cleanup()
+    async with serving() as receiver:
+        yield receiver
 
 
 @pytest.fixture
