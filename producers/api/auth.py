@@ -26,12 +26,12 @@ import asyncpg
 from fastapi import Depends, HTTPException, Request
 
 from kontext import keys
+from kontext.listen import listen_forever
 from producers.api.state import ApiState, state
 
 log = logging.getLogger(__name__)
 
 CACHE_MAX = 10_000
-RECONNECT_S = 1.0
 CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
@@ -62,7 +62,10 @@ class KeyCache:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="key-revocations")
+        listening = listen_forever(
+            self.dsn, keys.REVOKED_CHANNEL, self._notified, self.drop, "key revocation"
+        )
+        self._task = asyncio.create_task(listening, name="key-revocations")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -97,25 +100,6 @@ class KeyCache:
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         self.drop(payload)
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                await self._listen_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("key revocation listener failed (%s); reconnecting", exc)
-            await asyncio.sleep(RECONNECT_S)
-
-    async def _listen_once(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
-        try:
-            await conn.add_listener(keys.REVOKED_CHANNEL, self._notified)
-            self.drop()  # a revocation may have come while no one listened
-            await lost.wait()
-        finally:
-            await conn.close()
 
 
 def _unauthorized(message: str) -> HTTPException:

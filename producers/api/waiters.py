@@ -13,13 +13,12 @@ import logging
 from collections.abc import Iterator
 from uuid import UUID
 
-import asyncpg
+from kontext.listen import listen_forever
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "kontext_job_final"
 RECHECK_S = 2.0
-RECONNECT_S = 1.0
 
 
 class JobWaiters:
@@ -31,7 +30,8 @@ class JobWaiters:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="job-waiters")
+        listening = listen_forever(self.dsn, CHANNEL, self._notified, self._wake_all, "long-poll")
+        self._task = asyncio.create_task(listening, name="job-waiters")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -65,22 +65,3 @@ class JobWaiters:
         for events in self._events.values():
             for event in events:
                 event.set()
-
-    async def _listen(self) -> None:
-        while True:
-            try:
-                await self._listen_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("long-poll listener failed (%s); reconnecting", exc)
-            await asyncio.sleep(RECONNECT_S)
-
-    async def _listen_once(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
-        lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: lost.set())
-        try:
-            await conn.add_listener(CHANNEL, self._notified)
-            self._wake_all()  # whatever finished while no one listened is read again
-            await lost.wait()
-        finally:
-            await conn.close()
