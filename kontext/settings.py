@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     admission_batch_wait_ms: int = Field(default=5, ge=0)
     """Longest the admission stage waits to fill a micro-batch (it adds to every
     submission's latency; its work per request is a few microseconds)."""
+    admission_batch_max_size: int = Field(default=512, ge=1)
+    """Submissions the admission stage decides per micro-batch: a batch's intake burst
+    (every line passes its tenant's limiter) clears in few rounds, so the tenant's
+    interactive submissions behind it wait little."""
     limits_refresh_s: float = Field(default=5.0, gt=0)
     """How often the admission stage re-reads tenants' limits from Postgres."""
     model_aliases: dict[str, str] = Field(default_factory=dict)

@@ -153,7 +153,12 @@ def admission_processor(
 ) -> StreamProcessor:
     """The admission stream processor, with its tenant table and policy chain."""
     handler = Admission(settings, producer)
-    batching = settings.model_copy(update={"batch_max_wait_ms": settings.admission_batch_wait_ms})
+    batching = settings.model_copy(
+        update={
+            "batch_max_wait_ms": settings.admission_batch_wait_ms,
+            "batch_max_size": settings.admission_batch_max_size,
+        }
+    )
     processor = StreamProcessor(batching, settings.topics.admission, handler)
     # The table is keyed like the topic (tenant id bytes, default partitioner), so each
     # tenant's state lives in the changelog partition of the topic partition that owns it.
