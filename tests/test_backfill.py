@@ -126,6 +126,18 @@ async def test_ten_thousand_line_backfill_writes_a_correct_output_file(
         {"priority": "background", "kind": "chat", "n": BIG, "conversations": BIG}
     ]
 
+    # Its turns join memory too: the memory worker embeds all 20,000 (it has no lanes
+    # yet, so until then it is behind for every conversation; later tests need it).
+    async def embedded() -> bool:
+        left = await pool.fetchval(
+            "SELECT count(*) FROM turns t JOIN jobs j ON j.conversation_id = t.conversation_id "
+            "WHERE j.batch_id = $1 AND t.embedding IS NULL",
+            batch_id,
+        )
+        return left == 0
+
+    await wait_for(embedded, timeout=BIG_TIMEOUT_S, interval=1)
+
 
 async def test_an_interrupted_backfill_resumes_without_duplicates_or_gaps(
     stack: Stack, pool: asyncpg.Pool, tmp_path: Path

@@ -268,7 +268,7 @@ def poison_values(rng: random.Random, n: int) -> bytes:
 def consumers_of(chaos: Chaos, topic: str) -> int:
     """How many consumer groups dead-letter a bad message on ``topic``."""
     topics = chaos.cluster.settings.topics
-    return 3 if topic == topics.replies else 1  # replies: memory, webhooks, batches
+    return 4 if topic == topics.replies else 1  # replies: memory, webhooks, batches, usage
 
 
 async def poison(chaos: Chaos, every_s: float = 0.25) -> Row:

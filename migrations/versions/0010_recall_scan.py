@@ -1,12 +1,14 @@
-"""Recall keeps scanning the HNSW index until it finds the conversation's (or the
-user's) own turns.
+"""Recall searches exactly within its scope: the conversation's (or the user's) own
+turns, nearest first.
 
-An HNSW index scan returns the nearest turns of *all* conversations (40 by
-default) and the filter then keeps this conversation's: once the table holds
-many other turns, that can leave none. pgvector 0.8's iterative scan goes on
-until enough rows pass the filter, in exact distance order.
+Ordered by ``embedding <=> query`` the planner walks the HNSW index over *all*
+turns and filters afterwards: once the table holds many other conversations'
+turns, the nearest ones found are someone else's and the scope's own are
+missed (a large backfill did this). A conversation's or a user's turns are few
+and indexed by conversation, so an exact search among them is cheap: the
+ordering expression is written so the index cannot serve it.
 
-A later migration that replaces ``kontext_admit_batch`` must set this again.
+A later migration that replaces ``kontext_admit_batch`` must keep this.
 
 Revision ID: 0010
 Revises: 0009
@@ -15,6 +17,7 @@ Create Date: 2026-11-26
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010"
@@ -22,12 +25,21 @@ down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-FUNCTION = "kontext_admit_batch(uuid[], text[], int, int, interval)"
+INDEXED = "ORDER BY tt.embedding <=> c.query LIMIT recall_k"
+EXACT = "ORDER BY (tt.embedding <=> c.query) + 0 LIMIT recall_k  -- exact, in scope (0010)"
+
+
+def _replace(old: str, new: str) -> None:
+    definition = op.get_bind().scalar(
+        sa.text("SELECT pg_get_functiondef('kontext_admit_batch'::regproc)")
+    )
+    assert isinstance(definition, str) and old in definition, "kontext_admit_batch changed"
+    op.execute(definition.replace(old, new, 1))
 
 
 def upgrade() -> None:
-    op.execute(f"ALTER FUNCTION {FUNCTION} SET hnsw.iterative_scan = strict_order")
+    _replace(INDEXED, EXACT)
 
 
 def downgrade() -> None:
-    op.execute(f"ALTER FUNCTION {FUNCTION} RESET hnsw.iterative_scan")
+    _replace(EXACT, INDEXED)
