@@ -63,7 +63,8 @@ class Throughput(BaseModel):
     ended: int
     """Jobs that ended within the window."""
     e2e_ms: dict[str, float | None]
-    """End-to-end latency (created until completed) of those jobs: p50, p95, p99."""
+    """End-to-end latency (created until completed) of those of them in the interactive
+    lane: p50, p95, p99 (a backfill's lines wait their turn by design)."""
 
 
 class JobCounts(BaseModel):
@@ -101,6 +102,7 @@ async def throughput(
                 AND j.updated_at >= now() - make_interval(secs => $1)
                 AND j.completed_at >= now() - make_interval(secs => $1)
                 AND ($2::text IS NULL OR j.tenant_id = $2)
+                AND coalesce(j.request->>'priority', 'interactive') = 'interactive'
             """,
             float(window_s),
             tenant,

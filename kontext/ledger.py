@@ -141,6 +141,8 @@ class Outcome:
     error: dict[str, Any] | None
     fresh: bool
     replied: bool
+    priority: str = "interactive"
+    """The job's lane (``interactive`` or ``background``)."""
 
 
 @dataclass(frozen=True)
@@ -244,12 +246,13 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             coalesce(fresh.status, j.status) AS status,
             CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
             CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
-            j.replied_at IS NOT NULL AS replied, NULL::jsonb AS request
+            j.replied_at IS NOT NULL AS replied, NULL::jsonb AS request,
+            coalesce(j.request->>'priority', 'interactive') AS priority
         FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
         WHERE j.id = ANY($1::uuid[])
         UNION ALL
         SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
-            j.request
+            j.request, NULL
         FROM jobs j JOIN next_up ON next_up.id = j.id
         WHERE j.status = 'queued'
         """,
@@ -272,6 +275,7 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             error=row["error"],
             fresh=row["fresh"],
             replied=row["replied"],
+            priority=row["priority"],
         )
         for row in rows
         if row["part"] == "outcome"

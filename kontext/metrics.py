@@ -49,8 +49,9 @@ ENGINE_LATENCY = Histogram(
 )
 E2E_LATENCY = Histogram(
     "kontext_job_duration_seconds",
-    "End to end: submission until the result is recorded, by model and final status",
-    ["model", "status"],
+    "End to end: submission until the result is recorded, by model, final status and "
+    "lane (interactive, background)",
+    ["model", "status", "lane"],
     buckets=LATENCY_BUCKETS,
 )
 PREFIX_CACHED_TOKENS = Counter(

@@ -185,9 +185,12 @@ class Settings(BaseSettings):
     """Longest the admission stage waits to fill a micro-batch (it adds to every
     submission's latency; its work per request is a few microseconds)."""
     admission_batch_max_size: int = Field(default=512, ge=1)
-    """Submissions the admission stage decides per micro-batch: a batch's intake burst
-    (every line passes its tenant's limiter) clears in few rounds, so the tenant's
-    interactive submissions behind it wait little."""
+    """Admission events (a submission, a settlement, or a batch's intake chunk of up to
+    ``backfill_chunk_size`` lines) the admission stage takes per micro-batch."""
+    admission_event_max_bytes: int = Field(default=512 * 1024, ge=1024)
+    """Largest event a batch's intake chunk goes to the admission stage in (a chunk over
+    it is split; a single larger line goes alone): with its dead letter (base64, a third
+    larger) it stays under the broker's message limit (Kafka's default: 1 MiB)."""
     limits_refresh_s: float = Field(default=5.0, gt=0)
     """How often the admission stage re-reads tenants' limits from Postgres."""
     model_aliases: dict[str, str] = Field(default_factory=dict)

@@ -1,9 +1,11 @@
 """Admitting a batch: validate its lines, record them as jobs in chunks, publish them.
 
 Each chunk is one multi-row ledger insert and one pipelined publish (every send
-queued, then awaited together). A resubmission with the batch's idempotency key
-resumes an intake cut short: lines already admitted are skipped by their job
-idempotency key, so none is published twice.
+queued, then awaited together). With limits on, a chunk goes to its tenant's
+admission stage as one ``SubmittedMany`` event (split only to stay under the
+broker's message limit), not one event per line. A resubmission with the batch's
+idempotency key resumes an intake cut short: lines already admitted are skipped by
+their job idempotency key, so none is published twice.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from producers.batch_lines import ParsedInput, parse
 from producers.submit import EnqueueFailed, SubmissionRejected, check_webhook
 from schemas.batches import BatchCreate, LineError
 from schemas.events import ErrorInfo, JobRequest
-from schemas.limits import Submitted
+from schemas.limits import SubmittedMany
 from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
@@ -32,25 +34,44 @@ log = logging.getLogger(__name__)
 WINDOWS_S = {"24h": 24 * 3600.0}
 
 
-async def _send(
-    settings: Settings, producer: AIOKafkaProducer, request: JobRequest
-) -> asyncio.Future[object]:
-    """To the tenant's limiter (it holds budget for the line, then forwards it to the
-    background lane), or straight to the lane when limits are off."""
+def admission_events(requests: list[JobRequest], max_bytes: int) -> list[bytes]:
+    """One tenant's requests as few ``SubmittedMany`` events as fit ``max_bytes`` each,
+    in order (a request larger than that goes alone)."""
+    envelope = len(SubmittedMany.model_construct(requests=[]).encode())
+    events: list[bytes] = []
+    group: list[JobRequest] = []
+    size = envelope
+    for request in requests:
+        length = len(request.encode()) + 1  # its comma in the list
+        if group and size + length > max_bytes:
+            events.append(SubmittedMany(requests=group).encode())
+            group, size = [], envelope
+        group.append(request)
+        size += length
+    if group:
+        events.append(SubmittedMany(requests=group).encode())
+    return events
+
+
+async def _send_chunk(
+    settings: Settings, producer: AIOKafkaProducer, requests: list[JobRequest]
+) -> list[asyncio.Future[object]]:
+    """Queue a chunk's sends: to its tenant's limiter as one event (or a few, to stay
+    under the broker's message limit), which holds budget for each line and forwards
+    it to the background lane; or, when limits are off, each line straight to its lane."""
+    sends: list[asyncio.Future[object]] = []
+    if not requests:
+        return sends
     if settings.policy_limits:
-        topic, value, key = (
-            settings.topics.admission,
-            Submitted(request=request).encode(),
-            request.tenant_id,
-        )
-    else:
-        topic, value, key = (
-            settings.topics.requests_lane(request.priority),
-            request.encode(),
-            request.conversation_id,
-        )
-    sent: asyncio.Future[object] = await producer.send(topic, value, key=key.encode())
-    return sent
+        key = requests[0].tenant_id.encode()  # a batch's lines are all its tenant's
+        for event in admission_events(requests, settings.admission_event_max_bytes):
+            sends.append(await producer.send(settings.topics.admission, event, key=key))
+        return sends
+    for request in requests:
+        topic = settings.topics.requests_lane(request.priority)
+        key = request.conversation_id.encode()
+        sends.append(await producer.send(topic, request.encode(), key=key))
+    return sends
 
 
 async def _publish(
@@ -67,12 +88,8 @@ async def _publish(
         chunk = lines[start : start + size]
         created = await batches.admit(pool, batch_id, chunk)
         try:
-            sends = [
-                await _send(settings, producer, request)
-                for _, request in chunk
-                if request.job_id in created
-            ]
-            await asyncio.gather(*sends)
+            fresh = [request for _, request in chunk if request.job_id in created]
+            await asyncio.gather(*await _send_chunk(settings, producer, fresh))
         except KafkaError as exc:
             log.error("batch %s: could not publish %d jobs: %s", batch_id, len(created), exc)
             await batches.fail_jobs(

@@ -3,10 +3,10 @@ state, and inference workers' heartbeats."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 from uuid import UUID
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, model_validator
 
 from schemas.events import Event, JobRequest
 
@@ -16,6 +16,22 @@ class Submitted(Event):
 
     type: Literal["submitted"] = "submitted"
     request: JobRequest
+
+
+class SubmittedMany(Event):
+    """Several submissions of one tenant in one event (admission topic, keyed by
+    tenant): a batch's intake chunk, decided in order like as many ``Submitted``."""
+
+    type: Literal["submitted_many"] = "submitted_many"
+    requests: list[JobRequest] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_tenant(self) -> Self:
+        """Keyed by one tenant, it must hold only that tenant's submissions (each tenant
+        has a single writer)."""
+        if len({request.tenant_id for request in self.requests}) > 1:
+            raise ValueError("the requests of one event belong to one tenant")
+        return self
 
 
 class Settled(Event):
@@ -28,8 +44,8 @@ class Settled(Event):
     tokens: int = Field(ge=0)
 
 
-AdmissionEvent = Annotated[Submitted | Settled, Field(discriminator="type")]
-ADMISSION_EVENT: TypeAdapter[Submitted | Settled] = TypeAdapter(AdmissionEvent)
+AdmissionEvent = Annotated[Submitted | SubmittedMany | Settled, Field(discriminator="type")]
+ADMISSION_EVENT: TypeAdapter[Submitted | SubmittedMany | Settled] = TypeAdapter(AdmissionEvent)
 
 
 class TenantLimitStatus(Event):

@@ -19,12 +19,15 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from kontext import keys, ledger
+from kontext.chaos.scenarios import dead_letters
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
+from producers.batches import admission_events
 from schemas.events import ChatMessage, JobRequest
-from schemas.limits import Settled
+from schemas.limits import ADMISSION_EVENT, Settled, SubmittedMany
 from tests.conftest import Stack, stack_env, start_stack, wait_for
 from workers.policies.limits import (
     LimitLedger,
@@ -40,6 +43,7 @@ MESSAGE = "How many tokens will this use?"
 LONG = " ".join(["word"] * 120)
 UNSERVED = "tiny"
 """Served (accepted, enriched) but no inference worker runs it in this module."""
+LIMITS_REFRESH_S = 0.5
 
 
 @dataclass
@@ -57,8 +61,11 @@ def replicas(
     env.update(
         KONTEXT_ENGINES=f"null,{UNSERVED}",
         KONTEXT_INFERENCE_ENGINES="null",
-        KONTEXT_LIMITS_REFRESH_S="0.5",
+        KONTEXT_LIMITS_REFRESH_S=str(LIMITS_REFRESH_S),
         KONTEXT_POLICY_LIMITS="true",
+        # A batch's lines reach the limiter in several chunks, each split over two events.
+        KONTEXT_BACKFILL_CHUNK_SIZE="4",
+        KONTEXT_ADMISSION_EVENT_MAX_BYTES="2048",
     )
     a = start_stack(["up", "--port", "0"], env, workdir)
     try:
@@ -72,12 +79,15 @@ def replicas(
 
 
 async def _tenant(pool: asyncpg.Pool, **limits: int) -> keys.NewKey:
-    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key."""
+    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key; returns
+    once the limiter's next re-read of tenants' limits is due, so it decides the
+    tenant's first submission knowing them."""
     created = await keys.create(pool, f"t-{uuid.uuid4().hex[:10]}")
     for column, value in limits.items():
         await pool.execute(
             f"UPDATE tenants SET {column} = $2 WHERE id = $1", created.tenant_id, value
         )
+    await asyncio.sleep(LIMITS_REFRESH_S)
     return created
 
 
@@ -260,8 +270,17 @@ async def test_a_batch_holds_budget_but_is_not_paced_by_the_per_minute_limits(
     await wait_for(decided, timeout=30, interval=0.2)
     assert await counts() == {"total": 10, "completed": 0, "failed": 7}
     errors = await http[0].get(f"/v1/batches/{batch_id}/errors", headers=headers)
-    codes = {orjson.loads(line)["error"]["code"] for line in errors.text.splitlines() if line}
-    assert codes == {"budget_exhausted"}
+    refused = [orjson.loads(line) for line in errors.text.splitlines() if line]
+    assert {line["error"]["code"] for line in refused} == {"budget_exhausted"}
+    # The lines arrive in chunks of several events each, and are decided in line order:
+    # the first three hold the budget, every later one is refused, each exactly once.
+    assert sorted(line["custom_id"] for line in refused) == [f"line-{i}" for i in range(3, 10)]
+    rows = await pool.fetch(
+        "SELECT status = 'failed' AS failed, count(*) AS n FROM jobs WHERE batch_id = $1 "
+        "GROUP BY 1",
+        uuid.UUID(batch_id),
+    )
+    assert {r["failed"]: r["n"] for r in rows} == {False: 3, True: 7}  # 3 held, not run
     cancelled = await http[0].post(f"/v1/batches/{batch_id}/cancel", headers=headers)
     assert cancelled.status_code == 200, cancelled.text
 
@@ -370,3 +389,71 @@ async def test_tokens_per_minute_count_actual_use_once_settled() -> None:
     too_big = _request(max_tokens=3 * cost)
     refusal = (await ledger.admit([too_big], now + 2))[too_big.job_id]
     assert refusal.code == "rate_limited" and "lower max_tokens" in refusal.message
+
+
+async def test_a_malformed_batch_chunk_is_dead_lettered_whole(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
+) -> None:
+    # Room to hold one job: had the chunk's good line been admitted (its model has no
+    # worker, so it would hold budget for good), the later job would be refused.
+    hold = _hold(replicas)
+    tenant = await _tenant(pool, token_budget=hold + hold // 2)
+    good = _probe().model_copy(
+        update={"tenant_id": tenant.tenant_id, "model": UNSERVED, "priority": "background"}
+    )
+    bad = orjson.dumps(
+        {
+            "version": 1,
+            "type": "submitted_many",
+            "requests": [orjson.loads(good.encode()), {"job_id": "not a job"}],
+        }
+    )
+    later = _probe().model_copy(
+        update={
+            "tenant_id": tenant.tenant_id,
+            "key_id": tenant.id,
+            "conversation_id": f"later-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    await ledger.admit(pool, later, None)
+    settings = replicas.a.settings
+    topics = settings.topics
+    key = tenant.tenant_id.encode()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.admission, bad, key=key)
+        # After it in the tenant's partition, so decided after it.
+        await producer.send_and_wait(
+            topics.admission, SubmittedMany(requests=[later]).encode(), key=key
+        )
+    finally:
+        await producer.stop()
+
+    [letter] = await dead_letters(settings.bootstrap, topics.dead_letters, key, want=1)
+    assert letter.consumer == "admission" and letter.source_topic == topics.admission
+    assert letter.value == bad and letter.reason.startswith("invalid admission event")
+    job = await _final(http[0], tenant.key, str(later.job_id))
+    assert job["status"] == "succeeded", job
+
+
+def test_a_chunk_goes_to_admission_in_events_under_the_size_limit() -> None:
+    requests = [
+        _probe("x" * (40 * i)).model_copy(update={"priority": "background"}) for i in range(50)
+    ]
+    limit = 4096
+    events = admission_events(requests, limit)
+    assert 1 < len(events) < len(requests)
+    assert all(len(event) <= limit for event in events)
+    decoded = [ADMISSION_EVENT.validate_json(event) for event in events]
+    assert all(isinstance(event, SubmittedMany) for event in decoded)
+    assert [r for e in decoded if isinstance(e, SubmittedMany) for r in e.requests] == requests
+    # A line larger than the limit goes alone; a default-sized chunk of ordinary lines
+    # goes whole.
+    huge = _probe("y" * 2 * limit)
+    alone = [
+        SubmittedMany.model_validate_json(e)
+        for e in admission_events([requests[0], huge, requests[1]], limit)
+    ]
+    assert [e.requests for e in alone] == [[requests[0]], [huge], [requests[1]]]
+    assert len(admission_events([requests[1]] * 500, Settings().admission_event_max_bytes)) == 1

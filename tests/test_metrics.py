@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import httpx
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -64,7 +65,12 @@ async def test_a_job_moves_every_stage_metric(stack: Stack, http: httpx.AsyncCli
     assert _grew(before, after, "kontext_engine_duration_seconds_count", model=MODEL) >= 1
     assert _grew(before, after, "kontext_inference_batch_size_count", model=MODEL) >= 1
     e2e = _grew(
-        before, after, "kontext_job_duration_seconds_count", model=MODEL, status="succeeded"
+        before,
+        after,
+        "kontext_job_duration_seconds_count",
+        model=MODEL,
+        status="succeeded",
+        lane="interactive",
     )
     assert e2e >= 1
     assert _grew(before, after, "kontext_job_duration_seconds_sum", model=MODEL) > 0
@@ -84,6 +90,38 @@ async def test_a_job_moves_every_stage_metric(stack: Stack, http: httpx.AsyncCli
     assert all(
         after.value("kontext_consumer_lag", **labels) >= 0 for labels in lag
     )  # never negative
+
+
+async def test_end_to_end_latency_is_split_by_lane(stack: Stack, http: httpx.AsyncClient) -> None:
+    # A batch line's wait behind its backfill never mixes into interactive latency:
+    # each lane is its own series, and its own row on the dashboard.
+    before = await scrape(stack)
+    line = {
+        "custom_id": "lane",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": MODEL, "messages": [{"role": "user", "content": "lane"}]},
+    }
+    created = await http.post(
+        "/v1/batches",
+        content=orjson.dumps(line),
+        headers={"content-type": "application/jsonl"},
+    )
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+
+    async def completed() -> bool:
+        batch = (await http.get(f"/v1/batches/{batch_id}")).json()
+        return bool(batch["status"] == "completed")
+
+    await wait_for(completed, timeout=60, interval=0.2)
+    after = await scrape(stack)
+    count = "kontext_job_duration_seconds_count"
+    assert _grew(before, after, count, model=MODEL, lane="background") == 1
+
+    overview = (await http.get("/dashboard/api/overview", headers=stack.operator_headers)).json()
+    stages = {row["stage"] for row in overview["latency"]}
+    assert f"end to end ({MODEL}, background)" in stages, stages
 
 
 async def test_a_dead_letter_is_counted_by_topic_and_reason(stack: Stack) -> None:

@@ -4,11 +4,15 @@ API replicas publish submissions to the admission topic keyed by tenant id, so
 every submission of a tenant lands on one partition and is decided by the one
 stream processor that owns it, in order, against that tenant's state in a
 faust table (changelogged, so a restarted or rebalanced processor resumes it).
+A job is one ``Submitted`` event; a batch's intake chunk is one ``SubmittedMany``
+(its lines decided in order, as if each came alone), so a backfill puts a few
+events, not thousands, ahead of its tenant's next interactive submission.
 Per micro-batch it settles finished jobs' reservations, runs the policy chain's
-``admit`` hook, forwards admitted requests to the requests topic (keyed by
-conversation, as before), fails refused ones through the completions topic (so
-they are recorded, replied and webhooked like any failure), and publishes the
-tenants' new state for the API replicas to refuse early.
+``admit`` hook, forwards admitted requests to their lane's requests topic
+(interactive ones first; keyed by conversation, as before), fails refused ones
+through the completions topic (so they are recorded, replied and webhooked like
+any failure), and publishes the tenants' new state for the API replicas to
+refuse early.
 
 The settler feeds it: it reads the completions topic and sends each job's
 actual token use to the admission topic, keyed by the job's tenant.
@@ -27,7 +31,13 @@ from pydantic import ValidationError
 
 from kontext.settings import Settings
 from schemas.events import ErrorInfo, JobCompletion, JobRequest
-from schemas.limits import ADMISSION_EVENT, Settled, Submitted, TenantLimitStatus
+from schemas.limits import (
+    ADMISSION_EVENT,
+    Settled,
+    Submitted,
+    SubmittedMany,
+    TenantLimitStatus,
+)
 from workers.deadletter import DeadLetters
 from workers.policies.chain import PolicyChain
 from workers.policies.compose import ChainParts, build_chain
@@ -72,6 +82,9 @@ class Admission:
                 continue
             if isinstance(event, Submitted):
                 requests.setdefault(event.request.job_id, event.request)
+            elif isinstance(event, SubmittedMany):
+                for request in event.requests:
+                    requests.setdefault(request.job_id, request)
             else:
                 settlements.append(event)
         now = time.time()
@@ -85,7 +98,9 @@ class Admission:
         pending = list(requests.values())
         refused = await self.chain.admit(pending) if pending else {}
         topics = self.settings.topics
-        for request in pending:
+        # Decided in arrival order; sent interactive first, so a submission decided
+        # alongside a batch's chunk does not queue behind its lines in the producer.
+        for request in sorted(pending, key=lambda r: r.priority != "interactive"):
             touched.add(request.tenant_id)
             key = request.conversation_id.encode()
             refusal = refused.get(request.job_id)

@@ -130,11 +130,12 @@ class Recorder:
 
 
 def _observe_e2e(outcomes: Sequence[ledger.Outcome], stored: Sequence[JobCompletion]) -> None:
-    """End-to-end latency of each job this batch finalised: submission until recorded."""
-    fresh = {o.job_id: o.status for o in outcomes if o.fresh}
+    """End-to-end latency of each job this batch finalised: submission until recorded,
+    by model, final status and lane."""
+    fresh = {o.job_id: o for o in outcomes if o.fresh}
     now = utcnow()
     for done in stored:
-        status = fresh.pop(done.job_id, None)
-        if status is not None and done.submitted_at is not None:
+        outcome = fresh.pop(done.job_id, None)
+        if outcome is not None and done.submitted_at is not None:
             seconds = max((now - done.submitted_at).total_seconds(), 0.0)
-            E2E_LATENCY.labels(done.model, status).observe(seconds)
+            E2E_LATENCY.labels(done.model, outcome.status, outcome.priority).observe(seconds)

@@ -123,12 +123,13 @@ async def asset(name: str) -> FileResponse:
     return FileResponse(STATIC / name, media_type=ASSETS[name])
 
 
-_STAGES: tuple[tuple[str, str, str | None], ...] = (
-    # (shown as, histogram family, label the rows are split by)
-    ("queue wait", "kontext_queue_wait_seconds", "stage"),
-    ("enrichment", "kontext_enrichment_duration_seconds", None),
-    ("engine", "kontext_engine_duration_seconds", "model"),
-    ("end to end", "kontext_job_duration_seconds", "model"),
+_STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    # (shown as, histogram family, labels the rows are split by)
+    ("queue wait", "kontext_queue_wait_seconds", ("stage",)),
+    ("enrichment", "kontext_enrichment_duration_seconds", ()),
+    ("engine", "kontext_engine_duration_seconds", ("model",)),
+    # Each lane its own row: a backfill's minutes-long waits never hide interactive p99.
+    ("end to end", "kontext_job_duration_seconds", ("model", "lane")),
 )
 _BATCH_SIZE = "kontext_inference_batch_size"
 
@@ -147,12 +148,14 @@ def _merge(parts: list[histograms.Series]) -> histograms.Series:
 
 
 def _grouped(
-    snap: histograms.Snapshot, family: str, by: str | None
+    snap: histograms.Snapshot, family: str, by: tuple[str, ...]
 ) -> dict[str, histograms.Series]:
+    """The family's series merged per value of the ``by`` labels (``"tiny, interactive"``)."""
     groups: dict[str, list[histograms.Series]] = {}
     for (name, labels), series in snap.items():
         if name == family:
-            key = dict(labels).get(by, "") if by else ""
+            values = dict(labels)
+            key = ", ".join(values.get(label, "") for label in by)
             groups.setdefault(key, []).append(series)
     return {key: _merge(parts) for key, parts in sorted(groups.items())}
 
@@ -181,7 +184,8 @@ def pipeline_metrics(board: DashboardState) -> dict[str, Any]:
                 }
             )
     sizes: list[dict[str, Any]] = []
-    current, older = _grouped(now, _BATCH_SIZE, "model"), _grouped(before, _BATCH_SIZE, "model")
+    by_model = ("model",)
+    current, older = _grouped(now, _BATCH_SIZE, by_model), _grouped(before, _BATCH_SIZE, by_model)
     for model, series in current.items():
         recent = series.minus(older.get(model))
         mean = recent.mean()
