@@ -14,7 +14,9 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from pgvector import Vector
 
+from kontext.memory import unpack_vector
 from schemas.api import JobStatus
 from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
 
@@ -167,6 +169,7 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
     turn_contents: list[str] = []
     turn_tokens: list[int] = []
     turn_order: list[int] = []
+    turn_embeddings: list[Vector | None] = []
     seen: set[UUID] = set()
     for done in completions:
         if done.job_id in seen:
@@ -187,6 +190,11 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
                 turn_contents.append(turn.content)
                 turn_tokens.append(turn.tokens)
                 turn_order.append(len(turn_order))
+                # The user's message comes embedded (by the enricher, for recall); the
+                # memory worker embeds the rest.
+                turn_embeddings.append(
+                    Vector(unpack_vector(turn.embedding)) if turn.embedding else None
+                )
     rows = await conn.fetch(
         """
         WITH input AS (
@@ -220,17 +228,17 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
         ), new_turns AS (
             -- Never into a conversation another tenant owns (one forgotten and re-created).
             SELECT t.*, fresh.conversation_id
-            FROM unnest($5::uuid[], $6::text[], $7::text[], $8::int[], $9::int[])
-                AS t(job_id, role, content, tokens, ord)
+            FROM unnest($5::uuid[], $6::text[], $7::text[], $8::int[], $9::int[], $10::vector[])
+                AS t(job_id, role, content, tokens, ord, embedding)
             JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
             JOIN conv ON conv.id = fresh.conversation_id AND conv.tenant_id = fresh.tenant_id
         ), stored AS (
-            INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id)
+            INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id, embedding)
             SELECT conversation_id,
                 coalesce((SELECT max(seq) FROM turns x
                           WHERE x.conversation_id = new_turns.conversation_id), 0)
                 + row_number() OVER (PARTITION BY conversation_id ORDER BY ord),
-                role, content, tokens, job_id
+                role, content, tokens, job_id, embedding
             FROM new_turns
         ), next_up AS (
             -- The turn each conversation's gate now admits: opened just now, or opened
@@ -265,6 +273,7 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
         turn_contents,
         turn_tokens,
         turn_order,
+        turn_embeddings,
     )
     outcomes = [
         Outcome(

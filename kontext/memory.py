@@ -6,6 +6,7 @@ micro-batch; the rest runs in the memory worker, off the request path.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,6 +15,7 @@ from uuid import UUID
 
 import asyncpg
 import numpy as np
+from pgvector import Vector
 
 from schemas.events import Role
 
@@ -50,6 +52,15 @@ def vector_literal(vector: np.ndarray | None) -> str | None:
     if vector is None:
         return None
     return "[" + ",".join(f"{x:.6f}" for x in vector.tolist()) + "]"
+
+
+def pack_vector(vector: np.ndarray) -> str:
+    """A vector as events carry it (``TurnRecord.embedding``): float32, base64."""
+    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
+
+
+def unpack_vector(packed: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(packed), dtype=np.float32)
 
 
 async def claim_with_context(
@@ -121,12 +132,12 @@ async def store_embeddings(
 ) -> None:
     await conn.execute(
         """
-        UPDATE turns SET embedding = v.embedding::vector
-        FROM unnest($1::bigint[], $2::text[]) AS v(id, embedding)
+        UPDATE turns SET embedding = v.embedding
+        FROM unnest($1::bigint[], $2::vector[]) AS v(id, embedding)
         WHERE turns.id = v.id
         """,
         list(turn_ids),
-        [vector_literal(v) for v in vectors],
+        [Vector(v) for v in vectors],  # binary: no text to format and parse
     )
 
 

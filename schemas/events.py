@@ -112,12 +112,29 @@ class ContextInfo(BaseModel):
     )
 
 
+def _check_packed_vector(value: str | None) -> str | None:
+    """An embedding in an event: float32 values, base64."""
+    if value is not None:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError("an embedding is float32 values in base64") from None
+        if not raw or len(raw) % 4:
+            raise ValueError("an embedding is float32 values in base64")
+    return value
+
+
 class TurnRecord(BaseModel):
     """A turn to store once its job succeeds."""
 
     role: Role
     content: str
     tokens: int
+    embedding: Annotated[str | None, AfterValidator(_check_packed_vector)] = Field(
+        default=None, repr=False
+    )
+    """The message's embedding (float32, base64) when the enricher computed it to search
+    memory: stored with the turn, so the memory worker does not embed it again."""
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"

@@ -4,7 +4,9 @@ Per micro-batch: one embedding call for the new messages, then one Postgres
 round trip that passes each job through its conversation's order gate (one
 chat turn in flight at a time) and reads its memory (recent turns, summaries,
 recalled older turns). Each admitted request leaves with its prompt rendered by
-the model's chat template, on its model's inference topic.
+the model's chat template, on its model's inference topic; its new user
+message carries the embedding recall searched with, so that message is stored
+with it and never embedded again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pydantic import ValidationError
 from kontext import memory
 from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
-from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest
+from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest, TurnRecord
 from workers.context import PromptTooLong, assemble, budget_for
 from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
@@ -55,6 +57,17 @@ def recall_query(request: JobRequest) -> str | None:
         return None
     users = [m.content for m in request.messages if m.role == "user"]
     return users[-1] if users else None
+
+
+def with_query_embedding(turns: list[TurnRecord], query: np.ndarray | None) -> list[TurnRecord]:
+    """``turns`` with the recall query's embedding on the last user turn (the query's
+    own text, see ``recall_query``): stored with it, it is not computed again."""
+    users = [index for index, turn in enumerate(turns) if turn.role == "user"]
+    if query is None or not users:
+        return turns
+    turns = list(turns)
+    turns[users[-1]] = turns[users[-1]].model_copy(update={"embedding": memory.pack_vector(query)})
+    return turns
 
 
 class Enricher:
@@ -102,9 +115,12 @@ class Enricher:
                 contexts = await memory.claim_with_context(
                     conn, jobs, settings.context_turns, settings.recall_k, settings.ordering_lease_s
                 )
+            queries_by_job = dict(jobs)
             for job_id, request in requests.items():
                 if job_id in contexts:
-                    sends.append(await self._forward(request, contexts[job_id]))
+                    sends.append(
+                        await self._forward(request, contexts[job_id], queries_by_job[job_id])
+                    )
             admitted = [r.submitted_at for job_id, r in requests.items() if job_id in contexts]
             observe_waits("enrich", admitted)
             ENRICHMENT_LATENCY.observe(time.perf_counter() - started)
@@ -112,8 +128,9 @@ class Enricher:
             await asyncio.gather(*sends)
 
     async def _forward(
-        self, request: JobRequest, context: memory.MemoryContext
+        self, request: JobRequest, context: memory.MemoryContext, query: np.ndarray | None
     ) -> asyncio.Future[object]:
+        """Publish the request with its prompt; ``query`` is its recall query's embedding."""
         topics = self.settings.topics
         key = request.conversation_id.encode()
         asked = request.model
@@ -147,7 +164,7 @@ class Enricher:
             context=assembled.context
             if asked == request.model
             else assembled.context.model_copy(update={"routed_from": asked}),
-            new_turns=assembled.new_turns,
+            new_turns=with_query_embedding(assembled.new_turns, query),
         )
         future = await self.producer.send(
             topics.inference(request.model, request.priority), enriched.encode(), key=key

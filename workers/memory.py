@@ -1,12 +1,13 @@
 """The memory worker: keeps conversation memory up to date, off the request path.
 
 It reads the reply topic. For each recorded turn it embeds the conversation's
-new turns (one embedding call and one write per micro-batch); when
-unsummarised history passes a token threshold it writes a level-1 summary, and
-when summaries of one level pass theirs it rolls them up one level, so a long
-conversation always fits. Summaries are either extractive (deterministic) or
-jobs the model writes through the pipeline; a succeeded summary job's answer
-is stored here.
+turns stored without an embedding (one embedding call and one write per
+micro-batch): the answers, since a user's new message is stored with the
+embedding the enricher searched memory with. When unsummarised history passes
+a token threshold it writes a level-1 summary, and when summaries of one level
+pass theirs it rolls them up one level, so a long conversation always fits.
+Summaries are either extractive (deterministic) or jobs the model writes
+through the pipeline; a succeeded summary job's answer is stored here.
 """
 
 from __future__ import annotations
