@@ -27,7 +27,7 @@ from workers.admission import Settler, admission_processor
 from workers.batches import BatchService
 from workers.consumer import BatchConsumer
 from workers.embeddings import Embedder
-from workers.engines import load_engine, load_tokenizer
+from workers.engines import concurrent_batches, load_engine, load_tokenizer
 from workers.engines.base import Engine
 from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
@@ -286,6 +286,7 @@ class Runtime:
             inference = InferenceWorker(
                 settings, engine, producer, build_chain(settings, ChainParts(pool=pool))
             )
+            in_flight = settings.inference_max_in_flight or concurrent_batches(model)
             services.append(
                 ConsumerService(
                     BatchConsumer(
@@ -293,6 +294,7 @@ class Runtime:
                         inference,
                         background=background,
                         background_share=settings.background_share,
+                        max_in_flight=in_flight,
                         **batch,
                     )
                 )

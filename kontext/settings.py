@@ -204,6 +204,10 @@ class Settings(BaseSettings):
     route_heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A model with no heartbeat for this long is unhealthy (its breaker opens)."""
     route_max_lag: int | None = Field(default=None, ge=0)
+    inference_max_in_flight: int | None = Field(default=None, ge=1)
+    """Micro-batches an inference worker has its engine work on at once (default: the
+    engine's own, 4 for ``vllm``, whose continuous batching merges them; 1 for the others,
+    which run one batch at a time)."""
     """A model whose workers are more records behind than this is unhealthy (None: no bound)."""
     route_cooldown_s: float = Field(default=5.0, gt=0)
     """How long a breaker stays open before it tests the model again (half-open)."""

@@ -6,7 +6,7 @@ import asyncio
 import time
 import uuid
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from kontext.connections import ensure_topics
 from kontext.embedded import EmbeddedBroker
@@ -119,3 +119,53 @@ async def test_a_batch_never_exceeds_max_size_nor_waits_past_max_wait(
     assert len(second) == 1
     # Not full: it waited for more, but no longer than max_wait (plus one poll).
     assert waited < 5.0
+
+
+async def test_a_batch_keeps_filling_while_every_handler_slot_is_busy(
+    broker: EmbeddedBroker,
+) -> None:
+    """Past its wait, a batch that could not start anyway (the engine is busy) takes what
+    arrives meanwhile, up to max_size, and is sealed once a slot frees up."""
+    high, low = await _lanes(broker, high=1, low=0)
+    await low.stop()
+    topic = next(iter(high.subscription()))
+    stopping, free = asyncio.Event(), asyncio.Event()  # free clear: every slot busy
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        filling = asyncio.create_task(drain(high, 10, 0, stopping, free))
+        for i in range(1, 5):
+            await producer.send_and_wait(topic, f"{topic}-{i}".encode())
+        await wait_for(lambda: high.highwater(TopicPartition(topic, 0)) == 5, timeout=30)
+        assert not filling.done()  # its wait (0 ms) is long past, but it had nowhere to go
+        free.set()
+        batch = await asyncio.wait_for(filling, timeout=10)
+    finally:
+        await producer.stop()
+        await high.stop()
+    assert [r.value for r in batch] == [f"{topic}-{i}".encode() for i in range(5)]
+
+
+async def test_interactive_work_arriving_while_busy_still_makes_the_next_batch(
+    broker: EmbeddedBroker,
+) -> None:
+    """While the batch waits for a free slot, background work holds only its reserve;
+    interactive jobs that arrive meanwhile get the rest, background tops up at the end."""
+    high, low = await _lanes(broker, high=0, low=20)
+    high_topic = next(iter(high.subscription()))
+    stopping, free = asyncio.Event(), asyncio.Event()
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        filling = asyncio.create_task(drain_lanes(high, low, 8, 0, 2, stopping, free))
+        for i in range(3):
+            await producer.send_and_wait(high_topic, f"{high_topic}-{i}".encode())
+        await wait_for(lambda: high.highwater(TopicPartition(high_topic, 0)) == 3, timeout=30)
+        assert not filling.done()
+        free.set()
+        batch = await asyncio.wait_for(filling, timeout=10)
+    finally:
+        await producer.stop()
+        await high.stop()
+        await low.stop()
+    assert _lane_counts(batch, high_topic) == (3, 5)

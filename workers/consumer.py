@@ -1,18 +1,23 @@
 """The micro-batch consume loop shared by the inference worker and the recorder.
 
-Drain up to ``max_size`` records or ``max_wait_ms`` after the first one,
-hand them to a handler, commit offsets only once it returns. A failing batch
+Drain up to ``max_size`` records or ``max_wait_ms`` after the first one (longer
+while every handler slot is busy: the batch could not start anyway, so it keeps
+filling until one frees up), hand them to a handler, commit offsets only once it
+returns. A failing batch
 is retried with capped backoff; the loop never skips work it has not done.
+With several batches in flight, offsets are committed in order, never past a
+batch that is not done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -23,6 +28,11 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 250
 IDLE_POLL_MS = 50
+BUSY_POLL_MS = 5
+"""How often a batch past its wait looks again for a free handler slot."""
+
+InFlight = deque[tuple[list[Record], asyncio.Task[bool]]]
+"""Batches handed to the handler, oldest first, each with its retry_until_done task."""
 
 
 async def retry_until_done(
@@ -45,10 +55,19 @@ async def retry_until_done(
             delay = min(delay * 2, 5.0)
 
 
+def _can_start(free: asyncio.Event | None, stopping: asyncio.Event) -> bool:
+    return free is None or free.is_set() or stopping.is_set()
+
+
 async def drain(
-    consumer: AIOKafkaConsumer, max_size: int, max_wait_ms: int, stopping: asyncio.Event
+    consumer: AIOKafkaConsumer,
+    max_size: int,
+    max_wait_ms: int,
+    stopping: asyncio.Event,
+    free: asyncio.Event | None = None,
 ) -> list[Record]:
-    """The next micro-batch: waits for a first record, then up to max_wait_ms for more."""
+    """The next micro-batch: waits for a first record, then up to max_wait_ms for more,
+    and on while ``free`` (a handler slot is free) is clear."""
     batch: list[Record] = []
     deadline = 0.0
     while len(batch) < max_size:
@@ -59,7 +78,9 @@ async def drain(
         else:
             timeout_ms = int((deadline - time.monotonic()) * 1000)
             if timeout_ms <= 0:
-                break
+                if _can_start(free, stopping):
+                    break
+                timeout_ms = BUSY_POLL_MS
         fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_size - len(batch))
         for messages in fetched.values():
             batch.extend(Record(m.topic, m.partition, m.offset, m.key, m.value) for m in messages)
@@ -86,12 +107,16 @@ async def drain_lanes(
     max_wait_ms: int,
     reserve: int,
     stopping: asyncio.Event,
+    free: asyncio.Event | None = None,
 ) -> list[Record]:
     """The next micro-batch across two priority lanes.
 
     Background work gets up to ``reserve`` slots of every batch (its guaranteed
     share); interactive work gets the rest, and the reserve too when no
     background work waits; background fills whatever interactive leaves empty.
+    Past ``max_wait_ms``, while ``free`` is clear, only interactive work keeps
+    filling (background tops up when the batch is sealed), so an interactive job
+    that arrives while the handler is busy still makes the next batch.
     Only records that go into the batch are fetched, so committing both
     consumers' positions afterwards never skips one.
     """
@@ -105,20 +130,22 @@ async def drain_lanes(
         low += await _fetch(background, 0, min(room, reserve - len(low)))
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
+        past = bool(deadline) and time.monotonic() >= deadline
+        if past and _can_start(free, stopping):
+            low += await _fetch(background, 0, max_size - len(high) - len(low))
+            break
         if deadline:
-            wait_ms = int((deadline - time.monotonic()) * 1000)
+            wait_ms = BUSY_POLL_MS if past else int((deadline - time.monotonic()) * 1000)
         elif stopping.is_set():
             break
         else:
             wait_ms = IDLE_POLL_MS
         got = await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
         high += got
-        if not got:
+        if not got and not past:
             low += await _fetch(background, 0, max_size - len(high) - len(low))
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
-        if deadline and time.monotonic() >= deadline:
-            break
     return high + low
 
 
@@ -134,16 +161,24 @@ class BatchConsumer:
         max_wait_ms: int,
         background: AIOKafkaConsumer | None = None,
         background_share: float = 0.25,
+        max_in_flight: int = 1,
     ) -> None:
         """With ``background``, ``consumer`` is the interactive lane and background work
-        keeps ``background_share`` of each batch."""
+        keeps ``background_share`` of each batch. Up to ``max_in_flight`` batches are
+        handled at once (for an engine that merges concurrent calls, such as vLLM)."""
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
         self.background = background
         self.handler = handler
         self.max_size = max_size
         self.max_wait_ms = max_wait_ms
+        self.max_in_flight = max_in_flight
         self.reserve = max(1, math.ceil(max_size * background_share))
         self.stopping = asyncio.Event()
+        self.free = asyncio.Event()
+        """Set while fewer than ``max_in_flight`` batches are being handled."""
+        self.free.set()
 
     @property
     def consumers(self) -> list[AIOKafkaConsumer]:
@@ -151,7 +186,9 @@ class BatchConsumer:
 
     async def _next_batch(self) -> list[Record]:
         if self.background is None:
-            return await drain(self.consumer, self.max_size, self.max_wait_ms, self.stopping)
+            return await drain(
+                self.consumer, self.max_size, self.max_wait_ms, self.stopping, self.free
+            )
         return await drain_lanes(
             self.consumer,
             self.background,
@@ -159,32 +196,63 @@ class BatchConsumer:
             self.max_wait_ms,
             self.reserve,
             self.stopping,
+            self.free,
         )
 
     async def run(self) -> None:
-        """Handle batch after batch; the next batch is drained while the handler
-        works on this one, so the engine never waits on Kafka when work is queued."""
+        """Handle batch after batch, up to ``max_in_flight`` at once, committing in order.
+
+        The next batch is drained while the handler works, so the engine never waits
+        on Kafka when work is queued. Offsets are committed only past batches that
+        are done and have no unfinished batch before them. Once stopped, no batch
+        starts; those in flight finish (and are committed) or give up, and a batch
+        that gave up stays uncommitted with every batch after it (delivered again).
+        """
         for consumer in self.consumers:
             await consumer.start()
+        in_flight: InFlight = deque()
         upcoming: asyncio.Task[list[Record]] | None = None
         try:
             while not self.stopping.is_set():
-                records = await (upcoming or self._next_batch())
-                upcoming = None
-                if not records:
-                    continue
-                upcoming = asyncio.create_task(self._next_batch())
-                if not await retry_until_done(self.handler, records, self.stopping):
-                    break
-                await self._commit(records)
+                if upcoming is None:
+                    upcoming = asyncio.create_task(self._next_batch())
+                waits: set[asyncio.Future[Any]] = {in_flight[0][1]} if in_flight else set()
+                if len(in_flight) < self.max_in_flight:
+                    waits.add(upcoming)
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if not await self._commit_done(in_flight):
+                    return
+                if upcoming.done() and len(in_flight) < self.max_in_flight:
+                    records, upcoming = upcoming.result(), None
+                    if records:
+                        handling = retry_until_done(self.handler, records, self.stopping)
+                        in_flight.append((records, asyncio.create_task(handling)))
+                        if len(in_flight) >= self.max_in_flight:
+                            self.free.clear()
+            while in_flight:
+                await asyncio.wait([in_flight[0][1]])
+                if not await self._commit_done(in_flight):
+                    return
         finally:
-            if upcoming is not None:
-                # Drained but not handled: left uncommitted, so it is delivered again.
-                upcoming.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await upcoming
+            # Drained but not handled, or not done: left uncommitted, so delivered again.
+            unfinished = [task for _, task in in_flight] + ([upcoming] if upcoming else [])
+            for task in unfinished:
+                task.cancel()
+            if unfinished:
+                await asyncio.wait(unfinished)
             for consumer in self.consumers:
                 await consumer.stop()
+
+    async def _commit_done(self, in_flight: InFlight) -> bool:
+        """Commit past the finished batches at the head of ``in_flight``, oldest first;
+        False if one of them gave up (the consumer is stopping)."""
+        while in_flight and in_flight[0][1].done():
+            records, task = in_flight.popleft()
+            self.free.set()
+            if not task.result():
+                return False
+            await self._commit(records)
+        return True
 
     async def _commit(self, records: Sequence[Record]) -> None:
         """Commit exactly past ``records`` (the consumers may have read further ahead)."""

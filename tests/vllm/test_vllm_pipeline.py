@@ -30,6 +30,9 @@ def vllm_stack(
 ) -> Iterator[Stack]:
     env = stack_env(broker, database, prefix=f"v{uuid.uuid4().hex[:8]}")
     env.update(KONTEXT_CONTEXT_BUDGET_TOKENS="2048", KONTEXT_SUMMARY_TRIGGER_TOKENS="4096")
+    # Micro-batches of two: the four first turns below are two batches, in flight at
+    # once (the vllm engine takes several), merged by vLLM's continuous batching.
+    env.update(KONTEXT_BATCH_MAX_SIZE="2")
     stack = start_stack(["up", "--engine", "vllm", "--port", "0"], env, workdir)
     stack.operator_key = asyncio.run(_operator_key(database.url))
     yield stack
@@ -48,7 +51,7 @@ async def test_conversations_run_through_the_pipeline_and_reuse_the_prefix_cache
     async with KontextClient(
         stack.api_url, stack.settings.bootstrap, topics=stack.settings.topics, api_key=stack.api_key
     ) as client:
-        # First turns of four conversations at once: one micro-batch's worth of jobs.
+        # First turns of four conversations at once: two micro-batches in flight together.
         openers = [STORY, "Hi!", "What is the capital of France?", "Name a color."]
         firsts = await asyncio.gather(
             *(

@@ -48,6 +48,12 @@ def context_window(name: str) -> int:
     return _backend(name).CONTEXT_WINDOW
 
 
+def concurrent_batches(name: str) -> int:
+    """Micro-batches the engine is best given at once: its module's ``CONCURRENT_BATCHES``,
+    or 1 (an engine that runs one batch at a time gains nothing from more)."""
+    return int(getattr(_backend(name), "CONCURRENT_BATCHES", 1))
+
+
 def system_prompt(name: str) -> str:
     """The system prompt the model works best with, used when neither the request nor
     KONTEXT_SYSTEM_PROMPT gives one."""

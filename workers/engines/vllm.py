@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 NAME = "vllm"
 CONTEXT_WINDOW = smollm2.CONTEXT_WINDOW
 SYSTEM_PROMPT = smollm2.SYSTEM_PROMPT
+CONCURRENT_BATCHES = 4
+"""Micro-batches in flight at once: continuous batching merges their requests, so the
+engine keeps working on one batch while the next comes in and the last goes out."""
 SMALL_CPU = 4
 """On this many CPUs or fewer the engine binds its threads to all of them."""
 INSTALL_HINT = (
