@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -149,6 +150,9 @@ def record(title: str, setup: str, body: str, path: Path = Path("docs/benchmarks
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}"
     )
+    torch = sys.modules.get("torch")  # loaded by a model engine; never imported for this
+    if torch is not None and torch.cuda.is_available():
+        machine += f", GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     with path.open("a") as out:
         out.write(f"\n## {title} — {stamp}\n\nMachine: {machine}. {setup}\n\n{body}\n")

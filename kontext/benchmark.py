@@ -9,7 +9,9 @@ it asks for the fact, its prompt contained it.
 
 In the same run, on the same conversations, the baselines call the engine
 directly: naive full-history resend (the client keeps the history), then the
-resend prompts one request at a time and at batch sizes 1, 8, 16 and 32.
+resend prompts at batch sizes 8, 16, 32 and the pipeline's batch max, and one
+request at a time (on an even sample of at most 64 of them, which is enough for
+its rate and keeps slow devices from spending minutes on it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import random
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,9 +33,10 @@ from typing import Any
 
 import asyncpg
 import httpx
+from prometheus_client.metrics_core import Metric
 from rich.progress import Progress
 
-from kontext import bench
+from kontext import bench, bench_process
 from kontext.runtime import Runtime
 from kontext.settings import Settings
 from producers.client import KontextClient, KontextError
@@ -48,6 +51,7 @@ FACT = "my locker code is {code}"
 PLANT = "{line} By the way, {fact}."
 QUESTION = "What is my locker code?"
 RAW_BATCH_SIZES = (1, 8, 16, 32)
+ONE_AT_A_TIME_SAMPLE = 64
 TURN_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 60.0
 
@@ -192,7 +196,7 @@ async def pipeline(
                     include_prompt=asks is not None,
                 )
             except (KontextError, TimeoutError, httpx.HTTPError) as exc:
-                log.warning("turn %d of %s failed: %s", number, conversation, exc)
+                log.warning("turn %d of %s failed: %r", number, conversation, exc)
                 outcomes.append(Outcome(time.perf_counter() - began, False, asks_for=asks))
                 advance()
                 continue
@@ -288,11 +292,21 @@ async def raw_engine(
     return Phase(outcomes, time.perf_counter() - started)
 
 
-def batch_sizes(model: str) -> dict[str, float]:
+def even_sample(items: Sequence[str], most: int) -> list[str]:
+    """At most ``most`` of ``items``, evenly spread (all of them when there are fewer)."""
+    step = max(math.ceil(len(items) / most), 1)
+    return list(items[::step])
+
+
+def batch_sizes(model: str, metrics: Iterable[Metric] | None = None) -> dict[str, float]:
     """The inference worker's batch-size histogram for ``model`` as it stands now:
-    cumulative counts by bucket bound (``le``), plus ``count`` and ``sum``."""
+    cumulative counts by bucket bound (``le``), plus ``count`` and ``sum``. ``metrics``:
+    another process's, scraped; default: this process's."""
     snapshot = {"count": 0.0, "sum": 0.0}
-    for metric in BATCH_SIZE.collect():
+    name = next(iter(BATCH_SIZE.describe())).name
+    for metric in BATCH_SIZE.collect() if metrics is None else metrics:
+        if metric.name != name:
+            continue
         for sample in metric.samples:
             if sample.labels.get("model") != model:
                 continue
@@ -363,15 +377,23 @@ async def warm_up(client: KontextClient, engine: Engine, model: str, max_tokens:
 async def measure(
     runtime: Runtime,
     client: KontextClient,
+    engine: Engine,
     work: Sequence[Script],
     max_tokens: int,
     progress: Progress,
+    metrics_url: str | None = None,
 ) -> dict[str, Any]:
-    """The baselines, then the pipeline, on the same conversations; one result object."""
+    """The baselines (on ``engine``, called directly), then the pipeline, on the same
+    conversations; one result object. ``metrics_url``: where the inference worker's
+    metrics are, when it runs in another process."""
     settings = runtime.settings
     model = settings.engines[0]
-    engine = runtime.engines[0]
     assert runtime.pool is not None
+
+    async def snapshot() -> dict[str, float]:
+        scraped = await bench_process.scrape(metrics_url) if metrics_url else None
+        return batch_sizes(engine.name, scraped)
+
     turns = len(work) * len(work[0].messages)
     label = f"{len(work)} conversations"
     naive, prompts = await naive_resend(
@@ -383,29 +405,39 @@ async def measure(
         _tracker(progress, f"naive resend, {label}", turns),
     )
     raw: dict[int, dict[str, Any]] = {}
-    for size in sorted({min(b, len(prompts)) for b in RAW_BATCH_SIZES}):
-        track = _tracker(progress, f"raw engine, batch {size}", len(prompts))
-        raw[size] = (await raw_engine(engine, prompts, max_tokens, size, track)).summary()
+    same = min(settings.batch_max_size, len(prompts))
+    for size in sorted({min(b, len(prompts)) for b in RAW_BATCH_SIZES} | {same}):
+        sample = prompts if size > 1 else even_sample(prompts, ONE_AT_A_TIME_SAMPLE)
+        track = _tracker(progress, f"raw engine, batch {size}", len(sample))
+        raw[size] = (await raw_engine(engine, sample, max_tokens, size, track)).summary()
     await settle(runtime.pool)
-    before = batch_sizes(engine.name)
+    before = await snapshot()
     phase = await pipeline(
         client, model, work, max_tokens, _tracker(progress, f"pipeline, {label}", turns)
     )
-    after = batch_sizes(engine.name)
+    after = await snapshot()
     await settle(runtime.pool)
     best = max(raw, key=lambda size: float(raw[size]["tokens_per_s"]))
     naive_summary = naive.summary()
+    summary = phase.summary()
+    same_tps = float(raw[same]["tokens_per_s"])
     return {
         "engine": model,
+        "device": getattr(engine, "device", "cpu"),
+        "inference": "separate process" if metrics_url else "in-process",
         "conversations": len(work),
         "turns": len(work[0].messages),
         "max_tokens": max_tokens,
-        **phase.summary(),
+        **summary,
         "batch_sizes": batch_distribution(before, after),
         "baselines": {
             "raw_engine": {
                 "best_batch_size": best,
                 "tokens_per_s": raw[best]["tokens_per_s"],
+                "same_batch_size": same,
+                "pipeline_share_at_same_batch_size": round(
+                    summary["tokens_per_s"] / same_tps if same_tps else 0.0, 3
+                ),
                 "tokens_per_s_by_batch_size": {
                     str(size): r["tokens_per_s"] for size, r in raw.items()
                 },
@@ -453,9 +485,10 @@ def report(results: Sequence[dict[str, Any]]) -> str:
     lines += [
         "",
         "| conversations x turns | pipeline tokens/s | raw engine, best batch: tokens/s "
-        "| raw engine tokens/s by batch size | one at a time: tokens/s (p50 ms) "
+        "| raw engine tokens/s by batch size | pipeline / raw at the batch max "
+        "| one at a time: tokens/s (p50 ms) "
         "| naive resend: steve_min_tps, tokens/s, fact recalled, mean prompt tokens |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base = r["baselines"]
@@ -464,6 +497,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['conversations']} x {r['turns']} | {r['tokens_per_s']:.1f} "
             f"| {raw['tokens_per_s']:.1f} (batch {raw['best_batch_size']}) | {by_size} "
+            f"| {raw['pipeline_share_at_same_batch_size']:.0%} "
+            f"(batch {raw['same_batch_size']}) "
             f"| {one['tokens_per_s']:.1f} ({one['p50_ms']:.0f}) "
             f"| {naive['steve_min_tps']:.1f}, {naive['tokens_per_s']:.1f}, "
             f"{naive['fact_recalled']}/{naive['fact_asked']}, {naive['mean_prompt_tokens']:.0f} |"
@@ -518,7 +553,9 @@ def publish(
     what = " (no model: pipeline overhead only)" if engine == "null" else ""
     bench.record(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
-        f"Engine `{engine}`{what}; {turns} turns per conversation replaying "
+        f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, inference worker "
+        f"{results[0].get('inference', 'in-process')}; "
+        f"{turns} turns per conversation replaying "
         f"chitchat-dataset 0.9.0 lines, a fact planted in turn 1 and asked for in turn "
         f"{turns}; max_tokens {results[0]['max_tokens']}, batch max "
         f"{settings.batch_max_size} / {settings.batch_max_wait_ms} ms, "

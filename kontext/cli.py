@@ -438,6 +438,14 @@ def bench_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
     ] = False,
+    separate_inference: Annotated[
+        bool,
+        typer.Option(
+            "--separate-inference",
+            help="Run the inference worker in its own process, as production does "
+            "(`kontext worker inference`); the baselines use an engine in this one.",
+        ),
+    ] = False,
 ) -> None:
     """Steve Min TPS: C conversations x T turns through the pipeline, with baselines."""
     import json
@@ -446,8 +454,9 @@ def bench_command(
     from rich.progress import Progress
 
     from kontext import benchmark
+    from kontext.bench_process import inference_process
     from producers.client import KontextClient
-    from workers.engines import ENGINE_NAMES
+    from workers.engines import ENGINE_NAMES, load_engine
 
     try:
         sizes = [int(n) for n in conversations.split(",")]
@@ -478,27 +487,52 @@ def bench_command(
                 await prepare(settings)
                 key = await keys_cli.mint(settings.dsn)
                 runtime = Runtime(settings)
-                await runtime.start(SERVICES)
+                names = [s for s in SERVICES if not (separate_inference and s == "inference")]
+                await runtime.start(names)
                 started = asyncio.Event()
 
-                async def measure() -> None:
-                    await started.wait()
+                async def measure(metrics_url: str | None) -> None:
                     url = f"http://{settings.api_host}:{runtime.api_port}"
                     topics = settings.topics
+                    direct = runtime.engines[0] if runtime.engines else None
+                    direct = direct or await load_engine(engine, settings)
                     with Progress(console=console) as progress:
                         async with KontextClient(
                             url, settings.bootstrap, topics=topics, api_key=key
                         ) as client:
-                            await benchmark.warm_up(client, runtime.engines[0], engine, max_tokens)
+                            await benchmark.warm_up(client, direct, engine, max_tokens)
                             for size in sizes:
                                 results.append(
                                     await benchmark.measure(
-                                        runtime, client, work[:size], max_tokens, progress
+                                        runtime,
+                                        client,
+                                        direct,
+                                        work[:size],
+                                        max_tokens,
+                                        progress,
+                                        metrics_url,
                                     )
                                 )
-                    stop.set()
 
-                task = asyncio.create_task(measure())
+                async def measure_when_ready() -> None:
+                    await started.wait()
+                    try:
+                        if not separate_inference:
+                            await measure(None)
+                            return
+                        overrides = {
+                            "KONTEXT_SUMMARIZER": summarizer,
+                            "KONTEXT_CACHE_TTL_S": "0",
+                        }
+                        log_path = settings.data_dir / "bench-inference.log"
+                        async with inference_process(
+                            settings, engine, log_path, overrides
+                        ) as metrics_url:
+                            await measure(metrics_url)
+                    finally:
+                        stop.set()
+
+                task = asyncio.create_task(measure_when_ready())
                 await runtime.run(stop, lambda _: started.set())
                 if not task.done():
                     task.cancel()
@@ -509,6 +543,7 @@ def bench_command(
         command = (
             f"kontext bench --engine {engine} --conversations {conversations} "
             f"--turns {turns} --max-tokens {max_tokens}"
+            + (" --separate-inference" if separate_inference else "")
         )
         body, plot = benchmark.publish(results, settings, command)
     if as_json:

@@ -29,6 +29,7 @@ from workers.consumer import BatchConsumer
 from workers.embeddings import Embedder
 from workers.engines import concurrent_batches, load_engine, load_tokenizer
 from workers.engines.base import Engine
+from workers.engines.device import device
 from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
 from workers.memory import MemoryWorker
@@ -187,7 +188,8 @@ class Runtime:
     async def _embedder(self) -> Embedder:
         """One embedding model per process, shared by the enricher and the memory worker."""
         if self.embedder is None:
-            self.embedder = await asyncio.to_thread(Embedder)
+            on = device(self.settings)
+            self.embedder = await asyncio.to_thread(Embedder, on)
         return self.embedder
 
     async def _build(self, name: str) -> list[Service]:

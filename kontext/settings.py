@@ -54,6 +54,11 @@ class Settings(BaseSettings):
 
     engines: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["smollm2"])
     """Models served by this deployment: one inference worker each; requests name one."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the smollm2 engine and the embedding model run; ``auto``: CUDA when torch
+    sees a GPU, else CPU."""
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The smollm2 engine's weight dtype; ``auto``: float32 on CPU, bfloat16 on CUDA."""
     vllm_dtype: str = "auto"
     """The ``vllm`` engine's weight dtype; ``auto``: bfloat16 on CPU, the model's own on GPU."""
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -199,15 +204,15 @@ class Settings(BaseSettings):
     """Models to route to, in order, while a model is unhealthy, e.g. ``{"smollm2": ["tiny"]}``."""
     inference_engines: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """The engines this process's inference workers serve (empty: every served engine)."""
+    inference_max_in_flight: int | None = Field(default=None, ge=1)
+    """Micro-batches an inference worker has its engine work on at once (default: the
+    engine's own, 4 for ``vllm``, whose continuous batching merges them; 1 for the others,
+    which run one batch at a time)."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     """How often an inference worker publishes its heartbeat (with its consumer lag)."""
     route_heartbeat_timeout_s: float = Field(default=5.0, gt=0)
     """A model with no heartbeat for this long is unhealthy (its breaker opens)."""
     route_max_lag: int | None = Field(default=None, ge=0)
-    inference_max_in_flight: int | None = Field(default=None, ge=1)
-    """Micro-batches an inference worker has its engine work on at once (default: the
-    engine's own, 4 for ``vllm``, whose continuous batching merges them; 1 for the others,
-    which run one batch at a time)."""
     """A model whose workers are more records behind than this is unhealthy (None: no bound)."""
     route_cooldown_s: float = Field(default=5.0, gt=0)
     """How long a breaker stays open before it tests the model again (half-open)."""

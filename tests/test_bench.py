@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kontext import benchmark
 from kontext.benchmark import Outcome, Phase
 
@@ -69,7 +71,16 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_bench_json_through_the_whole_pipeline(tmp_path: Path) -> None:
+def test_the_one_at_a_time_baseline_takes_an_even_sample() -> None:
+    prompts = [str(i) for i in range(200)]
+    assert benchmark.even_sample(prompts, 64) == prompts[::4]
+    assert benchmark.even_sample(prompts[:10], 64) == prompts[:10]
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["in-process", "separate-inference"])
+def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool) -> None:
+    """With --separate-inference the inference worker is a child process: its batch
+    sizes come from its metrics endpoint."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -77,6 +88,7 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path) -> None:
     }
     env["KONTEXT_KAFKA_SESSION_TIMEOUT_MS"] = "3000"
     args = ["bench", "--engine", "null", "--conversations", "2", "--turns", "3", "--json"]
+    args += ["--separate-inference"] if separate else []
     done = subprocess.run(
         [sys.executable, "-m", "kontext.cli", *args],
         cwd=tmp_path,
@@ -88,6 +100,7 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["engine"] == "null"
+    assert result["inference"] == ("separate process" if separate else "in-process")
     assert (result["conversations"], result["turns"]) == (2, 3)
     assert result["turns_total"] == result["turns_verified"] == 6
     assert (result["fact_recalled"], result["fact_asked"]) == (2, 2)

@@ -179,3 +179,28 @@ def test_concurrent_first_loads_convert_once(
         thread.join()
     assert len(calls) == 1
     assert results == [tmp_path / "smollm2"] * 2
+
+
+def test_the_device_setting_resolves_against_this_machine() -> None:
+    import torch
+
+    from workers.engines import device
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert device.device(Settings(device="auto")) == here
+    assert device.device(Settings(device="cpu")) == "cpu"
+    assert device.dtype(Settings(), "cpu") == torch.float32
+    assert device.dtype(Settings(), "cuda") == torch.bfloat16
+    assert device.dtype(Settings(torch_dtype="float16"), "cuda") == torch.float16
+    if here == "cpu":
+        with pytest.raises(RuntimeError, match="KONTEXT_DEVICE=cuda"):
+            device.device(Settings(device="cuda"))
+
+
+def test_smollm2_runs_where_the_device_setting_says(smol: Engine) -> None:
+    import torch
+
+    model = smol.model  # type: ignore[attr-defined]
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert smol.device == here  # type: ignore[attr-defined]
+    assert next(model.parameters()).device.type == here

@@ -32,14 +32,16 @@ def _model_dir() -> Path:
 class Embedder:
     """Embeds texts in batches, off the event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
+        """``device``: where the model runs (``cpu`` or ``cuda``); vectors come back on CPU."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
         path = _model_dir()
         self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model: Any = AutoModel.from_pretrained(path, local_files_only=True)
+        self._model: Any = AutoModel.from_pretrained(path, local_files_only=True).to(device)
         self._model.eval()
+        self.device = device
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -48,13 +50,13 @@ class Embedder:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
         encoded = self._tokenizer(
             list(texts), padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
-        )
+        ).to(self.device)
         with torch.inference_mode():
             hidden = self._model(**encoded).last_hidden_state
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return normalised.numpy().astype(np.float32)
+        return normalised.cpu().numpy().astype(np.float32)
 
     async def embed(self, texts: Sequence[str]) -> np.ndarray:
         """One row per text, in order."""

@@ -98,12 +98,19 @@ class HFEngine:
     """
 
     def __init__(
-        self, name: str, model: CausalLM, tokenizer: TokenCodec, context_window: int
+        self,
+        name: str,
+        model: CausalLM,
+        tokenizer: TokenCodec,
+        context_window: int,
+        device: str = "cpu",
     ) -> None:
+        """``device``: where ``model`` lies; each call's inputs are put there."""
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
         self.context_window = context_window
+        self.device = device
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
         return await asyncio.to_thread(self._generate, list(batch))
@@ -128,8 +135,12 @@ class HFEngine:
         pad = self.tokenizer.pad_id
         prompts = [self.tokenizer.encode(r.prompt) for r in requests]
         width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        input_ids = torch.tensor(
+            [[pad] * (width - len(p)) + p for p in prompts], device=self.device
+        )
+        attention_mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
+        )
         sampling: dict[str, Any] = (
             {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
             if temperature > 0
@@ -151,6 +162,7 @@ class HFEngine:
             )
             assert isinstance(output, torch.Tensor)
             logprobs = chosen.finish(output).tolist()
+            output = output.cpu()
         return [
             self._result(len(prompt), row[width:].tolist(), request.max_tokens, scores)
             for prompt, row, request, scores in zip(

@@ -80,11 +80,18 @@ def load_tokenizer(settings: Settings) -> HFTokenizer:
 def load_engine(settings: Settings) -> HFEngine:
     from transformers import AutoModelForCausalLM
 
+    from workers.engines import device
     from workers.engines.hf import HFEngine
 
     tokenizer = load_tokenizer(settings)
-    model = AutoModelForCausalLM.from_pretrained(ensure_cache(settings), local_files_only=True)
-    return HFEngine(CACHE_NAME, model, tokenizer, model.config.max_position_embeddings)
+    on = device.device(settings)
+    model = AutoModelForCausalLM.from_pretrained(
+        ensure_cache(settings),
+        local_files_only=True,
+        dtype=device.dtype(settings, on),
+        device_map=on,
+    )
+    return HFEngine(CACHE_NAME, model, tokenizer, model.config.max_position_embeddings, on)
 
 
 def _offline() -> None:
