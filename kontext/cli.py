@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated, TypeVar, cast
 from uuid import UUID
 
 import typer
@@ -18,11 +18,12 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from kontext import keys_cli
-from kontext.runtime import SERVICES, Runtime, embedded, prepare
+from kontext.runtime import SERVICES, Runtime, embedded, prepare, run_while
 from kontext.settings import Settings
 
 app = typer.Typer(help="Kontext: an event-driven LLM job pipeline.", no_args_is_help=True)
 console = Console(stderr=True)
+T = TypeVar("T")
 
 EngineOption = Annotated[
     list[str] | None,
@@ -64,6 +65,26 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         await main(stop)
 
     asyncio.run(wrapper())
+
+
+def _run_work(
+    settings: Settings,
+    work: Callable[[Runtime, str], Awaitable[T]],
+    services: Sequence[str] = SERVICES,
+) -> T:
+    """Run ``work`` against the services of this process (``run_while``), until it ends
+    or SIGINT/SIGTERM; a failure is one red line and exit code 1, not a traceback."""
+    result: list[T] = []
+
+    async def main(stop: asyncio.Event) -> None:
+        result.append(await run_while(settings, work, stop, services))
+
+    try:
+        _run(main)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    return result[0]
 
 
 async def _serve(settings: Settings, services: Sequence[str], stop: asyncio.Event) -> None:
@@ -278,53 +299,34 @@ def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> 
     _logging(False)
     with embedded(_settings([engine], 0)) as settings:
 
-        async def main(stop: asyncio.Event) -> None:
-            await prepare(settings)
+        async def conversation(runtime: Runtime, url: str) -> None:
             key = await keys_cli.mint(settings.dsn)
-            runtime = Runtime(settings)
-            await runtime.start(SERVICES)
-            started = asyncio.Event()
+            async with KontextClient(
+                url, settings.bootstrap, topics=settings.topics, api_key=key
+            ) as client:
+                conversation_id = None
+                for number, text in enumerate(DEMO_TURNS, 1):
+                    began = time.perf_counter()
+                    reply = await client.chat(
+                        model=engine,
+                        messages=[{"role": "user", "content": text}],
+                        conversation_id=conversation_id,
+                        max_tokens=48,
+                        timeout=120,
+                    )
+                    elapsed = (time.perf_counter() - began) * 1000
+                    conversation_id = reply.conversation_id
+                    if reply.result is None:
+                        raise RuntimeError(f"turn {number} failed: {reply.error}")
+                    answer = reply.result.choices[0].message.content.strip()
+                    context = reply.result.context
+                    earlier = len(context.turns) if context else 0
+                    print(f"\n[turn {number}] user: {text}")
+                    print(f"[turn {number}] assistant: {answer}")
+                    print(f"[turn {number}] {elapsed:.0f} ms, {earlier} earlier turns in context")
+            print(f"\nconversation {conversation_id}: {len(DEMO_TURNS)} turns", flush=True)
 
-            async def conversation() -> None:
-                await started.wait()
-                url = f"http://{settings.api_host}:{runtime.api_port}"
-                async with KontextClient(
-                    url, settings.bootstrap, topics=settings.topics, api_key=key
-                ) as client:
-                    conversation_id = None
-                    for number, text in enumerate(DEMO_TURNS, 1):
-                        began = time.perf_counter()
-                        reply = await client.chat(
-                            model=engine,
-                            messages=[{"role": "user", "content": text}],
-                            conversation_id=conversation_id,
-                            max_tokens=48,
-                            timeout=120,
-                        )
-                        elapsed = (time.perf_counter() - began) * 1000
-                        conversation_id = reply.conversation_id
-                        if reply.result is None:
-                            raise RuntimeError(f"turn {number} failed: {reply.error}")
-                        answer = reply.result.choices[0].message.content.strip()
-                        context = reply.result.context
-                        earlier = len(context.turns) if context else 0
-                        print(f"\n[turn {number}] user: {text}")
-                        print(f"[turn {number}] assistant: {answer}")
-                        print(
-                            f"[turn {number}] {elapsed:.0f} ms, {earlier} earlier turns in context"
-                        )
-                print(f"\nconversation {conversation_id}: {len(DEMO_TURNS)} turns", flush=True)
-                stop.set()
-
-            talk = asyncio.create_task(conversation())
-            await runtime.run(stop, lambda _: started.set())
-            if talk.done():
-                talk.result()
-            else:
-                talk.cancel()
-                sys.exit(1)
-
-        _run(main)
+        _run_work(settings, conversation)
 
 
 @app.command("bench-memory")
@@ -344,44 +346,32 @@ def bench_memory(
     base = _settings([engine], 0).model_copy(update={"cache_ttl_s": 0})
     with embedded(base) as settings:
 
-        async def main(stop: asyncio.Event) -> None:
-            await prepare(settings)
+        async def measure(runtime: Runtime, url: str) -> list[bench.Row]:
             key = await keys_cli.mint(settings.dsn)
-            runtime = Runtime(settings)
-            await runtime.start(SERVICES)
-            started = asyncio.Event()
             rows: list[bench.Row] = []
-
-            async def measure() -> None:
-                await started.wait()
-                url = f"http://{settings.api_host}:{runtime.api_port}"
-                async with KontextClient(
-                    url, settings.bootstrap, topics=settings.topics, api_key=key
-                ) as client:
-                    for n in lengths:
-                        rows.append(await bench.kontext_run(client, engine, n, runs, max_tokens))
-                        console.print(f"kontext, {n} turns: done")
+            async with KontextClient(
+                url, settings.bootstrap, topics=settings.topics, api_key=key
+            ) as client:
                 for n in lengths:
-                    rows.append(await bench.naive_run(runtime.engines[0], n, runs, max_tokens))
-                    console.print(f"naive resend, {n} turns: done")
-                stop.set()
+                    rows.append(await bench.kontext_run(client, engine, n, runs, max_tokens))
+                    console.print(f"kontext, {n} turns: done")
+            for n in lengths:
+                rows.append(await bench.naive_run(runtime.engines[0], n, runs, max_tokens))
+                console.print(f"naive resend, {n} turns: done")
+            return rows
 
-            task = asyncio.create_task(measure())
-            await runtime.run(stop, lambda _: started.set())
-            task.result()
-            rows.sort(key=lambda r: (r.turns, r.mode))
-            body = bench.table(rows)
-            print(body)
-            bench.record(
-                "Conversation memory vs naive full-history resend",
-                f"Engine `{engine}`, max_tokens {max_tokens}, {runs} conversation(s) per length, "
-                f"summariser `{settings.summarizer}`, prompt budget "
-                f"{settings.context_budget_tokens or 'model window'}; command: "
-                f"`kontext bench-memory --engine {engine} --turns {turns} --runs {runs}`.",
-                body,
-            )
-
-        _run(main)
+        rows = _run_work(settings, measure)
+    rows.sort(key=lambda r: (r.turns, r.mode))
+    body = bench.table(rows)
+    print(body)
+    bench.record(
+        "Conversation memory vs naive full-history resend",
+        f"Engine `{engine}`, max_tokens {max_tokens}, {runs} conversation(s) per length, "
+        f"summariser `{settings.summarizer}`, prompt budget "
+        f"{settings.context_budget_tokens or 'model window'}; command: "
+        f"`kontext bench-memory --engine {engine} --turns {turns} --runs {runs}`.",
+        body,
+    )
 
 
 @app.command("bench-lanes")
@@ -395,7 +385,6 @@ def bench_lanes(
     import httpx
 
     from kontext import bench, bench_lanes
-    from kontext.runtime import run_while
 
     _logging(False)
     # No response cache: every probe and line must reach the engine.
@@ -408,12 +397,7 @@ def bench_lanes(
             async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
                 return await bench_lanes.run(http, engine, probes, lines, max_tokens)
 
-        phases: list[bench_lanes.Phase] = []
-
-        async def main(stop: asyncio.Event) -> None:
-            phases.extend(await run_while(settings, work, stop))
-
-        _run(main)
+        phases = _run_work(settings, work)
     body = bench_lanes.table(phases)
     print(body)
     bench.record(
@@ -483,63 +467,38 @@ def bench_command(
         results: list[dict[str, object]] = []
         with embedded(base) as settings:
 
-            async def main(stop: asyncio.Event) -> None:
-                await prepare(settings)
+            async def measure(runtime: Runtime, url: str, metrics_url: str | None) -> None:
                 key = await keys_cli.mint(settings.dsn)
-                runtime = Runtime(settings)
-                names = [s for s in SERVICES if not (separate_inference and s == "inference")]
-                await runtime.start(names)
-                started = asyncio.Event()
-
-                async def measure(metrics_url: str | None) -> None:
-                    url = f"http://{settings.api_host}:{runtime.api_port}"
-                    topics = settings.topics
-                    direct = runtime.engines[0] if runtime.engines else None
-                    direct = direct or await load_engine(engine, settings)
-                    with Progress(console=console) as progress:
-                        async with KontextClient(
-                            url, settings.bootstrap, topics=topics, api_key=key
-                        ) as client:
-                            await benchmark.warm_up(client, direct, engine, max_tokens)
-                            for size in sizes:
-                                results.append(
-                                    await benchmark.measure(
-                                        runtime,
-                                        client,
-                                        direct,
-                                        work[:size],
-                                        max_tokens,
-                                        progress,
-                                        metrics_url,
-                                    )
+                direct = runtime.engines[0] if runtime.engines else None
+                direct = direct or await load_engine(engine, settings)
+                with Progress(console=console) as progress:
+                    async with KontextClient(
+                        url, settings.bootstrap, topics=settings.topics, api_key=key
+                    ) as client:
+                        await benchmark.warm_up(client, direct, engine, max_tokens)
+                        for size in sizes:
+                            results.append(
+                                await benchmark.measure(
+                                    runtime,
+                                    client,
+                                    direct,
+                                    work[:size],
+                                    max_tokens,
+                                    progress,
+                                    metrics_url,
                                 )
+                            )
 
-                async def measure_when_ready() -> None:
-                    await started.wait()
-                    try:
-                        if not separate_inference:
-                            await measure(None)
-                            return
-                        overrides = {
-                            "KONTEXT_SUMMARIZER": summarizer,
-                            "KONTEXT_CACHE_TTL_S": "0",
-                        }
-                        log_path = settings.data_dir / "bench-inference.log"
-                        async with inference_process(
-                            settings, engine, log_path, overrides
-                        ) as metrics_url:
-                            await measure(metrics_url)
-                    finally:
-                        stop.set()
+            async def run(runtime: Runtime, url: str) -> None:
+                if not separate_inference:
+                    return await measure(runtime, url, None)
+                overrides = {"KONTEXT_SUMMARIZER": summarizer, "KONTEXT_CACHE_TTL_S": "0"}
+                log_path = settings.data_dir / "bench-inference.log"
+                async with inference_process(settings, engine, log_path, overrides) as metrics:
+                    return await measure(runtime, url, metrics)
 
-                task = asyncio.create_task(measure_when_ready())
-                await runtime.run(stop, lambda _: started.set())
-                if not task.done():
-                    task.cancel()
-                    raise typer.Exit(1)
-                task.result()
-
-            _run(main)
+            services = [s for s in SERVICES if not (separate_inference and s == "inference")]
+            _run_work(settings, run, services)
         command = (
             f"kontext bench --engine {engine} --conversations {conversations} "
             f"--turns {turns} --max-tokens {max_tokens}"

@@ -372,13 +372,17 @@ class Runtime:
 
 
 async def run_while(
-    settings: Settings, work: Callable[[Runtime, str], Awaitable[T]], stop: asyncio.Event
+    settings: Settings,
+    work: Callable[[Runtime, str], Awaitable[T]],
+    stop: asyncio.Event,
+    services: Sequence[str] = SERVICES,
 ) -> T:
-    """Migrate, start every service, run ``work(runtime, api_url)`` once all are ready,
-    then shut down. Raises if the runtime stopped before the work finished."""
+    """Migrate, start the services (default: every one), run ``work(runtime, api_url)``
+    once all are ready, then shut down. Raises RuntimeError if the runtime stopped
+    before the work finished."""
     await prepare(settings)
     runtime = Runtime(settings)
-    await runtime.start(SERVICES)
+    await runtime.start(services)
     started = asyncio.Event()
 
     async def go() -> T:

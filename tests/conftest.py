@@ -62,6 +62,25 @@ def database(workdir: Path) -> Iterator[EmbeddedPostgres]:
     database.destroy()
 
 
+def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``kontext ARGS`` on its embedded defaults (none of this environment's broker,
+    database or KONTEXT_ settings), in ``cwd``; its output captured."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") and not k.startswith("KONTEXT_")
+    }
+    env["KONTEXT_KAFKA_SESSION_TIMEOUT_MS"] = "3000"
+    return subprocess.run(
+        [sys.executable, "-m", "kontext.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def stack_env(broker: EmbeddedBroker, database: EmbeddedPostgres, prefix: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from kontext import benchmark
 from kontext.benchmark import Outcome, Phase
+from tests.conftest import run_cli
 
 
 def test_a_turn_counts_only_if_it_succeeded_and_its_prompt_carried_the_fact() -> None:
@@ -81,22 +79,9 @@ def test_the_one_at_a_time_baseline_takes_an_even_sample() -> None:
 def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool) -> None:
     """With --separate-inference the inference worker is a child process: its batch
     sizes come from its metrics endpoint."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") and not k.startswith("KONTEXT_")
-    }
-    env["KONTEXT_KAFKA_SESSION_TIMEOUT_MS"] = "3000"
     args = ["bench", "--engine", "null", "--conversations", "2", "--turns", "3", "--json"]
     args += ["--separate-inference"] if separate else []
-    done = subprocess.run(
-        [sys.executable, "-m", "kontext.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    done = run_cli(args, tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["engine"] == "null"

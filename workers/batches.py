@@ -12,7 +12,6 @@ webhooks service attempts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from uuid import UUID
@@ -26,6 +25,7 @@ from kontext.settings import Settings
 from schemas.events import JobReply, utcnow
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
+from workers.periodic import every
 from workers.records import Record
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,7 @@ class Sweeper:
         await close(self.pool, None, self.first_delay_s)
 
     async def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("batch sweep failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=self.interval_s)
+        await every(self.interval_s, self.sweep, self.stopping, "batch sweep")
 
 
 class BatchService:

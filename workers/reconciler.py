@@ -14,7 +14,6 @@ model's background lane finished nothing within the lease.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import timedelta
 from typing import Any
@@ -28,6 +27,7 @@ from pydantic import ValidationError
 from kontext import ledger, reviews
 from kontext.settings import Settings
 from schemas.events import ErrorInfo, JobRequest
+from workers.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +119,14 @@ class Reconciler:
         return future
 
     async def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                await self.sweep()
-            except (OSError, asyncpg.PostgresError, KafkaError) as exc:
-                log.warning(
-                    "reconciler sweep failed (%s); next sweep in %ss",
-                    exc,
-                    self.settings.reconcile_interval_s,
-                )
-            except Exception:  # a bug in one sweep must not stop every other service
-                log.exception(
-                    "reconciler sweep failed; next sweep in %ss", self.settings.reconcile_interval_s
-                )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), self.settings.reconcile_interval_s)
+        # A failing sweep (the database or broker down, or a bug) never stops the others.
+        await every(
+            self.settings.reconcile_interval_s,
+            self.sweep,
+            self.stopping,
+            "reconciler sweep",
+            expected=(OSError, asyncpg.PostgresError, KafkaError),
+        )
 
     def ready(self) -> bool:
         return True

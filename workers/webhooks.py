@@ -11,7 +11,6 @@ service claims due deliveries in batches and attempts them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -25,6 +24,7 @@ from kontext.ssrf import UrlGuard
 from schemas.events import JobReply
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
+from workers.periodic import every
 from workers.records import Record
 from workers.retries import RetryPolicy
 from workers.sender import Sender
@@ -95,18 +95,15 @@ class Scheduler:
         self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
         self.stopping = asyncio.Event()
 
+    async def step(self) -> bool:
+        """Attempt one claim of due deliveries; True if more may be due."""
+        claimed = await deliveries.claim_due(self.pool, self.batch, self.lease_s)
+        if claimed:
+            await attempt_all(self.pool, self.sender, claimed)
+        return len(claimed) == self.batch
+
     async def run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                claimed = await deliveries.claim_due(self.pool, self.batch, self.lease_s)
-                if claimed:
-                    await attempt_all(self.pool, self.sender, claimed)
-                if len(claimed) == self.batch:
-                    continue  # more may be due
-            except Exception:
-                log.exception("webhook scheduler: claiming or recording failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=self.interval_s)
+        await every(self.interval_s, self.step, self.stopping, "webhook scheduler")
 
 
 class WebhookService:
