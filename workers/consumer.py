@@ -111,14 +111,14 @@ async def drain_lanes(
 ) -> list[Record]:
     """The next micro-batch across two priority lanes.
 
-    Background work gets up to ``reserve`` slots of every batch (its guaranteed
-    share); interactive work gets the rest, and the reserve too when no
-    background work waits; background fills whatever interactive leaves empty.
-    Past ``max_wait_ms``, while ``free`` is clear, only interactive work keeps
-    filling (background tops up when the batch is sealed), so an interactive job
-    that arrives while the handler is busy still makes the next batch.
-    Only records that go into the batch are fetched, so committing both
-    consumers' positions afterwards never skips one.
+    Background work always gets up to ``reserve`` slots of a batch (its guaranteed
+    share); interactive work gets the rest. Background work takes more only for a
+    batch without interactive work that can start now (``free`` set: a handler slot
+    is free): it fills the batch at once when the handler is idle, or when the batch
+    is sealed. So while the handler is busy the batch keeps room for interactive jobs
+    that arrive meanwhile, and a batch carrying one stays small (quick to run).
+    Only records that go into the batch are fetched, so committing both consumers'
+    positions afterwards never skips one.
     """
     high: list[Record] = []
     low: list[Record] = []
@@ -130,9 +130,11 @@ async def drain_lanes(
         low += await _fetch(background, 0, min(room, reserve - len(low)))
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
+        can_start = _can_start(free, stopping)
         past = bool(deadline) and time.monotonic() >= deadline
-        if past and _can_start(free, stopping):
-            low += await _fetch(background, 0, max_size - len(high) - len(low))
+        if past and can_start:
+            if not high:
+                low += await _fetch(background, 0, max_size - len(low))
             break
         if deadline:
             wait_ms = BUSY_POLL_MS if past else int((deadline - time.monotonic()) * 1000)
@@ -140,10 +142,9 @@ async def drain_lanes(
             break
         else:
             wait_ms = IDLE_POLL_MS
-        got = await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
-        high += got
-        if not got and not past:
-            low += await _fetch(background, 0, max_size - len(high) - len(low))
+        high += await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
+        if not high and can_start:
+            low += await _fetch(background, 0, max_size - len(low))
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
     return high + low

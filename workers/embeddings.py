@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.priority_gate import PriorityGate
+
 DIMENSIONS = 384
 MAX_TOKENS = 256
 
@@ -30,7 +32,8 @@ def _model_dir() -> Path:
 
 
 class Embedder:
-    """Embeds texts in batches, off the event loop."""
+    """Embeds texts in batches, off the event loop, one call at a time (each uses every
+    core), interactive callers before background ones."""
 
     def __init__(self, device: str = "cpu") -> None:
         """``device``: where the model runs (``cpu`` or ``cuda``); vectors come back on CPU."""
@@ -42,6 +45,7 @@ class Embedder:
         self._model: Any = AutoModel.from_pretrained(path, local_files_only=True).to(device)
         self._model.eval()
         self.device = device
+        self._gate = PriorityGate()
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -58,6 +62,8 @@ class Embedder:
         normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return normalised.cpu().numpy().astype(np.float32)
 
-    async def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """One row per text, in order."""
-        return await asyncio.to_thread(self.embed_sync, texts)
+    async def embed(self, texts: Sequence[str], background: bool = False) -> np.ndarray:
+        """One row per text, in order. ``background`` work waits while interactive work
+        waits too (a backfill's embeddings never hold up an interactive turn's twice)."""
+        async with self._gate.turn(background):
+            return await asyncio.to_thread(self.embed_sync, texts)

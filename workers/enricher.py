@@ -105,7 +105,8 @@ class Enricher:
             started = time.perf_counter()
             queries = {job_id: recall_query(r) for job_id, r in requests.items()}
             texts = [q for q in queries.values() if q is not None]
-            vectors = iter(await self.embedder.embed(texts)) if texts else iter(())
+            background = all(r.priority == "background" for r in requests.values())
+            vectors = iter(await self.embedder.embed(texts, background)) if texts else iter(())
             jobs: list[tuple[UUID, np.ndarray | None]] = [
                 (job_id, next(vectors) if query is not None else None)
                 for job_id, query in queries.items()

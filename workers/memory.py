@@ -88,7 +88,8 @@ class MemoryWorker:
     async def _embed(self, conn: asyncpg.Connection, conversations: Sequence[str]) -> None:
         pending = await memory.unembedded_turns(conn, conversations, EMBED_LIMIT)
         if pending:
-            vectors = await self.embedder.embed([content for _, content in pending])
+            # Off the request path: after any enricher's call for a waiting turn.
+            vectors = await self.embedder.embed([content for _, content in pending], True)
             await memory.store_embeddings(conn, [turn_id for turn_id, _ in pending], vectors)
 
     async def _store(
