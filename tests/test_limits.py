@@ -336,7 +336,8 @@ async def test_a_job_driven_again_from_the_ledger_passes_its_tenants_limiter(
     await pool.execute(
         "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", lost.job_id
     )
-    assert (await _final(http[0], tenant.key, str(lost.job_id)))["status"] == "succeeded"
+    redriven = await _final(http[0], tenant.key, str(lost.job_id))
+    assert redriven["status"] == "succeeded", redriven
     # It went through the limiter: it took the tenant's one request of this minute.
     response = await _submit(http[1], tenant.key)
     if response.status_code == 202:

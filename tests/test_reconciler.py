@@ -74,7 +74,8 @@ async def test_a_background_job_is_stuck_only_when_its_lane_stalls(
     producer = create_producer(stack.settings)
     await producer.start()
     try:
-        reconciler = Reconciler(stack.settings, pool, producer)
+        serving = stack.settings.model_copy(update={"engines": [*stack.settings.engines, model]})
+        reconciler = Reconciler(serving, pool, producer)
         await reconciler.sweep()
         assert await lease_age_s() > 3000, "its lane is moving: not stuck, not re-driven"
 
@@ -87,3 +88,44 @@ async def test_a_background_job_is_stuck_only_when_its_lane_stalls(
         assert await lease_age_s() < 600, "a stalled lane's job is re-driven"
     finally:
         await producer.stop()
+
+
+async def test_a_deployment_re_drives_only_the_models_it_serves(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    """Two deployments on one database (as the test stacks are) each re-drive their own
+    models' stuck jobs: one for a model served elsewhere is left to that deployment."""
+    ours, theirs = (f"m-{uuid.uuid4().hex[:6]}" for _ in range(2))
+
+    def stuck(model: str) -> JobRequest:
+        return JobRequest(
+            job_id=uuid.uuid4(),
+            conversation_id=f"stuck-{uuid.uuid4().hex[:8]}",
+            model=model,
+            messages=[ChatMessage(role="user", content="anyone?")],
+            max_tokens=8,
+        )
+
+    mine, other = stuck(ours), stuck(theirs)
+    for request in (mine, other):
+        await ledger.admit(pool, request, None)
+        await pool.execute(
+            "UPDATE jobs SET updated_at = now() - interval '1 hour' WHERE id = $1", request.job_id
+        )
+    serving = stack.settings.model_copy(update={"engines": [ours]})
+    producer = create_producer(serving)
+    await producer.start()
+    try:
+        await Reconciler(serving, pool, producer).sweep()
+    finally:
+        await producer.stop()
+    ages = {
+        row["id"]: row["age"]
+        for row in await pool.fetch(
+            "SELECT id, extract(epoch FROM now() - updated_at) AS age FROM jobs"
+            " WHERE id = ANY($1::uuid[])",
+            [mine.job_id, other.job_id],
+        )
+    }
+    assert ages[mine.job_id] < 600, "its own model's stuck job is re-driven"
+    assert ages[other.job_id] > 3000, "another deployment's job is left alone"

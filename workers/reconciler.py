@@ -42,6 +42,9 @@ UPDATE jobs SET updated_at = now()
 WHERE id IN (
     SELECT j.id FROM jobs j
     WHERE j.status IN ('queued', 'running')
+        -- Only what this deployment runs: another one on the same database (a
+        -- blue/green twin, another model family) re-drives its own jobs.
+        AND j.model = ANY($3::text[])
         -- The lease doubles with each admission (up to 8x): a job only slow under load
         -- is not re-driven again and again, each re-drive adding to the load.
         AND j.updated_at < now() - $1::interval * least(2 ^ greatest(j.attempts - 1, 0), 8)
@@ -77,7 +80,8 @@ class Reconciler:
     async def sweep(self) -> int:
         """Re-publish every job stuck past its lease; returns how many."""
         lease = timedelta(seconds=self.settings.job_lease_s)
-        rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT)
+        served = [*self.settings.engines, *self.settings.model_aliases]
+        rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT, served)
         sends = []
         for row in rows:
             try:
