@@ -79,15 +79,13 @@ def replicas(
 
 
 async def _tenant(pool: asyncpg.Pool, **limits: int) -> keys.NewKey:
-    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key; returns
-    once the limiter's next re-read of tenants' limits is due, so it decides the
-    tenant's first submission knowing them."""
+    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key. Used at
+    once: the limiter reads a tenant it has not seen before deciding its first job."""
     created = await keys.create(pool, f"t-{uuid.uuid4().hex[:10]}")
     for column, value in limits.items():
         await pool.execute(
             f"UPDATE tenants SET {column} = $2 WHERE id = $1", created.tenant_id, value
         )
-    await asyncio.sleep(LIMITS_REFRESH_S)
     return created
 
 

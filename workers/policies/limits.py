@@ -67,7 +67,9 @@ class Limits:
 class TenantLimits:
     """Each tenant's limits: the ``tenants`` table's rpm, tpm and token_budget, with
     the settings' defaults where a column is NULL (or no row exists), and the spent
-    budget last saved. Re-read at most every ``limits_refresh_s``, never per request."""
+    budget last saved. Re-read every ``limits_refresh_s``, never per request, and at
+    once for a tenant not seen at the last read (a new tenant's first request is
+    decided with its own limits, not the defaults)."""
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool | None) -> None:
         self.settings = settings
@@ -75,10 +77,17 @@ class TenantLimits:
         self.rows: dict[str, tuple[int | None, int | None, int | None]] = {}
         self.saved_spent: dict[str, int] = {}
         self.loaded_at = -math.inf
+        self.absent: set[str] = set()
+        """Tenants asked for at the last read that have no row (not re-read for them)."""
 
-    async def refresh(self) -> None:
+    async def refresh(self, tenants: Iterable[str] = ()) -> None:
+        """Re-read if due, or if one of ``tenants`` was not seen at the last read."""
         now = time.monotonic()
-        if self.pool is None or now - self.loaded_at < self.settings.limits_refresh_s:
+        if self.pool is None:
+            return
+        asked = set(tenants)
+        unseen = asked - self.rows.keys() - self.absent
+        if not unseen and now - self.loaded_at < self.settings.limits_refresh_s:
             return
         self.loaded_at = now
         rows = await self.pool.fetch(
@@ -89,6 +98,7 @@ class TenantLimits:
         )
         self.rows = {r["id"]: (r["rpm"], r["tpm"], r["token_budget"]) for r in rows}
         self.saved_spent = {r["id"]: r["spent"] for r in rows}
+        self.absent = asked - self.rows.keys()
 
     async def save_spent(self, spent: dict[str, int]) -> None:
         """Keep tenants' spent budget in Postgres (one statement; it only grows)."""
@@ -185,7 +195,7 @@ class LimitLedger:
         self.state[tenant_id.encode()] = tenant.dump()
 
     async def admit(self, requests: Sequence[JobRequest], now: float) -> dict[UUID, Refusal]:
-        await self.limits.refresh()
+        await self.limits.refresh({request.tenant_id for request in requests})
         refused: dict[UUID, Refusal] = {}
         tenants: dict[str, TenantState] = {}
         for request in requests:
