@@ -44,6 +44,21 @@ def _logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+SeparateInference = Annotated[
+    bool,
+    typer.Option(
+        "--separate-inference",
+        help="Run the inference worker in its own process, as production does "
+        "(`kontext worker inference`).",
+    ),
+]
+
+
+def _without_inference(separate: bool) -> list[str]:
+    """The services of this process: all, or all but inference when it runs apart."""
+    return [s for s in SERVICES if not (separate and s == "inference")]
+
+
 def _settings(engines: list[str] | None, port: int | None) -> Settings:
     settings = Settings()
     updates: dict[str, object] = {}
@@ -380,32 +395,43 @@ def bench_lanes(
     probes: Annotated[int, typer.Option(min=10, help="Interactive jobs per phase.")] = 100,
     lines: Annotated[int, typer.Option(min=1, help="Lines in the background backfill.")] = 10_000,
     max_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    separate_inference: SeparateInference = False,
 ) -> None:
     """Interactive p50/p95/p99 latency without, then during, a large batch backfill."""
     import httpx
 
     from kontext import bench, bench_lanes
+    from kontext.bench_process import inference_process
 
     _logging(False)
     # No response cache: every probe and line must reach the engine.
     base = _settings([engine], 0).model_copy(update={"cache_ttl_s": 0})
     with embedded(base) as settings:
 
-        async def work(runtime: Runtime, url: str) -> list[bench_lanes.Phase]:
+        async def measure(url: str) -> list[bench_lanes.Phase]:
             key = await keys_cli.mint(settings.dsn)
             auth = {"Authorization": f"Bearer {key}"}
             async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
                 return await bench_lanes.run(http, engine, probes, lines, max_tokens)
 
-        phases = _run_work(settings, work)
+        async def work(runtime: Runtime, url: str) -> list[bench_lanes.Phase]:
+            if not separate_inference:
+                return await measure(url)
+            log_path = settings.data_dir / "bench-inference.log"
+            async with inference_process(settings, engine, log_path, {"KONTEXT_CACHE_TTL_S": "0"}):
+                return await measure(url)
+
+        phases = _run_work(settings, work, _without_inference(separate_inference))
     body = bench_lanes.table(phases)
     print(body)
+    where = "its own process" if separate_inference else "the same process as the rest"
     bench.record(
         "Interactive latency during a batch backfill",
         f"Engine `{engine}`, max_tokens {max_tokens}, interactive jobs one at a time, "
         f"background share {settings.background_share}, batch max size "
-        f"{settings.batch_max_size}; command: `kontext bench-lanes --engine {engine} "
-        f"--probes {probes} --lines {lines}`.",
+        f"{settings.batch_max_size}, inference worker in {where}; command: "
+        f"`kontext bench-lanes --engine {engine} --probes {probes} --lines {lines}"
+        + (" --separate-inference`." if separate_inference else "`."),
         body,
     )
 
@@ -422,14 +448,7 @@ def bench_command(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
     ] = False,
-    separate_inference: Annotated[
-        bool,
-        typer.Option(
-            "--separate-inference",
-            help="Run the inference worker in its own process, as production does "
-            "(`kontext worker inference`); the baselines use an engine in this one.",
-        ),
-    ] = False,
+    separate_inference: SeparateInference = False,
 ) -> None:
     """Steve Min TPS: C conversations x T turns through the pipeline, with baselines."""
     import json
@@ -497,8 +516,7 @@ def bench_command(
                 async with inference_process(settings, engine, log_path, overrides) as metrics:
                     return await measure(runtime, url, metrics)
 
-            services = [s for s in SERVICES if not (separate_inference and s == "inference")]
-            _run_work(settings, run, services)
+            _run_work(settings, run, _without_inference(separate_inference))
         command = (
             f"kontext bench --engine {engine} --conversations {conversations} "
             f"--turns {turns} --max-tokens {max_tokens}"
