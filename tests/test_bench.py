@@ -103,3 +103,19 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool) -
     section = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "Steve Min TPS, closed-loop multi-turn: `null` engine" in section
     assert "| 2 x 3 |" in section
+
+
+def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Path) -> None:
+    args = ["bench-lanes", "--engine", "tiny", "--probes", "10", "--lines", "40"]
+    done = run_cli([*args, "--separate-inference"], tmp_path, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| without backfill")]
+    rows += [line for line in done.stdout.splitlines() if line.startswith("| during a 40-line")]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == "10"  # every probe answered
+        p50, p95, p99, top = (float(c) for c in cells[2:6])
+        assert 0 < p50 <= p95 <= p99 <= top
+    section = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "inference worker in its own process" in section
