@@ -30,7 +30,7 @@ import httpx
 
 from kontext import bench
 from kontext.keys_cli import mint
-from kontext.runtime import SERVICES, Runtime
+from kontext.runtime import Runtime, run_while
 from kontext.settings import Settings
 from schemas.events import ChatMessage, JobRequest
 from schemas.limits import Settled, TenantLimitStatus
@@ -122,21 +122,11 @@ async def _load(url: str, key: str, requests: int, concurrency: int, tag: str) -
 async def end_to_end(settings: Settings, requests: int, concurrency: int, tag: str) -> Run:
     """One run of the workload against a fresh runtime with these settings."""
     key = await mint(settings.dsn)
-    runtime = Runtime(settings)
-    await runtime.start(SERVICES)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(runtime.run(stop, lambda _: ready.set()))
-    try:
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait([waiter, task], return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        url = f"http://{settings.api_host}:{runtime.api_port}"
+
+    async def work(runtime: Runtime, url: str) -> Run:
         return await _load(url, key, requests, concurrency, tag)
-    finally:
-        stop.set()
-        await task
+
+    return await run_while(settings, work, asyncio.Event())
 
 
 async def hooks(samples: int = 20_000) -> dict[str, float]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -17,21 +16,20 @@ import pytest
 
 from kontext import keys, memory
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.runtime import Runtime
+from kontext.runtime import Runtime, run_while
 from kontext.settings import Settings
 from producers.client import KontextClient
 
 WITHOUT_MEMORY_WORKER = ["api", "enricher", "inference", "recorder"]
 
 
-@pytest.fixture
-async def pipeline(
+async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
     broker: EmbeddedBroker,
     database: EmbeddedPostgres,
     workdir: Path,
     pool: asyncpg.Pool,
     monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[Runtime, KontextClient]]:
+) -> None:
     monkeypatch.chdir(workdir)  # the stream processors' state directories go there
     settings = Settings(
         kafka_bootstrap_servers=broker.bootstrap_servers,
@@ -44,45 +42,30 @@ async def pipeline(
         kafka_session_timeout_ms=3000,
     )
     key = (await keys.create(pool, "default")).key
-    runtime = Runtime(settings)
-    await runtime.start(WITHOUT_MEMORY_WORKER)
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    task = asyncio.create_task(runtime.run(stop, lambda _: ready.set()))
-    try:
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait([waiter, task], timeout=120, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
-        assert ready.is_set(), "the pipeline did not become ready"
-        url = f"http://{settings.api_host}:{runtime.api_port}"
+    conversation = f"embedded-{uuid.uuid4().hex[:8]}"
+    text = "My sister's cat is called Pickle and she hates thunderstorms."
+
+    async def chat(runtime: Runtime, url: str) -> np.ndarray:
         async with KontextClient(
             url, settings.bootstrap, topics=settings.topics, api_key=key
         ) as client:
-            yield runtime, client
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, timeout=60)
+            reply = await client.chat(
+                model="tiny",
+                conversation_id=conversation,
+                messages=[
+                    {"role": "user", "content": "Hello there."},
+                    {"role": "assistant", "content": "Hi! How can I help?"},
+                    {"role": "user", "content": text},
+                ],
+                max_tokens=8,
+                timeout=60,
+            )
+        assert reply.status == "succeeded"
+        assert runtime.embedder is not None
+        return (await runtime.embedder.embed([text]))[0]
 
-
-async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
-    pipeline: tuple[Runtime, KontextClient], pool: asyncpg.Pool
-) -> None:
-    runtime, client = pipeline
-    conversation = f"embedded-{uuid.uuid4().hex[:8]}"
-    text = "My sister's cat is called Pickle and she hates thunderstorms."
-    reply = await client.chat(
-        model="tiny",
-        conversation_id=conversation,
-        messages=[
-            {"role": "user", "content": "Hello there."},
-            {"role": "assistant", "content": "Hi! How can I help?"},
-            {"role": "user", "content": text},
-        ],
-        max_tokens=8,
-        timeout=60,
-    )
-    assert reply.status == "succeeded"
+    run = run_while(settings, chat, asyncio.Event(), WITHOUT_MEMORY_WORKER)
+    expected = await asyncio.wait_for(run, timeout=180)
 
     rows = await pool.fetch(
         "SELECT role, content, embedding FROM turns WHERE conversation_id = $1 ORDER BY seq",
@@ -90,8 +73,6 @@ async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
     )
     assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
     # The message recall searched with is stored embedded, with that very embedding.
-    assert runtime.embedder is not None
-    expected = (await runtime.embedder.embed([text]))[0]
     assert rows[2]["content"] == text and rows[2]["embedding"] is not None
     assert np.allclose(rows[2]["embedding"].to_numpy(), expected, atol=1e-5)
     # The rest is left to the memory worker (not running here): it embeds only these.
