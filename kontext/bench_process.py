@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 from prometheus_client.metrics_core import Metric
@@ -24,14 +25,43 @@ from kontext.embedded import free_port
 from kontext.settings import Settings
 
 STOP_TIMEOUT_S = 30.0
+T = TypeVar("T")
+
+
+class InferenceProcess:
+    """The running child: its metrics URL, and a guard for work that needs it."""
+
+    def __init__(self, child: asyncio.subprocess.Process, metrics_url: str, log: Path) -> None:
+        self.child = child
+        self.metrics_url = metrics_url
+        self.log = log
+
+    async def guard(self, work: Awaitable[T]) -> T:
+        """``work``'s result; if the child exits first, the work is cancelled and this
+        raises RuntimeError naming the child's log (no wait for turns that never end)."""
+        task = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(self.child.wait())
+        try:
+            await asyncio.wait({task, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            exited.cancel()
+        if task.cancelled():
+            raise RuntimeError(
+                f"the inference worker exited (code {self.child.returncode}); see {self.log}"
+            )
+        return task.result()
 
 
 @contextlib.asynccontextmanager
 async def inference_process(
     settings: Settings, engine: str, log_path: Path, overrides: dict[str, str]
-) -> AsyncIterator[str]:
-    """``kontext worker inference`` for ``engine`` in a child process; yields its metrics
-    URL. ``overrides``: settings the parent changed in code, as KONTEXT_ variables."""
+) -> AsyncIterator[InferenceProcess]:
+    """``kontext worker inference`` for ``engine`` in a child process, stopped on exit.
+    ``overrides``: settings the parent changed in code, as KONTEXT_ variables."""
     port = free_port()
     env = {
         **os.environ,
@@ -55,7 +85,7 @@ async def inference_process(
             stderr=log,
         )
         try:
-            yield f"http://127.0.0.1:{port}/metrics"
+            yield InferenceProcess(child, f"http://127.0.0.1:{port}/metrics", log_path)
         finally:
             if child.returncode is None:
                 child.terminate()

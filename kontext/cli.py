@@ -418,8 +418,9 @@ def bench_lanes(
             if not separate_inference:
                 return await measure(url)
             log_path = settings.data_dir / "bench-inference.log"
-            async with inference_process(settings, engine, log_path, {"KONTEXT_CACHE_TTL_S": "0"}):
-                return await measure(url)
+            overrides = {"KONTEXT_CACHE_TTL_S": "0"}
+            async with inference_process(settings, engine, log_path, overrides) as child:
+                return await child.guard(measure(url))
 
         phases = _run_work(settings, work, _without_inference(separate_inference))
     body = bench_lanes.table(phases)
@@ -513,8 +514,8 @@ def bench_command(
                     return await measure(runtime, url, None)
                 overrides = {"KONTEXT_SUMMARIZER": summarizer, "KONTEXT_CACHE_TTL_S": "0"}
                 log_path = settings.data_dir / "bench-inference.log"
-                async with inference_process(settings, engine, log_path, overrides) as metrics:
-                    return await measure(runtime, url, metrics)
+                async with inference_process(settings, engine, log_path, overrides) as child:
+                    return await child.guard(measure(runtime, url, child.metrics_url))
 
             _run_work(settings, run, _without_inference(separate_inference))
         command = (

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from kontext import benchmark
+from kontext.bench_process import InferenceProcess
 from kontext.benchmark import Outcome, Phase
 from tests.conftest import run_cli
 
@@ -119,3 +122,20 @@ def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Pa
         assert 0 < p50 <= p95 <= p99 <= top
     section = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "inference worker in its own process" in section
+
+
+async def test_work_beside_an_inference_worker_that_dies_fails_at_once(tmp_path: Path) -> None:
+    """No waiting out turns that can never be answered: the child's exit ends the work."""
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
+    never = asyncio.Event()
+    guarded = InferenceProcess(child, "http://127.0.0.1:1/metrics", tmp_path / "worker.log")
+    with pytest.raises(RuntimeError, match=r"exited \(code 3\)"):
+        await asyncio.wait_for(guarded.guard(never.wait()), timeout=30)
+    # Work that finishes first returns its result.
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "input()", stdin=asyncio.subprocess.PIPE
+    )
+    guarded = InferenceProcess(child, "http://127.0.0.1:1/metrics", tmp_path / "worker.log")
+    assert await guarded.guard(asyncio.sleep(0, result="done")) == "done"
+    child.kill()
+    await child.wait()
