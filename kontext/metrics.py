@@ -32,8 +32,8 @@ HTTP_LATENCY = Histogram(
 QUEUE_WAIT = Histogram(
     "kontext_queue_wait_seconds",
     "Time a job waited before a stage took it: 'enrich' from submission to the enricher, "
-    "'inference' from enrichment to the inference worker",
-    ["stage"],
+    "'inference' from enrichment to the inference worker; by lane (interactive, background)",
+    ["stage", "lane"],
     buckets=LATENCY_BUCKETS,
 )
 ENRICHMENT_LATENCY = Histogram(
@@ -121,11 +121,12 @@ def observe_lag(consumer: str, topic: str, partition: int, highwater: int | None
         CONSUMER_LAG.labels(consumer, topic, str(partition)).set(max(highwater - end, 0))
 
 
-def observe_waits(stage: str, since: Iterable[datetime]) -> None:
-    """Observe, for each job, the queue wait from ``since`` until now at ``stage``."""
+def observe_waits(stage: str, since: Iterable[tuple[datetime, str]]) -> None:
+    """Observe, for each job (the moment its wait began, its lane), the queue wait until
+    now at ``stage``."""
     now = datetime.now(UTC)
-    for moment in since:
-        QUEUE_WAIT.labels(stage).observe(max((now - moment).total_seconds(), 0.0))
+    for moment, lane in since:
+        QUEUE_WAIT.labels(stage, lane).observe(max((now - moment).total_seconds(), 0.0))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

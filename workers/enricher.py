@@ -122,7 +122,9 @@ class Enricher:
                     sends.append(
                         await self._forward(request, contexts[job_id], queries_by_job[job_id])
                     )
-            admitted = [r.submitted_at for job_id, r in requests.items() if job_id in contexts]
+            admitted = [
+                (r.submitted_at, r.priority) for job_id, r in requests.items() if job_id in contexts
+            ]
             observe_waits("enrich", admitted)
             ENRICHMENT_LATENCY.observe(time.perf_counter() - started)
         if sends:

@@ -62,7 +62,7 @@ class InferenceWorker:
                 continue
             batch.setdefault(item.request.job_id, item)
         items = list(batch.values())
-        observe_waits("inference", [item.enriched_at for item in items])
+        observe_waits("inference", [(item.enriched_at, item.request.priority) for item in items])
         answered = await self.policies.before_engine(items) if items else {}
         to_run = [item for item in items if item.request.job_id not in answered]
         if to_run:

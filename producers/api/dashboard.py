@@ -125,7 +125,7 @@ async def asset(name: str) -> FileResponse:
 
 _STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     # (shown as, histogram family, labels the rows are split by)
-    ("queue wait", "kontext_queue_wait_seconds", ("stage",)),
+    ("queue wait", "kontext_queue_wait_seconds", ("stage", "lane")),
     ("enrichment", "kontext_enrichment_duration_seconds", ()),
     ("engine", "kontext_engine_duration_seconds", ("model",)),
     # Each lane its own row: a backfill's minutes-long waits never hide interactive p99.
