@@ -12,6 +12,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
+from migrations import admit_batch
+
 revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
@@ -29,18 +31,10 @@ HELD_CHECK = (
 )
 
 
-def _admit_batch() -> str:
-    definition = op.get_bind().scalar(
-        sa.text("SELECT pg_get_functiondef('kontext_admit_batch'::regproc)")
-    )
-    assert isinstance(definition, str)
-    return definition
-
-
 def upgrade() -> None:
     op.drop_constraint("jobs_status_valid", "jobs")
     op.create_check_constraint("jobs_status_valid", "jobs", NEW_STATUSES)
-    definition = _admit_batch()
+    definition = admit_batch.definition()
     if HELD_CHECK not in definition:
         op.execute(definition.replace(FINAL_CHECK, HELD_CHECK, 1))
 
@@ -100,7 +94,7 @@ def downgrade() -> None:
     op.drop_table("reviews")
     op.drop_index("response_cache_created", table_name="response_cache")
     op.drop_table("response_cache")
-    definition = _admit_batch()
+    definition = admit_batch.definition()
     if HELD_CHECK in definition:
         op.execute(definition.replace(HELD_CHECK, FINAL_CHECK, 1))
     # Held jobs go back to running: the reconciler publishes them again.

@@ -17,8 +17,7 @@ Create Date: 2026-11-26
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
+from migrations import admit_batch
 
 revision: str = "0010"
 down_revision: str | None = "0009"
@@ -29,17 +28,9 @@ INDEXED = "ORDER BY tt.embedding <=> c.query LIMIT recall_k"
 EXACT = "ORDER BY (tt.embedding <=> c.query) + 0 LIMIT recall_k  -- exact, in scope (0010)"
 
 
-def _replace(old: str, new: str) -> None:
-    definition = op.get_bind().scalar(
-        sa.text("SELECT pg_get_functiondef('kontext_admit_batch'::regproc)")
-    )
-    assert isinstance(definition, str) and old in definition, "kontext_admit_batch changed"
-    op.execute(definition.replace(old, new, 1))
-
-
 def upgrade() -> None:
-    _replace(INDEXED, EXACT)
+    admit_batch.replace(INDEXED, EXACT)
 
 
 def downgrade() -> None:
-    _replace(EXACT, INDEXED)
+    admit_batch.replace(EXACT, INDEXED)

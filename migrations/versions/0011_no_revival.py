@@ -12,8 +12,7 @@ Create Date: 2026-11-26
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
+from migrations import admit_batch
 
 revision: str = "0011"
 down_revision: str | None = "0010"
@@ -33,17 +32,9 @@ GUARDED = """        UPDATE jobs SET status = 'running', attempts = attempts + 1
         END IF;"""
 
 
-def _replace(old: str, new: str) -> None:
-    definition = op.get_bind().scalar(
-        sa.text("SELECT pg_get_functiondef('kontext_admit_batch'::regproc)")
-    )
-    assert isinstance(definition, str) and old in definition, "kontext_admit_batch changed"
-    op.execute(definition.replace(old, new, 1))
-
-
 def upgrade() -> None:
-    _replace(CLAIM, GUARDED)
+    admit_batch.replace(CLAIM, GUARDED)
 
 
 def downgrade() -> None:
-    _replace(GUARDED, CLAIM)
+    admit_batch.replace(GUARDED, CLAIM)
