@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypedDict, TypeVar
 
 import asyncpg
 import uvicorn
@@ -33,6 +34,7 @@ from workers.engines.device import device
 from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
 from workers.memory import MemoryWorker
+from workers.pacing import Pacer
 from workers.policies.compose import ChainParts, build_chain
 from workers.reconciler import Reconciler
 from workers.recorder import Recorder
@@ -155,6 +157,13 @@ def embedded(settings: Settings) -> Iterator[Settings]:
             broker.stop()
 
 
+class BatchLimits(TypedDict):
+    """A BatchConsumer's micro-batch bounds."""
+
+    max_size: int
+    max_wait_ms: int
+
+
 @dataclass
 class Runtime:
     """The services of one process, sharing one pool and one producer."""
@@ -165,6 +174,12 @@ class Runtime:
     producer: AIOKafkaProducer | None = None
     engines: list[Engine] = field(default_factory=list)
     embedder: Embedder | None = None
+    pacer: Pacer = field(init=False)
+
+    def __post_init__(self) -> None:
+        # One per process: its stages share its cores.
+        window_s = self.settings.pacing_window_ms / 1000
+        self.pacer = Pacer(self.settings.background_share, window_s)
 
     @property
     def api_port(self) -> int | None:
@@ -189,7 +204,8 @@ class Runtime:
         """One embedding model per process, shared by the enricher and the memory worker."""
         if self.embedder is None:
             on = device(self.settings)
-            self.embedder = await asyncio.to_thread(Embedder, on)
+            chunk = math.ceil(self.settings.batch_max_size * self.settings.background_share)
+            self.embedder = await asyncio.to_thread(Embedder, on, self.pacer, chunk)
         return self.embedder
 
     async def _build(self, name: str) -> list[Service]:
@@ -197,7 +213,9 @@ class Runtime:
         if name == "api":
             return [ApiService(settings)]
         assert pool is not None and producer is not None
-        batch = {"max_size": settings.batch_max_size, "max_wait_ms": settings.batch_max_wait_ms}
+        batch = BatchLimits(
+            max_size=settings.batch_max_size, max_wait_ms=settings.batch_max_wait_ms
+        )
         if name == "enricher":
             models = {model: ServedModel.load(model, settings) for model in settings.engines}
             router = Router(settings)
@@ -297,6 +315,7 @@ class Runtime:
                         background=background,
                         background_share=settings.background_share,
                         max_in_flight=in_flight,
+                        pacer=self.pacer,
                         **batch,
                     )
                 )

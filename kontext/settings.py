@@ -85,7 +85,11 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(default=16, ge=1)
     batch_max_wait_ms: int = Field(default=20, ge=0)
     background_share: float = Field(default=0.25, gt=0, le=1)
-    """Share of each inference micro-batch kept for background work (summaries, backfills)."""
+    """Share of each inference micro-batch kept for background work (summaries, backfills),
+    and of the time background work runs while interactive jobs arrive (``pacing_window_ms``)."""
+    pacing_window_ms: int = Field(default=2000, ge=0)
+    """For this long after an interactive job, background model calls run only
+    ``background_share`` of the time (workers/pacing.py); 0 turns pacing off."""
 
     context_turns: int = Field(default=20, ge=0)
     """Most recent stored turns considered for a prompt."""

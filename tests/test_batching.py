@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -12,12 +13,16 @@ from kontext.connections import ensure_topics
 from kontext.embedded import EmbeddedBroker
 from kontext.settings import Settings
 from tests.conftest import wait_for
-from workers.consumer import drain, drain_lanes
+from workers.consumer import BatchConsumer, drain, drain_lanes
+from workers.pacing import Pacer
+from workers.records import Record
 
 
 async def _lanes(
-    broker: EmbeddedBroker, high: int, low: int
+    broker: EmbeddedBroker, high: int, low: int, start: bool = True
 ) -> tuple[AIOKafkaConsumer, AIOKafkaConsumer]:
+    """An interactive and a background topic holding ``high`` and ``low`` messages, and
+    a consumer of each (started, and holding what the broker has, unless not ``start``)."""
     settings = Settings(kafka_bootstrap_servers=broker.bootstrap_servers, topic_partitions=1)
     name = uuid.uuid4().hex[:8]
     topics = [f"lane-{name}-high", f"lane-{name}-low"]
@@ -43,6 +48,8 @@ async def _lanes(
         )
         for topic in topics
     )
+    if not start:
+        return consumers[0], consumers[1]
     for consumer in consumers:
         await consumer.start()
 
@@ -170,3 +177,71 @@ async def test_interactive_work_arriving_while_busy_still_makes_the_next_batch(
         await high.stop()
         await low.stop()
     assert _lane_counts(batch, high_topic) == (3, 2)
+
+
+async def test_a_paused_background_lane_gives_interactive_work_the_whole_batch(
+    broker: EmbeddedBroker,
+) -> None:
+    """While interactive jobs arrive and background work has had its share, a batch takes
+    no background work, not even its reserve; once they stop, it takes it again."""
+    high, low = await _lanes(broker, high=3, low=20)
+    high_topic = next(iter(high.subscription()))
+    stopping = asyncio.Event()
+    pacer = Pacer(share=0.25, window_s=60)
+    pacer.saw_interactive()
+    pacer.ran_background(100)  # a 300 s pause
+    try:
+        paced = await drain_lanes(high, low, 8, 50, 2, stopping, pacer=pacer)
+        idle = await drain_lanes(high, low, 8, 50, 2, stopping, pacer=Pacer(0.25, 60))
+    finally:
+        await high.stop()
+        await low.stop()
+    assert _lane_counts(paced, high_topic) == (3, 0)
+    assert _lane_counts(idle, high_topic) == (0, 8)
+
+
+class Held:
+    """Records each batch; the first waits until the test releases it."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.batches: list[list[Record]] = []
+        self.release = asyncio.Event()
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        self.batches.append(list(records))
+        if len(self.batches) == 1:
+            await self.release.wait()
+
+
+async def test_background_batches_pause_the_lane_while_interactive_jobs_arrive(
+    broker: EmbeddedBroker,
+) -> None:
+    """The consume loop tells the pacer how long background work ran; the lane then
+    pauses while interactive jobs still go through at once."""
+    high, low = await _lanes(broker, high=0, low=6, start=False)
+    high_topic = next(iter(high.subscription()))
+    low_topic = next(iter(low.subscription()))
+    pacer = Pacer(share=0.01, window_s=60)
+    pacer.saw_interactive()  # interactive jobs are arriving
+    handler = Held()
+    worker = BatchConsumer(high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer)
+    running = asyncio.create_task(worker.run())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        await wait_for(lambda: len(handler.batches) == 1, timeout=30)
+        await asyncio.sleep(0.2)  # the background batch runs 0.2 s: a pause of 19.8 s
+        handler.release.set()
+        await wait_for(lambda: not pacer.background_may_start(), timeout=10)
+        await producer.send_and_wait(high_topic, b"interactive")
+        await wait_for(lambda: len(handler.batches) == 2, timeout=30)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await producer.stop()
+    first, second = handler.batches
+    assert {r.topic for r in first} == {low_topic}
+    # Three background records still wait, yet the interactive job went alone.
+    assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]

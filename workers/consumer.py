@@ -17,11 +17,13 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from kontext.metrics import observe_lag
+from workers.pacing import Pacer
 from workers.records import BatchHandler, Record
 
 log = logging.getLogger(__name__)
@@ -31,8 +33,20 @@ IDLE_POLL_MS = 50
 BUSY_POLL_MS = 5
 """How often a batch past its wait looks again for a free handler slot."""
 
-InFlight = deque[tuple[list[Record], asyncio.Task[bool]]]
-"""Batches handed to the handler, oldest first, each with its retry_until_done task."""
+
+@dataclass
+class Handling:
+    """A batch handed to the handler: its records, its retry_until_done task, when it
+    started and how many of its records came from the background lane."""
+
+    records: list[Record]
+    task: asyncio.Task[bool]
+    started: float
+    background: int
+
+
+InFlight = deque[Handling]
+"""Batches being handled, oldest first."""
 
 
 async def retry_until_done(
@@ -108,6 +122,7 @@ async def drain_lanes(
     reserve: int,
     stopping: asyncio.Event,
     free: asyncio.Event | None = None,
+    pacer: Pacer | None = None,
 ) -> list[Record]:
     """The next micro-batch across two priority lanes.
 
@@ -118,23 +133,41 @@ async def drain_lanes(
     is sealed. So while the handler is busy the batch keeps room for interactive jobs
     that arrive meanwhile, and a batch carrying one stays small (quick to run).
     Only records that go into the batch are fetched, so committing both consumers'
-    positions afterwards never skips one.
+    positions afterwards never skips one. With a ``pacer``, while interactive jobs
+    arrive background work takes only its reserve, and none while the pacer pauses it.
     """
     high: list[Record] = []
     low: list[Record] = []
     deadline = 0.0
+
+    def take_background(can_start: bool) -> bool:
+        """Whether to take background work now. While interactive jobs arrive, only
+        for a batch that can start now, so that the time the batch before it took
+        has paused the lane by then."""
+        if pacer is None or not pacer.interactive_active():
+            return True
+        return can_start and pacer.background_may_start()
+
+    def background_room() -> int:
+        """Background work beyond its reserve: none while interactive jobs arrive, so
+        each background engine call stays short."""
+        paced = pacer is not None and pacer.interactive_active()
+        return (reserve if paced else max_size) - len(low)
+
     while True:
         room = max_size - len(high) - len(low)
         if room <= 0:
             break
-        low += await _fetch(background, 0, min(room, reserve - len(low)))
+        can_start = _can_start(free, stopping)
+        if take_background(can_start):
+            low += await _fetch(background, 0, min(room, reserve - len(low)))
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
         can_start = _can_start(free, stopping)
         past = bool(deadline) and time.monotonic() >= deadline
         if past and can_start:
-            if not high:
-                low += await _fetch(background, 0, max_size - len(low))
+            if not high and take_background(can_start):
+                low += await _fetch(background, 0, background_room())
             break
         if deadline:
             wait_ms = BUSY_POLL_MS if past else int((deadline - time.monotonic()) * 1000)
@@ -142,9 +175,12 @@ async def drain_lanes(
             break
         else:
             wait_ms = IDLE_POLL_MS
-        high += await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
-        if not high and can_start:
-            low += await _fetch(background, 0, max_size - len(low))
+        arrived = await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
+        if arrived and pacer is not None:
+            pacer.saw_interactive()
+        high += arrived
+        if not high and can_start and take_background(can_start):
+            low += await _fetch(background, 0, background_room())
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
     return high + low
@@ -163,10 +199,13 @@ class BatchConsumer:
         background: AIOKafkaConsumer | None = None,
         background_share: float = 0.25,
         max_in_flight: int = 1,
+        pacer: Pacer | None = None,
     ) -> None:
         """With ``background``, ``consumer`` is the interactive lane and background work
-        keeps ``background_share`` of each batch. Up to ``max_in_flight`` batches are
-        handled at once (for an engine that merges concurrent calls, such as vLLM)."""
+        keeps ``background_share`` of each batch; ``pacer`` paces that work while
+        interactive jobs arrive, and is told how long it ran. Up to ``max_in_flight``
+        batches are handled at once (for an engine that merges concurrent calls, such
+        as vLLM)."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
@@ -176,6 +215,7 @@ class BatchConsumer:
         self.max_wait_ms = max_wait_ms
         self.max_in_flight = max_in_flight
         self.reserve = max(1, math.ceil(max_size * background_share))
+        self.pacer = pacer
         self.stopping = asyncio.Event()
         self.free = asyncio.Event()
         """Set while fewer than ``max_in_flight`` batches are being handled."""
@@ -198,6 +238,7 @@ class BatchConsumer:
             self.reserve,
             self.stopping,
             self.free,
+            self.pacer,
         )
 
     async def run(self) -> None:
@@ -217,7 +258,7 @@ class BatchConsumer:
             while not self.stopping.is_set():
                 if upcoming is None:
                     upcoming = asyncio.create_task(self._next_batch())
-                waits: set[asyncio.Future[Any]] = {in_flight[0][1]} if in_flight else set()
+                waits: set[asyncio.Future[Any]] = {in_flight[0].task} if in_flight else set()
                 if len(in_flight) < self.max_in_flight:
                     waits.add(upcoming)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -227,16 +268,23 @@ class BatchConsumer:
                     records, upcoming = upcoming.result(), None
                     if records:
                         handling = retry_until_done(self.handler, records, self.stopping)
-                        in_flight.append((records, asyncio.create_task(handling)))
+                        in_flight.append(
+                            Handling(
+                                records,
+                                asyncio.create_task(handling),
+                                time.monotonic(),
+                                self._background_count(records),
+                            )
+                        )
                         if len(in_flight) >= self.max_in_flight:
                             self.free.clear()
             while in_flight:
-                await asyncio.wait([in_flight[0][1]])
+                await asyncio.wait([in_flight[0].task])
                 if not await self._commit_done(in_flight):
                     return
         finally:
             # Drained but not handled, or not done: left uncommitted, so delivered again.
-            unfinished = [task for _, task in in_flight] + ([upcoming] if upcoming else [])
+            unfinished = [h.task for h in in_flight] + ([upcoming] if upcoming else [])
             for task in unfinished:
                 task.cancel()
             if unfinished:
@@ -247,13 +295,23 @@ class BatchConsumer:
     async def _commit_done(self, in_flight: InFlight) -> bool:
         """Commit past the finished batches at the head of ``in_flight``, oldest first;
         False if one of them gave up (the consumer is stopping)."""
-        while in_flight and in_flight[0][1].done():
-            records, task = in_flight.popleft()
+        while in_flight and in_flight[0].task.done():
+            done = in_flight.popleft()
             self.free.set()
-            if not task.result():
+            if not done.task.result():
                 return False
-            await self._commit(records)
+            if self.pacer is not None and done.background:
+                # The background records' part of the batch's time.
+                took = time.monotonic() - done.started
+                self.pacer.ran_background(took * done.background / len(done.records))
+            await self._commit(done.records)
         return True
+
+    def _background_count(self, records: Sequence[Record]) -> int:
+        if self.background is None:
+            return 0
+        topics = self.background.subscription()
+        return sum(1 for record in records if record.topic in topics)
 
     async def _commit(self, records: Sequence[Record]) -> None:
         """Commit exactly past ``records`` (the consumers may have read further ahead)."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.pacing import Pacer
 from workers.priority_gate import PriorityGate
 
 DIMENSIONS = 384
@@ -35,8 +36,12 @@ class Embedder:
     """Embeds texts in batches, off the event loop, one call at a time (each uses every
     core), interactive callers before background ones."""
 
-    def __init__(self, device: str = "cpu") -> None:
-        """``device``: where the model runs (``cpu`` or ``cuda``); vectors come back on CPU."""
+    def __init__(
+        self, device: str = "cpu", pacer: Pacer | None = None, paced_chunk: int = 4
+    ) -> None:
+        """``device``: where the model runs (``cpu`` or ``cuda``); vectors come back on CPU.
+        ``pacer`` paces background calls while interactive ones arrive; meanwhile a
+        background call embeds at most ``paced_chunk`` texts at a time (short turns)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModel, AutoTokenizer
 
@@ -45,7 +50,9 @@ class Embedder:
         self._model: Any = AutoModel.from_pretrained(path, local_files_only=True).to(device)
         self._model.eval()
         self.device = device
-        self._gate = PriorityGate()
+        self._gate = PriorityGate(pacer)
+        self._pacer = pacer
+        self._paced_chunk = max(1, paced_chunk)
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         import torch
@@ -64,6 +71,17 @@ class Embedder:
 
     async def embed(self, texts: Sequence[str], background: bool = False) -> np.ndarray:
         """One row per text, in order. ``background`` work waits while interactive work
-        waits too (a backfill's embeddings never hold up an interactive turn's twice)."""
-        async with self._gate.turn(background):
-            return await asyncio.to_thread(self.embed_sync, texts)
+        waits too (a backfill's embeddings never hold up an interactive turn's twice),
+        and is paced in short turns while interactive calls arrive."""
+        if not background or self._pacer is None:
+            async with self._gate.turn(background):
+                return await asyncio.to_thread(self.embed_sync, texts)
+        parts = [np.zeros((0, DIMENSIONS), dtype=np.float32)]
+        done = 0
+        while done < len(texts):
+            async with self._gate.turn(True):
+                # Decided per turn: a backfill's call shrinks once interactive calls arrive.
+                size = self._paced_chunk if self._pacer.interactive_active() else len(texts)
+                parts.append(await asyncio.to_thread(self.embed_sync, texts[done : done + size]))
+            done += size
+        return np.concatenate(parts)

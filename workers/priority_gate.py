@@ -1,26 +1,37 @@
 """One holder at a time, interactive callers first: for a model call that already
-uses every core, so running two at once only slows both."""
+uses every core, so running two at once only slows both. With a pacer, background
+turns are also paced while interactive callers arrive (workers/pacing.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+
+from workers.pacing import Pacer
 
 
 class PriorityGate:
     """Grants turns one at a time: waiting interactive callers before background ones,
     each lane in arrival order."""
 
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer | None = None) -> None:
+        self.pacer = pacer
         self._busy = False
         self._waiting: dict[bool, deque[asyncio.Future[None]]] = {False: deque(), True: deque()}
         """By ``background``: the callers waiting for a turn."""
 
     @asynccontextmanager
     async def turn(self, background: bool = False) -> AsyncIterator[None]:
-        """Hold the gate for the block; ``background`` callers yield to interactive ones."""
+        """Hold the gate for the block; ``background`` callers yield to interactive ones,
+        and wait for their pacer's turn before queueing."""
+        if self.pacer is not None:
+            if background:
+                await self.pacer.wait_for_background()
+            else:
+                self.pacer.saw_interactive()
         if self._busy:
             waiter = asyncio.get_running_loop().create_future()
             self._waiting[background].append(waiter)
@@ -33,10 +44,17 @@ class PriorityGate:
                     self._waiting[background].remove(waiter)
                 raise
         self._busy = True
+        started = time.monotonic()
         try:
             yield
         finally:
             self._release()
+            if background and self.pacer is not None:
+                self.pacer.ran_background(time.monotonic() - started)
+
+    def waiting(self, background: bool) -> int:
+        """How many callers of a lane wait for a turn."""
+        return sum(1 for waiter in self._waiting[background] if not waiter.done())
 
     def _release(self) -> None:
         """Hand the turn to the next waiter (interactive first), or free the gate."""
