@@ -2,9 +2,10 @@
 
 The same interactive probes (single-turn jobs, one at a time, each awaited over
 ``GET /v1/jobs/{id}?wait=``) run twice: on an idle deployment, then while a
-batch of N lines (10,000 by default) runs in the background lane. The batch is
-cancelled once the probes are done; its progress during the probes shows the
-engine was busy with it.
+batch of N lines (10,000 by default) runs in the background lane. Its progress
+during the probes shows the engine was busy with it, and its progress in the
+``AFTER_S`` seconds after them how fast it goes once interactive jobs stop; then
+it is cancelled.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
 import orjson
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
+STAGES = ("enrich", "inference")
+"""The stages whose interactive queue wait the table breaks out."""
 PROBE = "Name one colour of the rainbow. (probe {i})"
 LINE = "Write one short sentence about the number {i}."
 
@@ -25,24 +31,104 @@ LINE = "Write one short sentence about the number {i}."
 class Phase:
     name: str
     latencies_ms: list[float]
+    waits_ms: dict[str, float]
+    """Mean interactive queue wait per stage during the phase."""
+    seconds: float
     backfill_done_during: int | None = None
 
     def row(self) -> str:
         lat = sorted(self.latencies_ms)
         p99 = lat[min(len(lat) - 1, round(0.99 * (len(lat) - 1)))]
-        done = "" if self.backfill_done_during is None else str(self.backfill_done_during)
+        done = ""
+        if self.backfill_done_during is not None:
+            rate = self.backfill_done_during / self.seconds
+            done = f"{self.backfill_done_during} ({rate:.1f}/s)"
+        waits = " | ".join(f"{self.waits_ms.get(stage, 0.0):.0f}" for stage in STAGES)
         return (
             f"| {self.name} | {len(lat)} | {statistics.median(lat):.0f} | "
-            f"{lat[round(0.95 * (len(lat) - 1))]:.0f} | {p99:.0f} | {max(lat):.0f} | {done} |"
+            f"{lat[round(0.95 * (len(lat) - 1))]:.0f} | {p99:.0f} | {max(lat):.0f} | "
+            f"{waits} | {done} |"
         )
 
 
-def table(phases: list[Phase]) -> str:
+@dataclass
+class Result:
+    phases: list[Phase]
+    after_lines: int
+    """Backfill lines done in the ``AFTER_S`` seconds after the last probe."""
+
+
+AFTER_S = 10.0
+"""How long the backfill's rate is measured once the probes stop."""
+
+
+def table(result: Result) -> str:
+    phases = result.phases
+    waits = " | ".join(f"mean wait before {stage} ms" for stage in STAGES)
     head = (
         "| interactive probes | n | p50 ms | p95 ms | p99 ms | max ms "
-        "| backfill lines done meanwhile |\n|---|---|---|---|---|---|---|"
+        f"| {waits} | backfill lines done meanwhile |\n|---|---|---|---|---|---|---|---|---|"
     )
-    return "\n".join([head, *(p.row() for p in phases)])
+    after = (
+        f"\nBackfill lines done in the {AFTER_S:.0f} s after the last probe: "
+        f"{result.after_lines} ({result.after_lines / AFTER_S:.1f}/s)."
+    )
+    return "\n".join([head, *(p.row() for p in phases)]) + "\n" + after
+
+
+Totals = dict[str, tuple[float, float]]
+"""By stage: the interactive queue wait's (sum of seconds, count) so far."""
+
+
+async def queue_waits(metrics_urls: Sequence[str]) -> Totals:
+    """Interactive queue-wait totals of this process's registry plus each endpoint's."""
+    totals: Totals = {}
+    for stage in STAGES:
+        labels = {"stage": stage, "lane": "interactive"}
+        total = REGISTRY.get_sample_value("kontext_queue_wait_seconds_sum", labels) or 0.0
+        count = REGISTRY.get_sample_value("kontext_queue_wait_seconds_count", labels) or 0.0
+        totals[stage] = (total, count)
+    async with httpx.AsyncClient(timeout=10) as http:
+        for url in metrics_urls:
+            response = await http.get(url)
+            response.raise_for_status()
+            for family in text_string_to_metric_families(response.text):
+                for sample in family.samples:
+                    stage = sample.labels.get("stage", "")
+                    if stage in totals and sample.labels.get("lane") == "interactive":
+                        total, count = totals[stage]
+                        if sample.name == "kontext_queue_wait_seconds_sum":
+                            totals[stage] = (total + sample.value, count)
+                        elif sample.name == "kontext_queue_wait_seconds_count":
+                            totals[stage] = (total, count + sample.value)
+    return totals
+
+
+def mean_waits_ms(before: Totals, after: Totals) -> dict[str, float]:
+    """Mean wait per stage between two readings (0 where nothing was observed)."""
+    means: dict[str, float] = {}
+    for stage, (total, count) in after.items():
+        total0, count0 = before.get(stage, (0.0, 0.0))
+        n = count - count0
+        means[stage] = 1000 * (total - total0) / n if n else 0.0
+    return means
+
+
+async def measured(
+    http: httpx.AsyncClient,
+    name: str,
+    model: str,
+    n: int,
+    max_tokens: int,
+    metrics_urls: Sequence[str],
+) -> Phase:
+    """A phase of n probes with the stages' mean interactive queue waits meanwhile."""
+    before = await queue_waits(metrics_urls)
+    started = time.monotonic()
+    latencies = await probe(http, model, n, max_tokens)
+    seconds = time.monotonic() - started
+    waits = mean_waits_ms(before, await queue_waits(metrics_urls))
+    return Phase(name, latencies, waits, seconds)
 
 
 async def probe(http: httpx.AsyncClient, model: str, n: int, max_tokens: int) -> list[float]:
@@ -91,11 +177,18 @@ async def done_lines(http: httpx.AsyncClient, batch_id: str) -> int:
 
 
 async def run(
-    http: httpx.AsyncClient, model: str, probes: int, lines: int, max_tokens: int
-) -> list[Phase]:
-    """Probes on an idle deployment, then during a backfill of ``lines`` lines."""
+    http: httpx.AsyncClient,
+    model: str,
+    probes: int,
+    lines: int,
+    max_tokens: int,
+    metrics_urls: Sequence[str] = (),
+) -> Result:
+    """Probes on an idle deployment, then during a backfill of ``lines`` lines, then the
+    backfill's pace without them. ``metrics_urls``: endpoints of stages running in
+    other processes."""
     await probe(http, model, 3, max_tokens)  # warm-up, not measured
-    idle = Phase("without backfill", await probe(http, model, probes, max_tokens))
+    idle = await measured(http, "without backfill", model, probes, max_tokens, metrics_urls)
     created = await http.post(
         "/v1/batches",
         content=backfill_input(model, lines, max_tokens),
@@ -111,9 +204,12 @@ async def run(
                 raise RuntimeError("the backfill did not start within 120 s")
             await asyncio.sleep(0.2)
         before = await done_lines(http, batch_id)
-        latencies = await probe(http, model, probes, max_tokens)
-        during = Phase(f"during a {lines:,}-line backfill", latencies)
-        during.backfill_done_during = await done_lines(http, batch_id) - before
+        name = f"during a {lines:,}-line backfill"
+        during = await measured(http, name, model, probes, max_tokens, metrics_urls)
+        probed = await done_lines(http, batch_id)
+        during.backfill_done_during = probed - before
+        await asyncio.sleep(AFTER_S)  # a fixed window to measure a rate over
+        after_lines = await done_lines(http, batch_id) - probed
     finally:
         await http.post(f"/v1/batches/{batch_id}/cancel")
-    return [idle, during]
+    return Result([idle, during], after_lines)

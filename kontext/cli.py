@@ -408,29 +408,30 @@ def bench_lanes(
     base = _settings([engine], 0).model_copy(update={"cache_ttl_s": 0})
     with embedded(base) as settings:
 
-        async def measure(url: str) -> list[bench_lanes.Phase]:
+        async def measure(url: str, metrics_urls: list[str]) -> bench_lanes.Result:
             key = await keys_cli.mint(settings.dsn)
             auth = {"Authorization": f"Bearer {key}"}
             async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
-                return await bench_lanes.run(http, engine, probes, lines, max_tokens)
+                return await bench_lanes.run(http, engine, probes, lines, max_tokens, metrics_urls)
 
-        async def work(runtime: Runtime, url: str) -> list[bench_lanes.Phase]:
+        async def work(runtime: Runtime, url: str) -> bench_lanes.Result:
             if not separate_inference:
-                return await measure(url)
+                return await measure(url, [])
             log_path = settings.data_dir / "bench-inference.log"
             overrides = {"KONTEXT_CACHE_TTL_S": "0"}
             async with inference_process(settings, engine, log_path, overrides) as child:
-                return await child.guard(measure(url))
+                return await child.guard(measure(url, [child.metrics_url]))
 
-        phases = _run_work(settings, work, _without_inference(separate_inference))
-    body = bench_lanes.table(phases)
+        result = _run_work(settings, work, _without_inference(separate_inference))
+    body = bench_lanes.table(result)
     print(body)
     where = "its own process" if separate_inference else "the same process as the rest"
     bench.record(
         "Interactive latency during a batch backfill",
         f"Engine `{engine}`, max_tokens {max_tokens}, interactive jobs one at a time, "
-        f"background share {settings.background_share}, batch max size "
-        f"{settings.batch_max_size}, inference worker in {where}; command: "
+        f"background share {settings.background_share}, pacing window "
+        f"{settings.pacing_window_ms} ms, batch max size {settings.batch_max_size}, "
+        f"inference worker in {where}; command: "
         f"`kontext bench-lanes --engine {engine} --probes {probes} --lines {lines}"
         + (" --separate-inference`." if separate_inference else "`."),
         body,

@@ -120,6 +120,10 @@ def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Pa
         assert cells[1] == "10"  # every probe answered
         p50, p95, p99, top = (float(c) for c in cells[2:6])
         assert 0 < p50 <= p95 <= p99 <= top
+        # Both stages' interactive waits were read, the inference one from the child.
+        enrich_wait, inference_wait = (float(c) for c in cells[6:8])
+        assert 0 < enrich_wait < top and 0 < inference_wait < top
+    assert "Backfill lines done in the 10 s after the last probe:" in done.stdout
     section = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "inference worker in its own process" in section
 
