@@ -4,24 +4,16 @@ never revived (real Postgres, two connections, the cancel's lock held in between
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 
 from kontext import ledger, memory
-from schemas.events import ChatMessage, JobRequest
 from tests.conftest import wait_for
+from tests.factories import job_request
 
 
 async def test_a_job_cancelled_while_it_is_claimed_stays_failed(pool: asyncpg.Pool) -> None:
-    request = JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id=f"race-{uuid.uuid4().hex[:8]}",
-        model="tiny",
-        messages=[ChatMessage(role="user", content="one line of a backfill")],
-        max_tokens=8,
-        priority="background",
-    )
+    request = job_request("one line of a backfill", priority="background")
     await ledger.admit(pool, request, None)
     async with pool.acquire() as canceller, pool.acquire() as enricher:
         cancel = canceller.transaction()

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kontext.memory import MemoryContext, StoredSummary, StoredTurn
-from schemas.events import ChatMessage, JobRequest
+from tests.factories import job_request
 from workers.context import TRUNCATION_MARKER, assemble
 from workers.engines.tiny import ByteTokenizer
 
@@ -51,13 +49,7 @@ def memories(draw: st.DrawFn) -> MemoryContext:
 def test_prompt_fits_the_budget_and_ends_with_the_new_message(
     memory: MemoryContext, new: str, budget: int
 ) -> None:
-    request = JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id="c",
-        model="tiny",
-        messages=[ChatMessage(role="user", content=new)],
-        max_tokens=16,
-    )
+    request = job_request(new, conversation_id="c", max_tokens=16)
     assembled = assemble(request, memory, TOKENIZER, budget, "You are helpful.")
     prompt = assembled.prompt
     assert TOKENIZER.count(prompt) <= budget
@@ -82,13 +74,7 @@ def test_the_latest_exchange_is_kept_before_older_turns() -> None:
         )
         for i in range(1, 11)
     ]
-    request = JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id="c",
-        model="tiny",
-        messages=[ChatMessage(role="user", content="and now?")],
-        max_tokens=16,
-    )
+    request = job_request("and now?", conversation_id="c", max_tokens=16)
     assembled = assemble(request, MemoryContext(recent=turns), TOKENIZER, 300, "Hi.")
     assert assembled.context.turns[-2:] == [9, 10]
     assert 1 not in assembled.context.turns

@@ -20,14 +20,13 @@ from hypothesis import strategies as st
 from kontext.chaos.scenarios import dead_letters
 from producers.client import KontextClient
 from schemas.events import (
-    ChatMessage,
     ContextInfo,
     EnrichedRequest,
     JobCompletion,
     JobReply,
-    JobRequest,
 )
 from tests.conftest import Stack
+from tests.factories import job_request
 from tests.fuzzing import CASES, Tally
 
 EXAMPLES = CASES or 120
@@ -41,13 +40,7 @@ json_values = st.recursive(
 
 def _events() -> list[dict[str, object]]:
     """One well-formed event of each kind a consumer reads, as JSON objects."""
-    request = JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id="fuzz",
-        model="tiny",
-        messages=[ChatMessage(role="user", content="hi")],
-        max_tokens=4,
-    )
+    request = job_request("hi", conversation_id="fuzz", max_tokens=4)
     enriched = EnrichedRequest(
         request=request, prompt="hi", context=ContextInfo(prompt_tokens=1), new_turns=[]
     )

@@ -26,9 +26,10 @@ from kontext.chaos.scenarios import dead_letters
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
 from producers.batches import admission_events
-from schemas.events import ChatMessage, JobRequest
+from schemas.events import JobRequest
 from schemas.limits import ADMISSION_EVENT, Settled, SubmittedMany
 from tests.conftest import Stack, stack_env, start_stack, wait_for
+from tests.factories import job_request
 from workers.policies.limits import (
     LimitLedger,
     TenantLimits,
@@ -90,13 +91,7 @@ async def _tenant(pool: asyncpg.Pool, **limits: int) -> keys.NewKey:
 
 
 def _probe(text: str = MESSAGE) -> JobRequest:
-    return JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id="x",
-        model="null",
-        messages=[ChatMessage(role="user", content=text)],
-        max_tokens=MAX_TOKENS,
-    )
+    return job_request(text, conversation_id="x", model="null", max_tokens=MAX_TOKENS)
 
 
 def _cost() -> int:
@@ -320,13 +315,11 @@ async def test_a_job_driven_again_from_the_ledger_passes_its_tenants_limiter(
     pool: asyncpg.Pool, http: list[httpx.AsyncClient]
 ) -> None:
     tenant = await _tenant(pool, rpm=1)
-    lost = JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id=f"lost-{uuid.uuid4().hex[:8]}",
+    lost = job_request(
+        MESSAGE,
         tenant_id=tenant.tenant_id,
         key_id=tenant.id,
         model="null",
-        messages=[ChatMessage(role="user", content=MESSAGE)],
         max_tokens=MAX_TOKENS,
     )
     # In the ledger but never published, and past its lease: the reconciler re-drives it.
@@ -355,13 +348,8 @@ def _ledger(**limits: int | None) -> LimitLedger:
 
 
 def _request(max_tokens: int = MAX_TOKENS) -> JobRequest:
-    return JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id="c",
-        tenant_id="t",
-        model="null",
-        messages=[ChatMessage(role="user", content=MESSAGE)],
-        max_tokens=max_tokens,
+    return job_request(
+        MESSAGE, conversation_id="c", tenant_id="t", model="null", max_tokens=max_tokens
     )
 
 

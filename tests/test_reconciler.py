@@ -10,21 +10,16 @@ import asyncpg
 from kontext import ledger
 from kontext.connections import create_producer
 from producers.client import KontextClient
-from schemas.events import ChatMessage, JobRequest
+from schemas.events import JobRequest
 from tests.conftest import Stack
+from tests.factories import job_request
 from workers.reconciler import Reconciler
 
 
 async def test_a_job_whose_message_was_lost_is_driven_again(
     client: KontextClient, pool: asyncpg.Pool
 ) -> None:
-    request = JobRequest(
-        job_id=uuid.uuid4(),
-        conversation_id=f"lost-{uuid.uuid4().hex[:8]}",
-        model="tiny",
-        messages=[ChatMessage(role="user", content="did you get my message?")],
-        max_tokens=8,
-    )
+    request = job_request("did you get my message?")
     # In the ledger but never published, and past its lease.
     await ledger.admit(pool, request, None)
     await pool.execute(
@@ -46,14 +41,7 @@ async def test_a_background_job_is_stuck_only_when_its_lane_stalls(
     model = f"lane-{uuid.uuid4().hex[:6]}"  # a lane of its own: no other test's jobs in it
 
     def background(content: str) -> JobRequest:
-        return JobRequest(
-            job_id=uuid.uuid4(),
-            conversation_id=f"lane-{uuid.uuid4().hex[:8]}",
-            model=model,
-            messages=[ChatMessage(role="user", content=content)],
-            max_tokens=8,
-            priority="background",
-        )
+        return job_request(content, model=model, priority="background")
 
     waiting, finished = background("line 2 of a backfill"), background("line 1")
     for request in (waiting, finished):
@@ -98,13 +86,7 @@ async def test_a_deployment_re_drives_only_the_models_it_serves(
     ours, theirs = (f"m-{uuid.uuid4().hex[:6]}" for _ in range(2))
 
     def stuck(model: str) -> JobRequest:
-        return JobRequest(
-            job_id=uuid.uuid4(),
-            conversation_id=f"stuck-{uuid.uuid4().hex[:8]}",
-            model=model,
-            messages=[ChatMessage(role="user", content="anyone?")],
-            max_tokens=8,
-        )
+        return job_request("anyone?", model=model)
 
     mine, other = stuck(ours), stuck(theirs)
     for request in (mine, other):

@@ -19,8 +19,9 @@ import pytest
 
 from kontext import keys
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
-from schemas.events import ChatMessage, ContextInfo, EnrichedRequest, JobRequest
+from schemas.events import ContextInfo, EnrichedRequest
 from tests.conftest import Stack, stack_env, start_stack, wait_for
+from tests.factories import job_request
 from tests.receiver import Receiver, serving
 from workers.completions import completion_for
 from workers.engines.base import Generation
@@ -310,12 +311,11 @@ async def test_a_held_job_run_again_stays_held_whatever_its_new_answer(
     # The step itself, on the real ledger: a redelivered batch ran the job again and
     # its new answer matches nothing; it must not be published past the reviewer.
     step = HumanReview(pool, threshold=None, patterns=["no-such-words"])
-    request = JobRequest(
+    request = job_request(
+        "escalate: run twice",
         job_id=uuid.UUID(job["id"]),
         conversation_id=job["conversation_id"],
         model="null",
-        messages=[ChatMessage(role="user", content="escalate: run twice")],
-        max_tokens=8,
     )
     item = EnrichedRequest(
         request=request, prompt="p", context=ContextInfo(prompt_tokens=1), new_turns=[]
