@@ -322,13 +322,25 @@ async def forget(pool: asyncpg.Pool, conversation_id: str, tenant_id: str) -> bo
     return conv != "DELETE 0" or jobs != "DELETE 0"
 
 
-async def job_kinds(
-    conn: asyncpg.Connection, job_ids: Sequence[UUID]
-) -> dict[UUID, tuple[str, dict[str, Any] | None]]:
-    """Each job's kind, and for a summary job the range it summarises."""
+@dataclass(frozen=True)
+class JobKind:
+    """What the memory worker needs of a recorded job."""
+
+    kind: str
+    summary_of: dict[str, Any] | None
+    """For a summary job, the range it summarises."""
+    background: bool
+    """Whether it ran in the background lane (a backfill line, a summary)."""
+
+
+async def job_kinds(conn: asyncpg.Connection, job_ids: Sequence[UUID]) -> dict[UUID, JobKind]:
+    """Each job's kind, lane, and for a summary job the range it summarises."""
     rows = await conn.fetch(
-        "SELECT id, kind, request->'metadata'->'summary' AS summary_of FROM jobs "
+        "SELECT id, kind, request->'metadata'->'summary' AS summary_of, "
+        "request->>'priority' = 'background' AS background FROM jobs "
         "WHERE id = ANY($1::uuid[])",
         list(job_ids),
     )
-    return {row["id"]: (row["kind"], row["summary_of"]) for row in rows}
+    return {
+        row["id"]: JobKind(row["kind"], row["summary_of"], bool(row["background"])) for row in rows
+    }

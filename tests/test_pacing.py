@@ -94,3 +94,15 @@ async def test_a_paced_background_embedding_lets_interactive_calls_cut_in() -> N
     assert finished == ["interactive", "backfill"]
     assert asked.shape == (1, DIMENSIONS)
     np.testing.assert_allclose(paced, whole, atol=1e-5)
+
+
+async def test_off_path_work_of_interactive_jobs_yields_but_is_not_paced() -> None:
+    """The memory worker's embeddings for interactive conversations go after waiting
+    interactive calls, but a paused backfill does not hold them up."""
+    pacer = Pacer(share=0.25, window_s=60)
+    gate = PriorityGate(pacer)
+    pacer.saw_interactive()
+    pacer.ran_background(100)  # a 300 s pause of the background lane
+    async with asyncio.timeout(5):
+        async with gate.turn(background=True, paced=False):
+            pass

@@ -69,12 +69,17 @@ class Embedder:
         normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return normalised.cpu().numpy().astype(np.float32)
 
-    async def embed(self, texts: Sequence[str], background: bool = False) -> np.ndarray:
+    async def embed(
+        self, texts: Sequence[str], background: bool = False, paced: bool | None = None
+    ) -> np.ndarray:
         """One row per text, in order. ``background`` work waits while interactive work
-        waits too (a backfill's embeddings never hold up an interactive turn's twice),
-        and is paced in short turns while interactive calls arrive."""
-        if not background or self._pacer is None:
-            async with self._gate.turn(background):
+        waits too (a backfill's embeddings never hold up an interactive turn's twice).
+        ``paced`` work (default: background work) runs in short paced turns while
+        interactive calls arrive; off-path work for interactive jobs is background
+        but not paced."""
+        paced = background if paced is None else paced
+        if not paced or self._pacer is None:
+            async with self._gate.turn(background, paced=False):
                 return await asyncio.to_thread(self.embed_sync, texts)
         parts = [np.zeros((0, DIMENSIONS), dtype=np.float32)]
         done = 0

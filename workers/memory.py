@@ -7,7 +7,9 @@ embedding the enricher searched memory with. When unsummarised history passes
 a token threshold it writes a level-1 summary, and when summaries of one level
 pass theirs it rolls them up one level, so a long conversation always fits.
 Summaries are either extractive (deterministic) or jobs the model writes
-through the pipeline; a succeeded summary job's answer is stored here.
+through the pipeline; a succeeded summary job's answer is stored here. Its
+embedding calls yield to request-path ones, and a batch of only background-lane
+jobs is also paced like other background work (workers/pacing.py).
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ class MemoryWorker:
         async with self.pool.acquire() as conn:
             kinds = await memory.job_kinds(conn, [r.job_id for r in done])
             for reply in done:
-                kind, summary_of = kinds.get(reply.job_id, ("chat", None))
-                if kind == "summary" and summary_of is not None and reply.result is not None:
+                job = kinds.get(reply.job_id)
+                summary_of = job.summary_of if job is not None and job.kind == "summary" else None
+                if summary_of is not None and reply.result is not None:
                     await self._store(
                         conn,
                         reply.conversation_id,
@@ -78,18 +81,23 @@ class MemoryWorker:
                         reply.result.choices[0].message.content,
                     )
             conversations = sorted({r.conversation_id for r in done})
-            await self._embed(conn, conversations)
+            # Paced like other background work only when it is all background-lane work.
+            paced = all(job.background for job in kinds.values()) and bool(kinds)
+            await self._embed(conn, conversations, paced)
             states = await memory.summary_states(
                 conn, conversations, self.settings.summary_keep_recent
             )
             for state in states:
                 await self._summarise_if_due(conn, state)
 
-    async def _embed(self, conn: asyncpg.Connection, conversations: Sequence[str]) -> None:
+    async def _embed(
+        self, conn: asyncpg.Connection, conversations: Sequence[str], paced: bool
+    ) -> None:
         pending = await memory.unembedded_turns(conn, conversations, EMBED_LIMIT)
         if pending:
             # Off the request path: after any enricher's call for a waiting turn.
-            vectors = await self.embedder.embed([content for _, content in pending], True)
+            texts = [content for _, content in pending]
+            vectors = await self.embedder.embed(texts, background=True, paced=paced)
             await memory.store_embeddings(conn, [turn_id for turn_id, _ in pending], vectors)
 
     async def _store(

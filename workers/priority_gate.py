@@ -24,13 +24,17 @@ class PriorityGate:
         """By ``background``: the callers waiting for a turn."""
 
     @asynccontextmanager
-    async def turn(self, background: bool = False) -> AsyncIterator[None]:
-        """Hold the gate for the block; ``background`` callers yield to interactive ones,
-        and wait for their pacer's turn before queueing."""
+    async def turn(
+        self, background: bool = False, paced: bool | None = None
+    ) -> AsyncIterator[None]:
+        """Hold the gate for the block; ``background`` callers yield to interactive ones.
+        ``paced`` callers (default: background ones) wait for their pacer's turn before
+        queueing; an interactive caller tells the pacer interactive work is arriving."""
+        paced = background if paced is None else paced
         if self.pacer is not None:
-            if background:
+            if paced:
                 await self.pacer.wait_for_background()
-            else:
+            elif not background:
                 self.pacer.saw_interactive()
         if self._busy:
             waiter = asyncio.get_running_loop().create_future()
@@ -49,7 +53,7 @@ class PriorityGate:
             yield
         finally:
             self._release()
-            if background and self.pacer is not None:
+            if paced and self.pacer is not None:
                 self.pacer.ran_background(time.monotonic() - started)
 
     def waiting(self, background: bool) -> int:
