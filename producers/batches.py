@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from uuid import UUID
 
 import asyncpg
@@ -26,7 +27,7 @@ from producers.batch_lines import ParsedInput, parse
 from producers.submit import EnqueueFailed, SubmissionRejected, check_webhook
 from schemas.batches import BatchCreate, LineError
 from schemas.events import ErrorInfo, JobRequest
-from schemas.limits import SubmittedMany
+from schemas.limits import Released, SubmittedMany
 from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,34 @@ async def _publish(
             raise EnqueueFailed(str(exc)) from exc
         new += len(created)
     return new
+
+
+RELEASE_CHUNK = 1000
+"""Job ids per ``Released`` event (about 40 KB)."""
+
+
+async def release_holds(
+    settings: Settings, producer: AIOKafkaProducer, jobs: Sequence[batches.Unstarted]
+) -> None:
+    """Tell each tenant's limiter that these batch jobs ended before running, so the
+    budget they hold is released (nothing when limits are off). The limiter reads its
+    topic in order, so this comes after the lines' own admission events."""
+    if not settings.policy_limits or not jobs:
+        return
+    by_tenant: dict[str, list[UUID]] = {}
+    for job in jobs:
+        by_tenant.setdefault(job.tenant_id, []).append(job.job_id)
+    sends: list[asyncio.Future[object]] = []
+    try:
+        for tenant_id, job_ids in by_tenant.items():
+            for start in range(0, len(job_ids), RELEASE_CHUNK):
+                chunk = job_ids[start : start + RELEASE_CHUNK]
+                event = Released(tenant_id=tenant_id, job_ids=chunk).encode()
+                key = tenant_id.encode()
+                sends.append(await producer.send(settings.topics.admission, event, key=key))
+        await asyncio.gather(*sends)
+    except KafkaError as exc:  # the jobs stay failed; only their holds stay too
+        log.error("could not release the budget held by %d jobs: %s", len(jobs), exc)
 
 
 async def refuse_foreign_conversations(

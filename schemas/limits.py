@@ -44,8 +44,22 @@ class Settled(Event):
     tokens: int = Field(ge=0)
 
 
-AdmissionEvent = Annotated[Submitted | SubmittedMany | Settled, Field(discriminator="type")]
-ADMISSION_EVENT: TypeAdapter[Submitted | SubmittedMany | Settled] = TypeAdapter(AdmissionEvent)
+class Released(Event):
+    """Jobs of one tenant that ended before running (a batch's queued lines, cancelled
+    or expired): their reservations are released, nothing spent (admission topic,
+    keyed by tenant)."""
+
+    type: Literal["released"] = "released"
+    tenant_id: str
+    job_ids: list[UUID] = Field(min_length=1)
+
+
+AdmissionEvent = Annotated[
+    Submitted | SubmittedMany | Settled | Released, Field(discriminator="type")
+]
+ADMISSION_EVENT: TypeAdapter[Submitted | SubmittedMany | Settled | Released] = TypeAdapter(
+    AdmissionEvent
+)
 
 
 class TenantLimitStatus(Event):

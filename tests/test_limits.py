@@ -278,6 +278,52 @@ async def test_a_batch_holds_budget_but_is_not_paced_by_the_per_minute_limits(
     assert cancelled.status_code == 200, cancelled.text
 
 
+async def test_cancelling_a_batch_releases_the_budget_its_unstarted_lines_held(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
+) -> None:
+    hold = _hold(replicas)
+    tenant = await _tenant(pool, token_budget=2 * hold + hold // 2)  # room for two holds
+    headers = {"Authorization": f"Bearer {tenant.key}", "content-type": "application/jsonl"}
+    lines = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": UNSERVED,
+                "messages": [{"role": "user", "content": MESSAGE}],
+                "max_tokens": MAX_TOKENS,
+            },
+        }
+        for i in range(2)
+    ]
+    created = await http[0].post(
+        "/v1/batches", content="\n".join(orjson.dumps(x).decode() for x in lines), headers=headers
+    )
+    assert created.status_code == 202, created.text
+    batch_id = uuid.UUID(created.json()["id"])
+
+    async def enriched() -> bool:  # both lines admitted (holding budget) and enriched
+        n = await pool.fetchval(
+            "SELECT count(*) FROM jobs WHERE batch_id = $1 AND status = 'running'", batch_id
+        )
+        return bool(n == 2)
+
+    await wait_for(enriched, timeout=30, interval=0.2)
+    refused = await _final(http[1], tenant.key, (await _submit(http[1], tenant.key)).json()["id"])
+    assert refused["error"]["code"] == "budget_exhausted"  # the two lines hold the budget
+    # As if the lines were still waiting for the enricher (admitted, not started): the
+    # cancel fails them, and the budget they held must come back.
+    await pool.execute("UPDATE jobs SET status = 'queued' WHERE batch_id = $1", batch_id)
+    cancelled = await http[0].post(f"/v1/batches/{batch_id}/cancel", headers=headers)
+    assert cancelled.status_code == 200, cancelled.text
+    statuses = await pool.fetch("SELECT status FROM jobs WHERE batch_id = $1", batch_id)
+    assert {row["status"] for row in statuses} == {"failed"}
+    # Decided after the release (the tenant's events are read in order): admitted.
+    job = await _final(http[1], tenant.key, (await _submit(http[1], tenant.key)).json()["id"])
+    assert job["status"] == "succeeded", job
+
+
 async def test_budget_settles_to_actual_use(
     pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
 ) -> None:

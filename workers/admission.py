@@ -7,7 +7,8 @@ faust table (changelogged, so a restarted or rebalanced processor resumes it).
 A job is one ``Submitted`` event; a batch's intake chunk is one ``SubmittedMany``
 (its lines decided in order, as if each came alone), so a backfill puts a few
 events, not thousands, ahead of its tenant's next interactive submission.
-Per micro-batch it settles finished jobs' reservations, runs the policy chain's
+Per micro-batch it settles finished jobs' reservations (and releases those of a
+batch's jobs cancelled or expired before they ran), runs the policy chain's
 ``admit`` hook, forwards admitted requests to their lane's requests topic
 (interactive ones first; keyed by conversation, as before), fails refused ones
 through the completions topic (so they are recorded, replied and webhooked like
@@ -33,6 +34,7 @@ from kontext.settings import Settings
 from schemas.events import ErrorInfo, JobCompletion, JobRequest
 from schemas.limits import (
     ADMISSION_EVENT,
+    Released,
     Settled,
     Submitted,
     SubmittedMany,
@@ -85,6 +87,11 @@ class Admission:
             elif isinstance(event, SubmittedMany):
                 for request in event.requests:
                     requests.setdefault(request.job_id, request)
+            elif isinstance(event, Released):  # ended before running: nothing spent
+                for job_id in event.job_ids:
+                    settlements.append(Settled(job_id=job_id, tenant_id=event.tenant_id, tokens=0))
+                    # Submitted in this very micro-batch: it ended already, never hold it.
+                    requests.pop(job_id, None)
             else:
                 settlements.append(event)
         now = time.time()

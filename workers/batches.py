@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from kontext import batches, deliveries
 from kontext.settings import Settings
+from producers.batches import release_holds
 from schemas.events import JobReply, utcnow
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
@@ -84,9 +85,12 @@ class BatchTracker:
 
 
 class Sweeper:
-    """Every few seconds: expire overdue batches, recount open ones, close finished ones."""
+    """Every few seconds: expire overdue batches (releasing the budget their unstarted
+    jobs held), recount open ones, close finished ones."""
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+        self.settings = settings
+        self.producer = producer
         self.pool = pool
         self.interval_s = settings.backfill_sweep_interval_s
         self.first_delay_s = settings.webhook_retry_schedule_s[0]
@@ -94,8 +98,9 @@ class Sweeper:
 
     async def sweep(self) -> None:
         async with self.pool.acquire() as conn:
-            expired = await batches.expire(conn)
+            expired, unstarted = await batches.expire(conn)
             await batches.refresh(conn, batch_ids=expired)
+        await release_holds(self.settings, self.producer, unstarted)
         await close(self.pool, None, self.first_delay_s)
 
     async def run(self) -> None:
@@ -120,7 +125,7 @@ class BatchService:
             max_size=settings.backfill_chunk_size,
             max_wait_ms=settings.batch_max_wait_ms,
         )
-        self.sweeper = Sweeper(settings, pool)
+        self.sweeper = Sweeper(settings, pool, producer)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:

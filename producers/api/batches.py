@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from kontext import batches
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
-from producers.batches import submit_batch
+from producers.batches import release_holds, submit_batch
 from schemas.api import ErrorBody
 from schemas.batches import BatchCreate, BatchView, OutputError, OutputLine, OutputResponse
 
@@ -100,9 +100,10 @@ async def get_batch(
 async def cancel_batch(
     batch_id: UUID, api: Annotated[ApiState, Depends(state)], principal: Caller
 ) -> BatchView:
-    """Stop an open batch: jobs not started fail as ``batch_cancelled``, running ones
-    finish, then the batch is ``cancelled``."""
-    row = await batches.cancel(api.pool, batch_id, principal.tenant_id)
+    """Stop an open batch: jobs not started fail as ``batch_cancelled`` (the budget they
+    held is released), running ones finish, then the batch is ``cancelled``."""
+    row, unstarted = await batches.cancel(api.pool, batch_id, principal.tenant_id)
+    await release_holds(api.settings, api.producer, unstarted)
     if row is None:
         raise HTTPException(404, f"no batch {batch_id}")
     if row.status not in ("cancelling", "cancelled"):
