@@ -119,6 +119,15 @@ async def get(pool: asyncpg.Pool, job_id: UUID, tenant_id: str | None = None) ->
     return _row(row) if row is not None else None
 
 
+async def ended(pool: asyncpg.Pool, job_ids: Sequence[UUID]) -> set[UUID]:
+    """Those of ``job_ids`` already final (succeeded or failed)."""
+    rows = await pool.fetch(
+        "SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND status IN ('succeeded', 'failed')",
+        list(job_ids),
+    )
+    return {row["id"] for row in rows}
+
+
 async def fail(pool: asyncpg.Pool, job_id: UUID, error: ErrorInfo) -> None:
     """Finalise a job that never reached the pipeline (it could not be enqueued)."""
     await pool.execute(

@@ -470,6 +470,41 @@ async def test_a_malformed_batch_chunk_is_dead_lettered_whole(
     assert job["status"] == "succeeded", job
 
 
+async def test_a_batch_line_failed_before_its_chunk_reaches_the_limiter_holds_nothing(
+    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
+) -> None:
+    """A cancel between a chunk's insert and its publish releases the lines before the
+    limiter sees them: it must then neither hold their budget nor forward them."""
+    hold = _hold(replicas)
+    tenant = await _tenant(pool, token_budget=hold + hold // 2)  # room to hold one job
+    owner = {"tenant_id": tenant.tenant_id, "key_id": tenant.id}
+    cancelled = _probe().model_copy(
+        update={**owner, "conversation_id": f"line-{uuid.uuid4().hex[:8]}"}
+    )
+    later = _probe().model_copy(
+        update={**owner, "conversation_id": f"later-{uuid.uuid4().hex[:8]}"}
+    )
+    for request in (cancelled, later):
+        await ledger.admit(pool, request, None)
+    await pool.execute("UPDATE jobs SET status = 'failed' WHERE id = $1", cancelled.job_id)
+    topics = replicas.a.settings.topics
+    key = tenant.tenant_id.encode()
+    producer = AIOKafkaProducer(bootstrap_servers=replicas.a.settings.bootstrap)
+    await producer.start()
+    try:
+        line = cancelled.model_copy(update={"priority": "background"})
+        await producer.send_and_wait(
+            topics.admission, SubmittedMany(requests=[line]).encode(), key=key
+        )
+        await producer.send_and_wait(  # decided after it (same partition)
+            topics.admission, SubmittedMany(requests=[later]).encode(), key=key
+        )
+    finally:
+        await producer.stop()
+    job = await _final(http[0], tenant.key, str(later.job_id))
+    assert job["status"] == "succeeded", job  # the failed line held no budget
+
+
 def test_a_chunk_goes_to_admission_in_events_under_the_size_limit() -> None:
     requests = [
         _probe("x" * (40 * i)).model_copy(update={"priority": "background"}) for i in range(50)

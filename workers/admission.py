@@ -8,7 +8,8 @@ A job is one ``Submitted`` event; a batch's intake chunk is one ``SubmittedMany`
 (its lines decided in order, as if each came alone), so a backfill puts a few
 events, not thousands, ahead of its tenant's next interactive submission.
 Per micro-batch it settles finished jobs' reservations (and releases those of a
-batch's jobs cancelled or expired before they ran), runs the policy chain's
+batch's jobs cancelled or expired before they ran, skipping batch lines already
+final in the database), runs the policy chain's
 ``admit`` hook, forwards admitted requests to their lane's requests topic
 (interactive ones first; keyed by conversation, as before), fails refused ones
 through the completions topic (so they are recorded, replied and webhooked like
@@ -25,11 +26,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
+from kontext import ledger
 from kontext.settings import Settings
 from schemas.events import ErrorInfo, JobCompletion, JobRequest
 from schemas.limits import (
@@ -57,9 +60,10 @@ class Admission:
 
     name = "admission"
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer) -> None:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, pool: asyncpg.Pool) -> None:
         self.settings = settings
         self.producer = producer
+        self.pool = pool
         self.chain = PolicyChain([])
         self.ledger: LimitLedger | None = None
         self.published: dict[str, TenantLimitStatus] = {}
@@ -73,6 +77,7 @@ class Admission:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         requests: dict[object, JobRequest] = {}
+        lines: list[UUID] = []  # the batch lines among them
         settlements: list[Settled] = []
         for record in records:
             try:
@@ -87,6 +92,7 @@ class Admission:
             elif isinstance(event, SubmittedMany):
                 for request in event.requests:
                     requests.setdefault(request.job_id, request)
+                    lines.append(request.job_id)
             elif isinstance(event, Released):  # ended before running: nothing spent
                 for job_id in event.job_ids:
                     settlements.append(Settled(job_id=job_id, tenant_id=event.tenant_id, tokens=0))
@@ -94,6 +100,11 @@ class Admission:
                     requests.pop(job_id, None)
             else:
                 settlements.append(event)
+        if lines:
+            # Lines a cancel or an expiry failed before their chunk got here (its release
+            # came first): never hold nor forward them. One query per micro-batch.
+            for job_id in await ledger.ended(self.pool, lines):
+                requests.pop(job_id, None)
         now = time.time()
         touched: set[str] = set()
         if self.ledger is not None:
@@ -174,7 +185,7 @@ def admission_processor(
     settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer
 ) -> StreamProcessor:
     """The admission stream processor, with its tenant table and policy chain."""
-    handler = Admission(settings, producer)
+    handler = Admission(settings, producer, pool)
     batching = settings.model_copy(
         update={
             "batch_max_wait_ms": settings.admission_batch_wait_ms,
