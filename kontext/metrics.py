@@ -36,6 +36,11 @@ QUEUE_WAIT = Histogram(
     ["stage", "lane"],
     buckets=LATENCY_BUCKETS,
 )
+BACKGROUND_PAUSED = Counter(
+    "kontext_background_paused_seconds",
+    "Seconds background-lane model calls were paused so interactive jobs found the cores "
+    "free (workers/pacing.py; per process)",
+)
 ENRICHMENT_LATENCY = Histogram(
     "kontext_enrichment_duration_seconds",
     "Enricher micro-batch handling time (order gate, memory lookup, prompt assembly)",

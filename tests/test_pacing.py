@@ -7,6 +7,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import wait_for
 from workers.embeddings import DIMENSIONS, Embedder
@@ -106,3 +107,16 @@ async def test_off_path_work_of_interactive_jobs_yields_but_is_not_paced() -> No
     async with asyncio.timeout(5):
         async with gate.turn(background=True, paced=False):
             pass
+
+
+def test_pauses_are_counted_only_while_they_hold_background_work_back() -> None:
+    def paused() -> float:
+        return REGISTRY.get_sample_value("kontext_background_paused_seconds_total") or 0.0
+
+    pacer = Pacer(share=0.5, window_s=60)
+    before = paused()
+    pacer.ran_background(3)  # no interactive job yet: nothing held back
+    assert paused() == before
+    pacer.saw_interactive()
+    pacer.ran_background(10)  # a 10 s pause from now: 7 s more than the first one
+    assert 6.5 < paused() - before < 7.5

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from kontext.metrics import BACKGROUND_PAUSED
+
 
 class Pacer:
     """Paces background work in one process while interactive work is arriving."""
@@ -57,8 +59,12 @@ class Pacer:
         """Background work just ran for ``seconds``: pause it if interactive jobs arrive."""
         if not self.enabled:
             return
-        pause = seconds * (1 - self.share) / self.share
-        self._resume_at = max(self._resume_at, time.monotonic() + pause)
+        now = time.monotonic()
+        resume_at = now + seconds * (1 - self.share) / self.share
+        if resume_at > self._resume_at:
+            if self.interactive_active(now):  # counted while it holds work back
+                BACKGROUND_PAUSED.inc(resume_at - max(self._resume_at, now))
+            self._resume_at = resume_at
         self._changed.set()
 
     async def wait_for_background(self) -> None:
