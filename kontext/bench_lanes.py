@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import httpx
 import orjson
-from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
+
+from kontext.bench_process import scrape
+from kontext.metrics import QUEUE_WAIT
 
 STAGES = ("enrich", "inference")
 """The stages whose interactive queue wait the table breaks out."""
@@ -82,25 +83,20 @@ Totals = dict[str, tuple[float, float]]
 
 async def queue_waits(metrics_urls: Sequence[str]) -> Totals:
     """Interactive queue-wait totals of this process's registry plus each endpoint's."""
-    totals: Totals = {}
-    for stage in STAGES:
-        labels = {"stage": stage, "lane": "interactive"}
-        total = REGISTRY.get_sample_value("kontext_queue_wait_seconds_sum", labels) or 0.0
-        count = REGISTRY.get_sample_value("kontext_queue_wait_seconds_count", labels) or 0.0
-        totals[stage] = (total, count)
-    async with httpx.AsyncClient(timeout=10) as http:
-        for url in metrics_urls:
-            response = await http.get(url)
-            response.raise_for_status()
-            for family in text_string_to_metric_families(response.text):
-                for sample in family.samples:
-                    stage = sample.labels.get("stage", "")
-                    if stage in totals and sample.labels.get("lane") == "interactive":
-                        total, count = totals[stage]
-                        if sample.name == "kontext_queue_wait_seconds_sum":
-                            totals[stage] = (total + sample.value, count)
-                        elif sample.name == "kontext_queue_wait_seconds_count":
-                            totals[stage] = (total, count + sample.value)
+    families = list(QUEUE_WAIT.collect())
+    for url in metrics_urls:
+        families += await scrape(url)
+    totals: Totals = {stage: (0.0, 0.0) for stage in STAGES}
+    for family in families:
+        for sample in family.samples:
+            stage = sample.labels.get("stage", "")
+            if stage not in totals or sample.labels.get("lane") != "interactive":
+                continue
+            total, count = totals[stage]
+            if sample.name == "kontext_queue_wait_seconds_sum":
+                totals[stage] = (total + sample.value, count)
+            elif sample.name == "kontext_queue_wait_seconds_count":
+                totals[stage] = (total, count + sample.value)
     return totals
 
 
