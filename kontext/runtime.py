@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from workers.engines.device import device
 from workers.enricher import Enricher, ServedModel
 from workers.inference import InferenceWorker
 from workers.memory import MemoryWorker
-from workers.pacing import Pacer
+from workers.pacing import Pacer, background_reserve
 from workers.policies.compose import ChainParts, build_chain
 from workers.reconciler import Reconciler
 from workers.recorder import Recorder
@@ -204,7 +203,7 @@ class Runtime:
         """One embedding model per process, shared by the enricher and the memory worker."""
         if self.embedder is None:
             on = device(self.settings)
-            chunk = math.ceil(self.settings.batch_max_size * self.settings.background_share)
+            chunk = background_reserve(self.settings.batch_max_size, self.settings.background_share)
             self.embedder = await asyncio.to_thread(Embedder, on, self.pacer, chunk)
         return self.embedder
 

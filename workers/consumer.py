@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from kontext.metrics import observe_lag
-from workers.pacing import Pacer
+from workers.pacing import Pacer, background_reserve
 from workers.records import BatchHandler, Record
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ class BatchConsumer:
         self.max_size = max_size
         self.max_wait_ms = max_wait_ms
         self.max_in_flight = max_in_flight
-        self.reserve = max(1, math.ceil(max_size * background_share))
+        self.reserve = background_reserve(max_size, background_share)
         self.pacer = pacer
         self.stopping = asyncio.Event()
         self.free = asyncio.Event()

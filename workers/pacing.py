@@ -16,9 +16,16 @@ One pacer per process, shared by its stages (they share its cores).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from kontext.metrics import BACKGROUND_PAUSED
+
+
+def background_reserve(max_size: int, share: float) -> int:
+    """Background work's guaranteed slots of a batch of ``max_size`` (at least one), and
+    the most it takes in one call while interactive jobs arrive."""
+    return max(1, math.ceil(max_size * share))
 
 
 class Pacer:
