@@ -141,6 +141,26 @@ async def _final(client: httpx.AsyncClient, key: str, job_id: str) -> dict[str, 
     raise AssertionError(f"job {job_id} not final: {job}")
 
 
+def _unserved_lines(n: int) -> str:
+    """A batch input of ``n`` lines ``line-0``... for the model no worker runs."""
+    body = {
+        "model": UNSERVED,
+        "messages": [{"role": "user", "content": MESSAGE}],
+        "max_tokens": MAX_TOKENS,
+    }
+    return "\n".join(
+        orjson.dumps(
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
+        ).decode()
+        for i in range(n)
+    )
+
+
 def _retry_after(response: httpx.Response) -> int:
     value = response.headers.get("Retry-After")
     assert value is not None and value.isdigit() and int(value) >= 1, response.headers
@@ -231,23 +251,9 @@ async def test_a_batch_holds_budget_but_is_not_paced_by_the_per_minute_limits(
     # Each line holds budget like a job; rpm 1 does not apply to the background lane.
     hold = _hold(replicas)
     tenant = await _tenant(pool, token_budget=3 * hold + hold // 2, rpm=1)
-    lines = [
-        {
-            "custom_id": f"line-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": UNSERVED,  # no worker: admitted lines keep their hold
-                "messages": [{"role": "user", "content": MESSAGE}],
-                "max_tokens": MAX_TOKENS,
-            },
-        }
-        for i in range(10)
-    ]
     headers = {"Authorization": f"Bearer {tenant.key}", "content-type": "application/jsonl"}
-    created = await http[0].post(
-        "/v1/batches", content="\n".join(orjson.dumps(x).decode() for x in lines), headers=headers
-    )
+    # No worker runs UNSERVED: admitted lines keep their hold.
+    created = await http[0].post("/v1/batches", content=_unserved_lines(10), headers=headers)
     assert created.status_code == 202, created.text
     batch_id = created.json()["id"]
 
@@ -284,22 +290,7 @@ async def test_cancelling_a_batch_releases_the_budget_its_unstarted_lines_held(
     hold = _hold(replicas)
     tenant = await _tenant(pool, token_budget=2 * hold + hold // 2)  # room for two holds
     headers = {"Authorization": f"Bearer {tenant.key}", "content-type": "application/jsonl"}
-    lines = [
-        {
-            "custom_id": f"line-{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {
-                "model": UNSERVED,
-                "messages": [{"role": "user", "content": MESSAGE}],
-                "max_tokens": MAX_TOKENS,
-            },
-        }
-        for i in range(2)
-    ]
-    created = await http[0].post(
-        "/v1/batches", content="\n".join(orjson.dumps(x).decode() for x in lines), headers=headers
-    )
+    created = await http[0].post("/v1/batches", content=_unserved_lines(2), headers=headers)
     assert created.status_code == 202, created.text
     batch_id = uuid.UUID(created.json()["id"])
 
