@@ -96,7 +96,7 @@ async def create(
                                                  ELSE 'job.failed' END AS type) e
         CROSS JOIN LATERAL (
             SELECT NULL::uuid AS endpoint_id, j.request->'webhook'->>'url' AS url,
-                j.request->'webhook'->>'secret' AS secret
+                j.webhook_secret AS secret
             WHERE jsonb_typeof(j.request->'webhook') = 'object'
             UNION ALL
             -- The tenant's endpoints hear of its own chat jobs, not of each batch line

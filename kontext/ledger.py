@@ -48,10 +48,14 @@ ADMIT_TRIES = 3
 
 
 async def admit(
-    pool: asyncpg.Pool, request: JobRequest, idempotency_key: str | None
+    pool: asyncpg.Pool,
+    request: JobRequest,
+    idempotency_key: str | None,
+    webhook_secret: str | None = None,
 ) -> tuple[JobRow, bool]:
     """Record a new queued job of ``request.tenant_id``; with a known idempotency key
-    (of that tenant), return that job instead.
+    (of that tenant), return that job instead. ``webhook_secret`` (the job's own
+    signing secret) is kept in its own column, never in the request.
 
     A new conversation id becomes the tenant's conversation; one that another tenant
     owns raises ConversationNotOwned (nothing is stored). Returns the job and
@@ -71,9 +75,9 @@ async def admit(
                     SELECT tenant_id FROM conversations WHERE id = $2
                 )
                 INSERT INTO jobs (id, conversation_id, model, kind, status, request,
-                    idempotency_key, tenant_id, key_id)
+                    idempotency_key, tenant_id, key_id, webhook_secret)
                 SELECT $1::uuid, $2::text, $3::text, $6::text, 'queued', $4::jsonb, $5::text,
-                    $8::text, $9::uuid
+                    $8::text, $9::uuid, $10::text
                 WHERE EXISTS (SELECT 1 FROM owner WHERE tenant_id = $8)
                 ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
                 RETURNING {_JOB_COLUMNS}
@@ -87,6 +91,7 @@ async def admit(
                 request.user,
                 request.tenant_id,
                 request.key_id,
+                webhook_secret,
             )
             if created is not None:
                 return _row(created), True
@@ -159,8 +164,8 @@ class Outcome:
 @dataclass(frozen=True)
 class Recorded:
     outcomes: list[Outcome]
-    redrive: list[dict[str, Any]]
-    """Requests (JobRequest JSON) whose turn has come: publish them to the requests topic."""
+    redrive: list[JobRequest]
+    """Requests whose turn has come: publish them to the requests topic."""
 
 
 async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion]) -> Recorded:
@@ -298,7 +303,9 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
         for row in rows
         if row["part"] == "outcome"
     ]
-    redrive = [row["request"] for row in rows if row["part"] == "redrive"]
+    redrive = [
+        JobRequest.model_validate(row["request"]) for row in rows if row["part"] == "redrive"
+    ]
     return Recorded(outcomes=outcomes, redrive=redrive)
 
 

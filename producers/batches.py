@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from uuid import UUID
 
 import asyncpg
@@ -24,55 +23,15 @@ from aiokafka.errors import KafkaError
 from kontext import batches
 from kontext.settings import Settings
 from producers.batch_lines import ParsedInput, parse
-from producers.submit import EnqueueFailed, SubmissionRejected, check_webhook
+from producers.submit import SubmissionRejected, check_webhook
 from schemas.batches import BatchCreate, LineError
 from schemas.events import ErrorInfo, JobRequest
-from schemas.limits import Released, SubmittedMany
+from workers.intake import EnqueueFailed, publish
 from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
 
 WINDOWS_S = {"24h": 24 * 3600.0}
-
-
-def admission_events(requests: list[JobRequest], max_bytes: int) -> list[bytes]:
-    """One tenant's requests as few ``SubmittedMany`` events as fit ``max_bytes`` each,
-    in order (a request larger than that goes alone)."""
-    envelope = len(SubmittedMany.model_construct(requests=[]).encode())
-    events: list[bytes] = []
-    group: list[JobRequest] = []
-    size = envelope
-    for request in requests:
-        length = len(request.encode()) + 1  # its comma in the list
-        if group and size + length > max_bytes:
-            events.append(SubmittedMany(requests=group).encode())
-            group, size = [], envelope
-        group.append(request)
-        size += length
-    if group:
-        events.append(SubmittedMany(requests=group).encode())
-    return events
-
-
-async def _send_chunk(
-    settings: Settings, producer: AIOKafkaProducer, requests: list[JobRequest]
-) -> list[asyncio.Future[object]]:
-    """Queue a chunk's sends: to its tenant's limiter as one event (or a few, to stay
-    under the broker's message limit), which holds budget for each line and forwards
-    it to the background lane; or, when limits are off, each line straight to its lane."""
-    sends: list[asyncio.Future[object]] = []
-    if not requests:
-        return sends
-    if settings.policy_limits:
-        key = requests[0].tenant_id.encode()  # a batch's lines are all its tenant's
-        for event in admission_events(requests, settings.admission_event_max_bytes):
-            sends.append(await producer.send(settings.topics.admission, event, key=key))
-        return sends
-    for request in requests:
-        topic = settings.topics.requests_lane(request.priority)
-        key = request.conversation_id.encode()
-        sends.append(await producer.send(topic, request.encode(), key=key))
-    return sends
 
 
 async def _publish(
@@ -90,7 +49,7 @@ async def _publish(
         created = await batches.admit(pool, batch_id, chunk)
         try:
             fresh = [request for _, request in chunk if request.job_id in created]
-            await asyncio.gather(*await _send_chunk(settings, producer, fresh))
+            await asyncio.gather(*await publish(settings, producer, fresh))
         except KafkaError as exc:
             log.error("batch %s: could not publish %d jobs: %s", batch_id, len(created), exc)
             await batches.fail_jobs(
@@ -99,34 +58,6 @@ async def _publish(
             raise EnqueueFailed(str(exc)) from exc
         new += len(created)
     return new
-
-
-RELEASE_CHUNK = 1000
-"""Job ids per ``Released`` event (about 40 KB)."""
-
-
-async def release_holds(
-    settings: Settings, producer: AIOKafkaProducer, jobs: Sequence[batches.Unstarted]
-) -> None:
-    """Tell each tenant's limiter that these batch jobs ended before running, so the
-    budget they hold is released (nothing when limits are off). The limiter reads its
-    topic in order, so this comes after the lines' own admission events."""
-    if not settings.policy_limits or not jobs:
-        return
-    by_tenant: dict[str, list[UUID]] = {}
-    for job in jobs:
-        by_tenant.setdefault(job.tenant_id, []).append(job.job_id)
-    sends: list[asyncio.Future[object]] = []
-    try:
-        for tenant_id, job_ids in by_tenant.items():
-            for start in range(0, len(job_ids), RELEASE_CHUNK):
-                chunk = job_ids[start : start + RELEASE_CHUNK]
-                event = Released(tenant_id=tenant_id, job_ids=chunk).encode()
-                key = tenant_id.encode()
-                sends.append(await producer.send(settings.topics.admission, event, key=key))
-        await asyncio.gather(*sends)
-    except KafkaError as exc:  # the jobs stay failed; only their holds stay too
-        log.error("could not release the budget held by %d jobs: %s", len(jobs), exc)
 
 
 async def refuse_foreign_conversations(

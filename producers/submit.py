@@ -7,14 +7,13 @@ import uuid
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from kontext import ledger
 from kontext.settings import Settings
 from kontext.ssrf import UrlGuard, UrlRefused
 from schemas.api import JobSubmission
-from schemas.events import ErrorInfo, JobRequest, WebhookTarget
-from schemas.limits import Submitted
+from schemas.events import JobRequest, WebhookTarget
+from workers.intake import enqueue
 from workers.policies.base import Refused
 from workers.policies.chain import PolicyChain
 
@@ -29,10 +28,6 @@ class SubmissionRejected(Exception):
         self.code = code
         self.message = message
         self.served_models = served_models
-
-
-class EnqueueFailed(Exception):
-    """The job was recorded but could not be published; it is marked failed."""
 
 
 def to_request(
@@ -71,7 +66,7 @@ def to_request(
         recall_scope=submission.recall_scope,
         include_prompt=submission.include_prompt,
         metadata=submission.metadata,
-        webhook=submission.webhook,
+        webhook=submission.webhook.published() if submission.webhook else None,
     )
 
 
@@ -89,59 +84,6 @@ async def check_webhook(settings: Settings, webhook: WebhookTarget | None) -> No
         await UrlGuard(settings.webhook_allow_hosts).check(webhook.url)
     except UrlRefused as exc:
         raise SubmissionRejected("webhook_url_refused", str(exc)) from None
-
-
-def _without_secret(request: JobRequest) -> JobRequest:
-    """The request as published: a webhook secret stays in the ledger, off the topics."""
-    if request.webhook is None or request.webhook.secret is None:
-        return request
-    return request.model_copy(
-        update={"webhook": request.webhook.model_copy(update={"secret": None})}
-    )
-
-
-async def enqueue(
-    settings: Settings,
-    pool: asyncpg.Pool,
-    producer: AIOKafkaProducer,
-    request: JobRequest,
-    idempotency_key: str | None,
-) -> tuple[ledger.JobRow, bool]:
-    """Record a job in the ledger, then publish it. Returns the job and whether it is
-    new (an idempotency key seen before returns the earlier job, not published again)."""
-    try:
-        job, created = await ledger.admit(pool, request, idempotency_key)
-    except ledger.ConversationNotOwned:
-        # Another tenant's conversation: answered like one that does not exist.
-        raise SubmissionRejected(
-            "conversation_not_found",
-            f"no conversation {request.conversation_id}; choose another conversation_id",
-        ) from None
-    if not created:
-        return job, False
-    try:
-        if settings.policy_limits:
-            # To the tenant's limiter first: it forwards admitted jobs to the requests topic.
-            await producer.send_and_wait(
-                settings.topics.admission,
-                Submitted(request=_without_secret(request)).encode(),
-                key=request.tenant_id.encode(),
-            )
-        else:
-            await producer.send_and_wait(
-                settings.topics.requests_lane(request.priority),
-                _without_secret(request).encode(),
-                key=request.conversation_id.encode(),
-            )
-    except KafkaError as exc:
-        log.error("could not publish job %s: %s", request.job_id, exc)
-        await ledger.fail(
-            pool,
-            request.job_id,
-            ErrorInfo(code="enqueue_failed", message="the queue is unavailable"),
-        )
-        raise EnqueueFailed(str(exc)) from exc
-    return job, True
 
 
 async def submit(
@@ -163,4 +105,12 @@ async def submit(
         if refusal is not None:
             raise Refused(refusal)
     await check_webhook(settings, submission.webhook)
-    return await enqueue(settings, pool, producer, request, submission.idempotency_key)
+    secret = submission.webhook.secret if submission.webhook else None
+    try:
+        return await enqueue(settings, pool, producer, request, submission.idempotency_key, secret)
+    except ledger.ConversationNotOwned:
+        # Another tenant's conversation: answered like one that does not exist.
+        raise SubmissionRejected(
+            "conversation_not_found",
+            f"no conversation {request.conversation_id}; choose another conversation_id",
+        ) from None

@@ -157,15 +157,27 @@ WebhookSecret = Annotated[str, AfterValidator(_check_webhook_secret)]
 
 
 class WebhookTarget(BaseModel):
-    """Where a job's result is pushed; signed with ``secret`` or the deployment's.
-
-    The secret is kept in the jobs ledger only: requests are published without it.
-    """
+    """Where a client asks a result to be pushed (API bodies); signed with ``secret`` or
+    the deployment's. The secret stays in Postgres (``jobs.webhook_secret``): what a
+    job's request carries on the topics is its ``JobWebhook``, which has no place for it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     url: str = Field(min_length=1, max_length=2048)
     secret: WebhookSecret | None = Field(default=None, repr=False)
+
+    def published(self) -> JobWebhook:
+        """The target as a job's request carries it: its URL only."""
+        return JobWebhook(url=self.url)
+
+
+class JobWebhook(BaseModel):
+    """A job's webhook as its request travels the topics and the ledger's ``request``:
+    the URL only, never a secret (an old message's ``secret`` is dropped on reading)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    url: str = Field(min_length=1, max_length=2048)
 
 
 class JobRequest(Event):
@@ -186,7 +198,7 @@ class JobRequest(Event):
     recall_scope: RecallScope = "conversation"
     include_prompt: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict)
-    webhook: WebhookTarget | None = None
+    webhook: JobWebhook | None = None
     submitted_at: datetime = Field(default_factory=utcnow)
 
 

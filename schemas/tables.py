@@ -115,6 +115,8 @@ jobs = Table(
     # A backfill's job: its batch and the custom_id of its input line.
     Column("batch_id", UUID(as_uuid=True), ForeignKey("batches.id", ondelete="CASCADE")),
     Column("custom_id", Text),
+    # The job's own webhook signing secret: never in ``request``, which travels the topics.
+    Column("webhook_secret", Text),
     CheckConstraint(
         "status IN ('queued', 'running', 'needs_review', 'succeeded', 'failed')",
         name="jobs_status_valid",

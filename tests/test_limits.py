@@ -25,11 +25,11 @@ from kontext import keys, ledger
 from kontext.chaos.scenarios import dead_letters
 from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
-from producers.batches import admission_events
 from schemas.events import JobRequest
 from schemas.limits import ADMISSION_EVENT, Settled, SubmittedMany
 from tests.conftest import Stack, stack_env, start_stack, wait_for
 from tests.factories import job_request
+from workers.intake import admission_events
 from workers.policies.limits import (
     LimitLedger,
     TenantLimits,

@@ -18,18 +18,46 @@ from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from kontext import batches, deliveries
 from kontext.settings import Settings
-from producers.batches import release_holds
 from schemas.events import JobReply, utcnow
+from schemas.limits import Released
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.periodic import every
 from workers.records import Record
 
 log = logging.getLogger(__name__)
+
+RELEASE_CHUNK = 1000
+"""Job ids per ``Released`` event (about 40 KB)."""
+
+
+async def release_holds(
+    settings: Settings, producer: AIOKafkaProducer, jobs: Sequence[batches.Unstarted]
+) -> None:
+    """Tell each tenant's limiter that these batch jobs ended before running, so the
+    budget they hold is released (nothing when limits are off). The limiter reads its
+    topic in order, so this comes after the lines' own admission events."""
+    if not settings.policy_limits or not jobs:
+        return
+    by_tenant: dict[str, list[UUID]] = {}
+    for job in jobs:
+        by_tenant.setdefault(job.tenant_id, []).append(job.job_id)
+    sends: list[asyncio.Future[object]] = []
+    try:
+        for tenant_id, job_ids in by_tenant.items():
+            for start in range(0, len(job_ids), RELEASE_CHUNK):
+                chunk = job_ids[start : start + RELEASE_CHUNK]
+                event = Released(tenant_id=tenant_id, job_ids=chunk).encode()
+                key = tenant_id.encode()
+                sends.append(await producer.send(settings.topics.admission, event, key=key))
+        await asyncio.gather(*sends)
+    except KafkaError as exc:  # the jobs stay failed; only their holds stay too
+        log.error("could not release the budget held by %d jobs: %s", len(jobs), exc)
 
 
 def end_event(row: batches.BatchRow) -> deliveries.BatchEvent:

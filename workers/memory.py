@@ -25,11 +25,11 @@ from pydantic import ValidationError
 from kontext import memory
 from kontext.memory import StoredSummary, SummaryState
 from kontext.settings import Settings
-from producers.submit import enqueue
 from schemas.events import JobReply
 from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
 from workers.engines.base import ChatTokenizer
+from workers.intake import enqueue
 from workers.records import Record
 from workers.summaries import Line, extractive_summary, summary_job
 

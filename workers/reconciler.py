@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
@@ -27,6 +25,7 @@ from pydantic import ValidationError
 from kontext import ledger, reviews
 from kontext.settings import Settings
 from schemas.events import ErrorInfo, JobRequest
+from workers.intake import publish
 from workers.periodic import every
 
 log = logging.getLogger(__name__)
@@ -82,45 +81,25 @@ class Reconciler:
         lease = timedelta(seconds=self.settings.job_lease_s)
         served = [*self.settings.engines, *self.settings.model_aliases]
         rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT, served)
-        sends = []
+        stuck: list[JobRequest] = []
         for row in rows:
             try:
-                JobRequest.model_validate(row["request"])
+                stuck.append(JobRequest.model_validate(row["request"]))
             except ValidationError:
                 # Nothing can run it: fail it rather than re-drive it for ever.
                 log.error("job %s: its stored request is unreadable; failing it", row["id"])
                 await ledger.fail(self.pool, row["id"], UNREADABLE)
-                continue
-            sends.append(await self._publish(row["request"]))
-        if sends:
-            await asyncio.gather(*sends)
-            log.warning("re-drove %d job(s) stuck past their %ss lease", len(sends), lease.seconds)
+        if stuck:
+            # Through the limiter again (which forwards a job it admitted before without
+            # counting it twice), so a re-drive never slips past a limit.
+            await asyncio.gather(*await publish(self.settings, self.producer, stuck))
+            log.warning("re-drove %d job(s) stuck past their %ss lease", len(stuck), lease.seconds)
         # Reviewed results whose decision was published but never recorded (message lost).
         topic = self.settings.topics.completions
         decided = await reviews.redrive_decided(
             self.pool, self.producer, topic, lease, REDRIVE_LIMIT
         )
-        return len(sends) + decided
-
-    async def _publish(self, request: dict[str, Any]) -> asyncio.Future[object]:
-        """Back to its requests lane; an API submission goes through its tenant's
-        limiter again instead (which forwards a job it already admitted without
-        counting it twice), so a re-drive never slips past a limit."""
-        topics = self.settings.topics
-        priority = request.get("priority", "interactive")
-        if self.settings.policy_limits and request.get("key_id") and priority == "interactive":
-            future: asyncio.Future[object] = await self.producer.send(
-                topics.admission,
-                orjson.dumps({"version": 1, "type": "submitted", "request": request}),
-                key=str(request.get("tenant_id", "default")).encode(),
-            )
-            return future
-        future = await self.producer.send(
-            topics.requests_lane(priority),
-            orjson.dumps(request),
-            key=str(request["conversation_id"]).encode(),
-        )
-        return future
+        return len(stuck) + decided
 
     async def run(self) -> None:
         # A failing sweep (the database or broker down, or a bug) never stops the others.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -27,8 +26,9 @@ from pydantic import ValidationError
 from kontext import ledger
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply, utcnow
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply, JobRequest, utcnow
 from workers.deadletter import DeadLetters
+from workers.intake import publish
 from workers.records import Record
 
 log = logging.getLogger(__name__)
@@ -84,15 +84,9 @@ class Recorder:
                         key=outcome.conversation_id.encode(),
                     )
                 )
-            for request in recorded.redrive:
-                # The next turn of a conversation, held back until this one was recorded.
-                sends.append(
-                    await self.producer.send(
-                        self.settings.topics.requests_lane(request.get("priority", "interactive")),
-                        orjson.dumps(request),
-                        key=str(request["conversation_id"]).encode(),
-                    )
-                )
+            # The next turns of their conversations, held back until these were recorded
+            # (admitted already: straight to their lane).
+            sends += await publish(self.settings, self.producer, recorded.redrive, admitted=True)
         if sends:
             await asyncio.gather(*sends)
         if replied:
@@ -113,7 +107,7 @@ class Recorder:
         except UNSTORABLE:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
         outcomes: list[ledger.Outcome] = []
-        redrive: list[dict[str, Any]] = []
+        redrive: list[JobRequest] = []
         stored: list[tuple[Record, JobCompletion]] = []
         for record, done in pairs:
             try:

@@ -16,9 +16,10 @@ from pydantic import ValidationError
 from kontext import batches
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
-from producers.batches import release_holds, submit_batch
+from producers.batches import submit_batch
 from schemas.api import ErrorBody
 from schemas.batches import BatchCreate, BatchView, OutputError, OutputLine, OutputResponse
+from workers.batches import release_holds
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 

@@ -10,8 +10,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from producers.submit import EnqueueFailed, SubmissionRejected
+from producers.submit import SubmissionRejected
 from schemas.api import ApiError, ErrorBody
+from workers.intake import EnqueueFailed
 
 log = logging.getLogger(__name__)
 

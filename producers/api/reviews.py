@@ -17,11 +17,11 @@ from fastapi import APIRouter, Depends, HTTPException, Query
 from kontext import reviews
 from producers.api.auth import Caller, Principal
 from producers.api.state import ApiState, state
-from producers.submit import EnqueueFailed
 from schemas.api import ErrorBody
 from schemas.reviews import ReviewDecision, ReviewList, ReviewStatus, ReviewView
 from workers.engines import load_tokenizer
 from workers.engines.base import ChatTokenizer
+from workers.intake import EnqueueFailed
 
 router = APIRouter(tags=["reviews"])
 
