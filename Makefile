@@ -92,6 +92,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy kontext producers workers schemas
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .kontext .pytest_cache .mypy_cache .ruff_cache

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, validation_alias=AliasChoices("DATABASE_URL"))
 
     data_dir: Path = Path(".kontext")
+    """Embedded broker/database state (dev runtime only)."""
     redact_pii: bool = False
     """Redact e-mail addresses, phone numbers and card numbers from every job's new
     messages and answer before anything is stored, published or sent to a model."""
@@ -48,7 +49,6 @@ class Settings(BaseSettings):
     health_file: Path | None = None
     """A running process touches this file every 5 s while all its services are ready
     (``kontext health`` checks it; container healthchecks use it)."""
-    """Embedded broker/database state (dev runtime only)."""
     model_cache_dir: Path = Path.home() / ".cache" / "kontext" / "models"
     """Converted model weights, written once and reused."""
 

@@ -20,8 +20,8 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from kontext import batches
 from kontext.settings import Settings
+from kontext.store import batches
 from producers.batch_lines import ParsedInput, parse
 from producers.submit import SubmissionRejected, check_webhook
 from schemas.batches import BatchCreate, LineError

@@ -8,9 +8,9 @@ import uuid
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from kontext import ledger
 from kontext.settings import Settings
 from kontext.ssrf import UrlGuard, UrlRefused
+from kontext.store import ledger
 from schemas.api import JobSubmission
 from schemas.events import JobRequest, WebhookTarget
 from workers.intake import enqueue

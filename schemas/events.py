@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
+import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "user", "assistant"]
@@ -110,6 +111,16 @@ class ContextInfo(BaseModel):
     review: Literal["approved", "replaced"] | None = Field(
         default=None, description="a reviewer's decision on a result held for human review"
     )
+
+
+def pack_vector(vector: np.ndarray) -> str:
+    """A vector as events carry it (``TurnRecord.embedding``): float32, base64."""
+    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
+
+
+def unpack_vector(packed: str) -> np.ndarray:
+    """The vector of ``pack_vector``'s text."""
+    return np.frombuffer(base64.b64decode(packed), dtype=np.float32)
 
 
 def _check_packed_vector(value: str | None) -> str | None:
@@ -231,6 +242,22 @@ class JobCompletion(Event):
     """When the job was submitted (for the end-to-end latency metric)."""
     mean_logprob: float | None = None
     """The engine's mean token log-probability of ``output``, when it reports one."""
+
+    @classmethod
+    def failure(
+        cls, request: JobRequest, error: ErrorInfo, context: ContextInfo | None = None
+    ) -> JobCompletion:
+        """The completion of a job that failed (refused, unrunnable, or the engine's error)."""
+        return cls(
+            job_id=request.job_id,
+            conversation_id=request.conversation_id,
+            tenant_id=request.tenant_id,
+            model=request.model,
+            status="failed",
+            error=error,
+            context=context,
+            submitted_at=request.submitted_at,
+        )
 
 
 class AssistantMessage(BaseModel):

@@ -8,6 +8,16 @@ LANES = ("interactive", "background")
 
 
 @dataclass(frozen=True)
+class Group:
+    """A consumer group of the pipeline: its id, the service behind it, what it reads."""
+
+    id: str
+    service: str
+    topics: tuple[str, ...]
+    model: str | None = None
+
+
+@dataclass(frozen=True)
 class Topics:
     """Topic names under one prefix, so deployments (and tests) can share a cluster."""
 
@@ -59,6 +69,10 @@ class Topics:
     def dead_letters(self) -> str:
         """Messages no consumer could handle (DeadLetter), with the reason."""
         return f"{self.prefix}.deadletter"
+
+    def group(self, name: str, service: str, *topics: str, model: str | None = None) -> Group:
+        """The consumer group ``name`` under this prefix, reading ``topics``."""
+        return Group(f"{self.prefix}-{name}", service, topics, model)
 
     def all(self, models: list[str]) -> list[str]:
         return [

@@ -22,11 +22,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from kontext import keys
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.connections import create_pool
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.migrate import upgrade
 from kontext.settings import Settings
+from kontext.store import keys
 from producers.client import KontextClient
 
 READY = re.compile(r"Kontext ready: API (http://[0-9.]+:\d+)")

@@ -22,7 +22,7 @@ import httpx
 import orjson
 import pytest
 
-from kontext import keys
+from kontext.store import keys
 from producers.api.app import create_app
 from producers.api.auth import operator_only
 from tests.conftest import Stack, wait_for

@@ -19,7 +19,7 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
-from kontext.backfill import plan
+from producers.backfill import plan
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.receiver import Receiver, serving
 

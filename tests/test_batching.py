@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from kontext.app.embedded import EmbeddedBroker
 from kontext.connections import ensure_topics
-from kontext.embedded import EmbeddedBroker
 from kontext.settings import Settings
 from tests.conftest import wait_for
 from workers.consumer import BatchConsumer, drain, drain_lanes

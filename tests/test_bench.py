@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kontext import benchmark
-from kontext.bench_process import InferenceProcess
-from kontext.benchmark import Outcome, Phase
+from kontext.bench import turns as benchmark
+from kontext.bench.process import InferenceProcess
+from kontext.bench.turns import Outcome, Phase
 from tests.conftest import run_cli
 
 

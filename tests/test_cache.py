@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from kontext import keys
+from kontext.store import keys
 from tests.conftest import Stack
 from tests.scrape import Scrape, scrape
 from workers.policies.cache import entry_key

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.chaos import scenarios
 from kontext.chaos.cluster import Cluster
 from kontext.chaos.load import ReplyTally
 from kontext.connections import create_pool
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 
 SERVICES = ("api", "admission", "enricher", "inference", "recorder", "reconciler")
 

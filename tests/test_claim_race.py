@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 
-from kontext import ledger, memory
+from kontext.store import ledger, memory
 from tests.conftest import wait_for
 from tests.factories import job_request
 

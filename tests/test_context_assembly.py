@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kontext.memory import MemoryContext, StoredSummary, StoredTurn
+from kontext.store.memory import MemoryContext, StoredSummary, StoredTurn
 from tests.factories import job_request
 from workers.context import TRUNCATION_MARKER, assemble
 from workers.engines.tiny import ByteTokenizer

@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from playwright import async_api as playwright_api
 
-from kontext import keys
+from kontext.store import keys
 from tests.conftest import Stack, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")

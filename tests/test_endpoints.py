@@ -14,7 +14,7 @@ import orjson
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from kontext import keys
+from kontext.store import keys
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.receiver import Receiver, serving
 

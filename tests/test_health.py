@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from tests.conftest import Stack, stack_env, wait_for
 
 

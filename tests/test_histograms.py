@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
-from kontext.histograms import Window, snapshot
+from producers.api.dashboard.histograms import Window, snapshot
 
 
 def _histogram(registry: CollectorRegistry) -> Histogram:

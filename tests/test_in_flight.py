@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from kontext.app.embedded import EmbeddedBroker
 from kontext.connections import create_consumer, ensure_topics
-from kontext.embedded import EmbeddedBroker
 from kontext.settings import Settings
 from tests.conftest import wait_for
 from workers.consumer import BatchConsumer

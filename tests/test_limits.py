@@ -21,10 +21,10 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from kontext import keys, ledger
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.chaos.scenarios import dead_letters
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
+from kontext.store import keys, ledger
 from schemas.events import JobRequest
 from schemas.limits import ADMISSION_EVENT, Settled, SubmittedMany
 from tests.conftest import Stack, stack_env, start_stack, wait_for

@@ -12,7 +12,7 @@ import uuid
 import asyncpg
 import httpx
 
-from kontext import ledger, memory
+from kontext.store import ledger, memory
 from producers.client import KontextClient
 from tests.conftest import Stack, wait_for
 from tests.factories import job_request

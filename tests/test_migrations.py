@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from kontext.embedded import EmbeddedPostgres
+from kontext.app.embedded import EmbeddedPostgres
 from kontext.migrate import upgrade
 from schemas.tables import metadata
 

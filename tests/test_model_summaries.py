@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from producers.client import KontextClient
 from tests.conftest import Stack, stack_env, start_stack, wait_for
 

@@ -7,8 +7,8 @@ import uuid
 
 import asyncpg
 
-from kontext import ledger
 from kontext.connections import create_producer
+from kontext.store import ledger
 from producers.client import KontextClient
 from schemas.events import JobRequest
 from tests.conftest import Stack

@@ -11,11 +11,10 @@ import asyncpg
 import httpx
 import pytest
 
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.redaction import Redactor, luhn_valid
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from schemas.events import JobCompletion, TurnRecord
 from tests.conftest import stack_env, start_stack
-from workers.policies.redaction import PiiRedaction
+from workers.policies.redaction import PiiRedaction, Redactor, luhn_valid
 
 redact = Redactor("US")
 

@@ -17,8 +17,8 @@ import asyncpg
 import httpx
 import pytest
 
-from kontext import keys
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.store import keys
 from schemas.events import ContextInfo, EnrichedRequest
 from tests.conftest import Stack, stack_env, start_stack, wait_for
 from tests.factories import job_request

@@ -23,8 +23,8 @@ from typing import Any
 import httpx
 import pytest
 
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.connections import create_producer, ensure_topics
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
 from schemas.limits import WorkerHeartbeat
 from tests.conftest import START_TIMEOUT_S, Stack, stack_env, start_stack, wait_for

@@ -18,8 +18,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from standardwebhooks import Webhook
 
-from kontext import ledger
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.store import ledger
 from producers.client import KontextClient
 from schemas.events import JobWebhook
 from tests.conftest import WEBHOOK_SECRETS, Stack, stack_env, start_stack, wait_for

@@ -14,10 +14,10 @@ import asyncpg
 import numpy as np
 import pytest
 
-from kontext import keys, memory
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.runtime import Runtime, run_while
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.app.runtime import Runtime, run_while
 from kontext.settings import Settings
+from kontext.store import keys, memory
 from producers.client import KontextClient
 
 WITHOUT_MEMORY_WORKER = ["api", "enricher", "inference", "recorder"]
@@ -61,8 +61,8 @@ async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
                 timeout=60,
             )
         assert reply.status == "succeeded"
-        assert runtime.embedder is not None
-        return (await runtime.embedder.embed([text]))[0]
+        embedder = await runtime.embedder()
+        return (await embedder.embed([text]))[0]
 
     run = run_while(settings, chat, asyncio.Event(), WITHOUT_MEMORY_WORKER)
     expected = await asyncio.wait_for(run, timeout=180)

@@ -10,7 +10,7 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaProducer
 
-from kontext import keys
+from kontext.store import keys
 from schemas.events import ChatCompletion, JobReply
 from tests.conftest import Stack, wait_for
 

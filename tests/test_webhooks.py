@@ -20,9 +20,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from kontext.deliveries import Delivery
-from kontext.embedded import EmbeddedPostgres
+from kontext.app.embedded import EmbeddedPostgres
 from kontext.ssrf import UrlGuard
+from kontext.store.deliveries import Delivery
 from schemas.api import JobView
 from schemas.events import JobReply, JobRequest
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for

@@ -32,8 +32,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from kontext import ledger
 from kontext.settings import Settings
+from kontext.store import ledger
 from schemas.events import ErrorInfo, JobCompletion, JobRequest
 from schemas.limits import (
     ADMISSION_EVENT,
@@ -43,11 +43,15 @@ from schemas.limits import (
     SubmittedMany,
     TenantLimitStatus,
 )
+from schemas.topics import Group
+from workers import completions
+from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.policies.chain import PolicyChain
 from workers.policies.compose import ChainParts, build_chain
 from workers.policies.limits import LimitLedger, LimitsPolicy
 from workers.records import Record
+from workers.services import ConsumerService, Resources, Service, StreamService, service
 from workers.streams import StreamProcessor
 
 log = logging.getLogger(__name__)
@@ -79,14 +83,10 @@ class Admission:
         requests: dict[object, JobRequest] = {}
         lines: list[UUID] = []  # the batch lines among them
         settlements: list[Settled] = []
-        for record in records:
-            try:
-                event = ADMISSION_EVENT.validate_json(record.value or b"")
-            except (ValidationError, ValueError) as exc:
-                sends.append(
-                    await self.dead_letters.send(record, f"invalid admission event: {exc}")
-                )
-                continue
+        events = await self.dead_letters.decode(
+            records, lambda raw: ADMISSION_EVENT.validate_json(raw or b""), "admission event", sends
+        )
+        for _, event in events:
             if isinstance(event, Submitted):
                 requests.setdefault(event.request.job_id, event.request)
             elif isinstance(event, SubmittedMany):
@@ -126,15 +126,9 @@ class Admission:
                 lane = topics.requests_lane(request.priority)
                 sends.append(await self.producer.send(lane, request.encode(), key=key))
                 continue
-            failed = JobCompletion(
-                job_id=request.job_id,
-                conversation_id=request.conversation_id,
-                tenant_id=request.tenant_id,
-                model=request.model,
-                status="failed",
-                error=ErrorInfo(code=refusal.code, message=refusal.message),
-            )
-            sends.append(await self.producer.send(topics.completions, failed.encode(), key=key))
+            error = ErrorInfo(code=refusal.code, message=refusal.message)
+            failed = JobCompletion.failure(request, error)
+            sends += await completions.publish(self.settings, self.producer, [failed])
         if self.ledger is not None:
             for tenant_id in touched:
                 status = self.ledger.status(tenant_id, now)
@@ -182,7 +176,7 @@ class Settler:
 
 
 def admission_processor(
-    settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer
+    settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer, group: Group
 ) -> StreamProcessor:
     """The admission stream processor, with its tenant table and policy chain."""
     handler = Admission(settings, producer, pool)
@@ -192,7 +186,7 @@ def admission_processor(
             "batch_max_size": settings.admission_batch_max_size,
         }
     )
-    processor = StreamProcessor(batching, settings.topics.admission, handler)
+    processor = StreamProcessor(batching, group, handler)
     # The table is keyed like the topic (tenant id bytes, default partitioner), so each
     # tenant's state lives in the changelog partition of the topic partition that owns it.
     table = processor.app.Table(
@@ -204,3 +198,30 @@ def admission_processor(
     )
     handler.use(build_chain(settings, ChainParts(pool=pool, limit_state=table)))
     return processor
+
+
+def groups(settings: Settings) -> list[Group]:
+    """The limiter reads the admission topic; the settler the completions (limits on)."""
+    if not settings.policy_limits:
+        return []
+    topics = settings.topics
+    return [
+        topics.group("admission", "admission", topics.admission),
+        topics.group("settler", "settler", topics.completions),
+    ]
+
+
+@service("admission", groups)
+async def admission_service(shared: Resources) -> list[Service]:
+    settings = shared.settings
+    if not settings.policy_limits:
+        return []
+    admit, settle = groups(settings)
+    settler = BatchConsumer(
+        shared.consumer(settle),
+        Settler(settings, shared.producer),
+        max_size=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+    )
+    processor = admission_processor(settings, shared.pool, shared.producer, admit)
+    return [StreamService(processor), ConsumerService(settler)]

@@ -19,16 +19,17 @@ from uuid import UUID
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
-from kontext import batches, deliveries
 from kontext.settings import Settings
+from kontext.store import batches, deliveries
 from schemas.events import JobReply, utcnow
 from schemas.limits import Released
+from schemas.topics import Group
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.periodic import every
 from workers.records import Record
+from workers.services import Resources, Service, service
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +98,8 @@ class BatchTracker:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        job_ids = []
-        for record in records:
-            try:
-                job_ids.append(JobReply.decode(record.value).job_id)
-            except (ValidationError, ValueError) as exc:
-                sends.append(await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
+        replies = await self.dead_letters.decode(records, JobReply.decode, "JobReply", sends)
+        job_ids = [reply.job_id for _, reply in replies]
         if job_ids:
             async with self.pool.acquire() as conn:
                 finalizing = await batches.refresh(conn, job_ids=job_ids)
@@ -166,3 +163,14 @@ class BatchService:
     async def stop(self) -> None:
         self.consumer.stop()
         self.sweeper.stopping.set()
+
+
+def groups(settings: Settings) -> list[Group]:
+    return [settings.topics.group("batches", "batches", settings.topics.replies)]
+
+
+@service("batches", groups)
+async def batches_service(shared: Resources) -> list[Service]:
+    [reads] = groups(shared.settings)
+    consumer = shared.consumer(reads)
+    return [BatchService(shared.settings, shared.pool, shared.producer, consumer)]

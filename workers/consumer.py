@@ -1,4 +1,5 @@
-"""The micro-batch consume loop shared by the inference worker and the recorder.
+"""The micro-batch consume loop of every aiokafka consumer service (inference,
+recorder, memory, webhooks, batches, usage, the settler).
 
 Drain up to ``max_size`` records or ``max_wait_ms`` after the first one (longer
 while every handler slot is busy: the batch could not start anyway, so it keeps

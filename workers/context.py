@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kontext.memory import MemoryContext, StoredSummary, StoredTurn
+from kontext.store.memory import MemoryContext, StoredSummary, StoredTurn
 from schemas.events import ChatMessage, ContextInfo, JobRequest, MemoryRef, SummaryRef, TurnRecord
 from workers.engines.base import ChatTokenizer
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
 from kontext.metrics import DEAD_LETTERS, reason_code
 from schemas.events import DeadLetter
 from workers.records import Record
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class DeadLetters:
@@ -41,3 +46,20 @@ class DeadLetters:
             self._topic, letter.encode(), key=record.key
         )
         return future
+
+    async def decode(
+        self,
+        records: Sequence[Record],
+        decode: Callable[[bytes | None], T],
+        what: str,
+        sends: list[asyncio.Future[object]],
+    ) -> list[tuple[Record, T]]:
+        """Each record with its decoded event; one that does not decode is dead-lettered
+        as an invalid ``what`` (its send queued on ``sends``) and left out."""
+        decoded: list[tuple[Record, T]] = []
+        for record in records:
+            try:
+                decoded.append((record, decode(record.value)))
+            except (ValidationError, ValueError) as exc:
+                sends.append(await self.send(record, f"invalid {what}: {exc}"))
+        return decoded

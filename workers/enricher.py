@@ -21,12 +21,20 @@ from uuid import UUID
 import asyncpg
 import numpy as np
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
-from kontext import memory
 from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
-from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest, TurnRecord
+from kontext.store import memory
+from schemas.events import (
+    EnrichedRequest,
+    ErrorInfo,
+    JobCompletion,
+    JobRequest,
+    TurnRecord,
+    pack_vector,
+)
+from schemas.topics import Group
+from workers import completions
 from workers.context import PromptTooLong, assemble, budget_for
 from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
@@ -34,6 +42,8 @@ from workers.engines import context_window, load_tokenizer, system_prompt
 from workers.engines.base import ChatTokenizer
 from workers.records import Record
 from workers.routing import Router
+from workers.services import Resources, Service, StreamService, service
+from workers.streams import StreamProcessor
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +76,7 @@ def with_query_embedding(turns: list[TurnRecord], query: np.ndarray | None) -> l
     if query is None or not users:
         return turns
     turns = list(turns)
-    turns[users[-1]] = turns[users[-1]].model_copy(update={"embedding": memory.pack_vector(query)})
+    turns[users[-1]] = turns[users[-1]].model_copy(update={"embedding": pack_vector(query)})
     return turns
 
 
@@ -94,12 +104,9 @@ class Enricher:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         requests: dict[UUID, JobRequest] = {}
-        for record in records:
-            try:
-                request = JobRequest.decode(record.value)
-            except (ValidationError, ValueError) as exc:
-                sends.append(await self.dead_letters.send(record, f"invalid JobRequest: {exc}"))
-                continue
+        for _, request in await self.dead_letters.decode(
+            records, JobRequest.decode, "JobRequest", sends
+        ):
             requests.setdefault(request.job_id, request)
         if requests:
             started = time.perf_counter()
@@ -148,19 +155,11 @@ class Enricher:
             assembled = assemble(request, context, served.tokenizer, budget, system)
         except (LookupError, PromptTooLong) as exc:
             code = "unknown_model" if isinstance(exc, LookupError) else "prompt_too_long"
-            failed = JobCompletion(
-                job_id=request.job_id,
-                conversation_id=request.conversation_id,
-                tenant_id=request.tenant_id,
-                model=request.model,
-                status="failed",
-                submitted_at=request.submitted_at,
-                error=ErrorInfo(code=code, message=str(exc).strip("'\"")),
+            error = ErrorInfo(code=code, message=str(exc).strip("'\""))
+            [failed] = await completions.publish(
+                self.settings, self.producer, [JobCompletion.failure(request, error)]
             )
-            future: asyncio.Future[object] = await self.producer.send(
-                topics.completions, failed.encode(), key=key
-            )
-            return future
+            return failed
         enriched = EnrichedRequest(
             request=request,
             prompt=assembled.prompt,
@@ -169,7 +168,31 @@ class Enricher:
             else assembled.context.model_copy(update={"routed_from": asked}),
             new_turns=with_query_embedding(assembled.new_turns, query),
         )
-        future = await self.producer.send(
+        future: asyncio.Future[object] = await self.producer.send(
             topics.inference(request.model, request.priority), enriched.encode(), key=key
         )
         return future
+
+
+def groups(settings: Settings) -> list[Group]:
+    """One stream processor per lane: a backfill waiting to be enriched never holds up
+    an interactive turn."""
+    topics = settings.topics
+    return [
+        topics.group("enricher", "enricher", topics.requests),
+        topics.group(
+            "enricher-background", "enricher (background)", topics.requests_lane("background")
+        ),
+    ]
+
+
+@service("enricher", groups)
+async def enricher_service(shared: Resources) -> list[Service]:
+    settings = shared.settings
+    models = {model: ServedModel.load(model, settings) for model in settings.engines}
+    router = Router(settings)
+    handler = Enricher(
+        settings, shared.pool, shared.producer, models, await shared.embedder(), router=router
+    )
+    lanes = [StreamService(StreamProcessor(settings, g, handler)) for g in groups(settings)]
+    return [router, *lanes]

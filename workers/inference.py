@@ -18,16 +18,22 @@ from collections.abc import Sequence
 from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
 from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY, ENGINE_REQUESTS, TOKENS, observe_waits
 from kontext.settings import Settings
 from schemas.events import EnrichedRequest, ErrorInfo
+from schemas.topics import LANES, Group
+from workers import completions
 from workers.completions import completion_for
+from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
+from workers.engines import concurrent_batches
 from workers.engines.base import Engine, Generation, GenerationRequest
 from workers.policies.chain import PolicyChain
+from workers.policies.compose import ChainParts, build_chain
 from workers.records import Record
+from workers.routing import HeartbeatPublisher
+from workers.services import ConsumerService, Resources, Service, service
 
 __all__ = ["BATCH_SIZE", "InferenceWorker"]
 
@@ -52,14 +58,9 @@ class InferenceWorker:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         batch: dict[UUID, EnrichedRequest] = {}
-        for record in records:
-            try:
-                item = EnrichedRequest.decode(record.value)
-            except (ValidationError, ValueError) as exc:
-                sends.append(
-                    await self.dead_letters.send(record, f"invalid EnrichedRequest: {exc}")
-                )
-                continue
+        for _, item in await self.dead_letters.decode(
+            records, EnrichedRequest.decode, "EnrichedRequest", sends
+        ):
             batch.setdefault(item.request.job_id, item)
         items = list(batch.values())
         observe_waits("inference", [(item.enriched_at, item.request.priority) for item in items])
@@ -73,18 +74,10 @@ class InferenceWorker:
             for item, output in zip(to_run, outputs, strict=True)
         ]
         held = await self.policies.after_engine(ran) if ran else set()
-        completions = dict(answered)
-        completions.update((item.request.job_id, done) for item, done in ran)
-        for item in items:
-            if item.request.job_id in held:
-                continue
-            sends.append(
-                await self.producer.send(
-                    self.settings.topics.completions,
-                    completions[item.request.job_id].encode(),
-                    key=item.request.conversation_id.encode(),
-                )
-            )
+        done = dict(answered)
+        done.update((item.request.job_id, completion) for item, completion in ran)
+        published = [done[i.request.job_id] for i in items if i.request.job_id not in held]
+        sends += await completions.publish(self.settings, self.producer, published)
         if sends:
             await asyncio.gather(*sends)
 
@@ -117,3 +110,52 @@ class InferenceWorker:
         for item in items:
             results.extend(await self._generate([item]))
         return results
+
+
+def groups(settings: Settings) -> list[Group]:
+    """Per served model, one group per lane."""
+    found = []
+    for model in settings.inference_engines or settings.engines:
+        for lane in LANES:
+            suffix = "" if lane == "interactive" else f"-{lane}"
+            found.append(
+                settings.topics.group(
+                    f"inference-{model}{suffix}",
+                    f"inference ({lane})",
+                    settings.topics.inference(model, lane),
+                    model=model,
+                )
+            )
+    return found
+
+
+@service("inference", groups)
+async def inference_service(shared: Resources) -> list[Service]:
+    """Per model: a worker draining both lanes into its engine, and its heartbeat."""
+    settings = shared.settings
+    lanes = groups(settings)
+    services: list[Service] = []
+    for model in settings.inference_engines or settings.engines:
+        interactive, background = (shared.consumer(g) for g in lanes if g.model == model)
+        worker = InferenceWorker(
+            settings,
+            await shared.engine(model),
+            shared.producer,
+            build_chain(settings, ChainParts(pool=shared.pool)),
+        )
+        in_flight = settings.inference_max_in_flight or concurrent_batches(model)
+        consumer = BatchConsumer(
+            interactive,
+            worker,
+            background=background,
+            background_share=settings.background_share,
+            max_in_flight=in_flight,
+            pacer=shared.pacer,
+            max_size=settings.batch_max_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+        )
+        services += [
+            ConsumerService(consumer),
+            HeartbeatPublisher(settings, model, shared.producer, [interactive]),
+        ]
+    return services

@@ -18,8 +18,8 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from kontext import ledger
 from kontext.settings import Settings
+from kontext.store import ledger
 from schemas.events import ErrorInfo, JobRequest
 from schemas.limits import Submitted, SubmittedMany
 

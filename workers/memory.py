@@ -14,23 +14,27 @@ jobs is also paced like other background work (workers/pacing.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
-from kontext import memory
-from kontext.memory import StoredSummary, SummaryState
 from kontext.settings import Settings
+from kontext.store import memory
+from kontext.store.memory import StoredSummary, SummaryState
 from schemas.events import JobReply
+from schemas.topics import Group
+from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
+from workers.engines import load_tokenizer
 from workers.engines.base import ChatTokenizer
 from workers.intake import enqueue
 from workers.records import Record
+from workers.services import ConsumerService, Resources, Service, service
 from workers.summaries import Line, extractive_summary, summary_job
 
 log = logging.getLogger(__name__)
@@ -59,12 +63,10 @@ class MemoryWorker:
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
 
     async def handle(self, records: Sequence[Record]) -> None:
-        replies: list[JobReply] = []
-        for record in records:
-            try:
-                replies.append(JobReply.decode(record.value))
-            except (ValidationError, ValueError) as exc:
-                await (await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
+        letters: list[asyncio.Future[object]] = []
+        decoded = await self.dead_letters.decode(records, JobReply.decode, "JobReply", letters)
+        await asyncio.gather(*letters)
+        replies = [reply for _, reply in decoded]
         done = [r for r in replies if r.status == "succeeded" and r.result is not None]
         if not done:
             return
@@ -173,3 +175,28 @@ class MemoryWorker:
         log.info(
             "summary job for %s turns %d-%d (level %d)", conversation_id, first_seq, last_seq, level
         )
+
+
+def groups(settings: Settings) -> list[Group]:
+    return [settings.topics.group("memory", "memory", settings.topics.replies)]
+
+
+@service("memory", groups)
+async def memory_service(shared: Resources) -> list[Service]:
+    settings = shared.settings
+    [reads] = groups(settings)
+    model = settings.summary_model or settings.engines[0]
+    worker = MemoryWorker(
+        settings,
+        shared.pool,
+        shared.producer,
+        await shared.embedder(),
+        load_tokenizer(model, settings),
+    )
+    consumer = BatchConsumer(
+        shared.consumer(reads),
+        worker,
+        max_size=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+    )
+    return [ConsumerService(consumer)]

@@ -22,11 +22,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from kontext import ledger, reviews
 from kontext.settings import Settings
+from kontext.store import ledger, reviews
 from schemas.events import ErrorInfo, JobRequest
+from workers import completions
 from workers.intake import publish
 from workers.periodic import every
+from workers.services import Resources, Service, service
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,10 @@ class Reconciler:
             await asyncio.gather(*await publish(self.settings, self.producer, stuck))
             log.warning("re-drove %d job(s) stuck past their %ss lease", len(stuck), lease.seconds)
         # Reviewed results whose decision was published but never recorded (message lost).
-        topic = self.settings.topics.completions
-        decided = await reviews.redrive_decided(
-            self.pool, self.producer, topic, lease, REDRIVE_LIMIT
-        )
-        return len(stuck) + decided
+        decided = await reviews.decided_unrecorded(self.pool, lease, REDRIVE_LIMIT)
+        if decided:
+            await asyncio.gather(*await completions.publish(self.settings, self.producer, decided))
+        return len(stuck) + len(decided)
 
     async def run(self) -> None:
         # A failing sweep (the database or broker down, or a bug) never stops the others.
@@ -116,3 +117,8 @@ class Reconciler:
 
     async def stop(self) -> None:
         self.stopping.set()
+
+
+@service("reconciler")
+async def reconciler_service(shared: Resources) -> list[Service]:
+    return [Reconciler(shared.settings, shared.pool, shared.producer)]

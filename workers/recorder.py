@@ -21,15 +21,17 @@ from uuid import UUID
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
-from kontext import ledger
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
+from kontext.store import ledger
 from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply, JobRequest, utcnow
+from schemas.topics import Group
+from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.intake import publish
 from workers.records import Record
+from workers.services import ConsumerService, Resources, Service, service
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,9 @@ class Recorder:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         replied: list[UUID] = []
-        pairs: list[tuple[Record, JobCompletion]] = []
-        for record in records:
-            try:
-                pairs.append((record, JobCompletion.decode(record.value)))
-            except (ValidationError, ValueError) as exc:
-                sends.append(await self.dead_letters.send(record, f"invalid JobCompletion: {exc}"))
+        pairs = await self.dead_letters.decode(
+            records, JobCompletion.decode, "JobCompletion", sends
+        )
         if pairs:
             recorded, stored = await self._record(pairs, sends)
             outcomes = recorded.outcomes
@@ -133,3 +132,21 @@ def _observe_e2e(outcomes: Sequence[ledger.Outcome], stored: Sequence[JobComplet
         if outcome is not None and done.submitted_at is not None:
             seconds = max((now - done.submitted_at).total_seconds(), 0.0)
             E2E_LATENCY.labels(done.model, outcome.status, outcome.priority).observe(seconds)
+
+
+def groups(settings: Settings) -> list[Group]:
+    return [settings.topics.group("recorder", "recorder", settings.topics.completions)]
+
+
+@service("recorder", groups)
+async def recorder_service(shared: Resources) -> list[Service]:
+    settings = shared.settings
+    [reads] = groups(settings)
+    recorder = Recorder(settings, shared.pool, shared.producer)
+    consumer = BatchConsumer(
+        shared.consumer(reads),
+        recorder,
+        max_size=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+    )
+    return [ConsumerService(consumer)]

@@ -26,10 +26,10 @@ from enum import StrEnum
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import ValidationError
 
 from kontext.settings import Settings
 from schemas.limits import WorkerHeartbeat
+from workers.follower import TopicFollower
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,14 @@ class CircuitBreaker:
         return self.state
 
 
-class HeartbeatFollower:
+class HeartbeatFollower(TopicFollower[tuple[str, str], WorkerHeartbeat]):
     """The latest heartbeat of every inference worker, read from the heartbeats topic."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.latest: dict[tuple[str, str], WorkerHeartbeat] = {}
+        super().__init__(
+            settings, settings.topics.heartbeats, WorkerHeartbeat, lambda b: (b.model, b.worker_id)
+        )
         self.started_at = time.time()
-        self._consumer: AIOKafkaConsumer | None = None
 
     def healthy(self, model: str, now: float) -> bool:
         """A fresh heartbeat from some worker of ``model``, and their lag within bound.
@@ -83,35 +83,6 @@ class HeartbeatFollower:
         if bound is None:
             return True
         return sum(b.lag or 0 for b in alive) <= bound
-
-    async def run(self, stopping: asyncio.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            self.settings.topics.heartbeats,
-            bootstrap_servers=self.settings.bootstrap,
-            group_id=None,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
-        )
-        await consumer.start()
-        self._consumer = consumer
-        try:
-            while not stopping.is_set():
-                try:
-                    fetched = await consumer.getmany(timeout_ms=200)
-                except KafkaError as exc:
-                    log.warning("heartbeats topic: %s; retrying", exc)
-                    await asyncio.sleep(1)
-                    continue
-                for messages in fetched.values():
-                    for message in messages:
-                        try:
-                            beat = WorkerHeartbeat.decode(message.value)
-                        except (ValidationError, ValueError):
-                            continue
-                        self.latest[(beat.model, beat.worker_id)] = beat
-        finally:
-            await consumer.stop()
 
 
 class Router:

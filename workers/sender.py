@@ -15,8 +15,8 @@ import httpcore
 import httpx
 import orjson
 
-from kontext.deliveries import Attempt, Delivery
 from kontext.ssrf import UrlGuard, UrlRefused
+from kontext.store.deliveries import Attempt, Delivery
 from schemas.events import utcnow
 from workers import signing
 from workers.retries import RetryPolicy

@@ -19,6 +19,7 @@ from faust.types import TP
 
 from kontext.metrics import observe_lag
 from kontext.settings import Settings
+from schemas.topics import Group
 from workers.consumer import retry_until_done
 from workers.records import BatchHandler, Record
 
@@ -54,15 +55,14 @@ def _prompt_transport(settings: Settings) -> type[faust_aiokafka.Transport]:
 class StreamProcessor:
     """A faust app running one handler over one topic, as a start/stop service."""
 
-    def __init__(
-        self, settings: Settings, topic: str, handler: BatchHandler, name: str | None = None
-    ) -> None:
-        """``name`` (default: the handler's) names the consumer group, after the prefix."""
+    def __init__(self, settings: Settings, group: Group, handler: BatchHandler) -> None:
+        """``group`` names the app (its consumer group) and the one topic it reads."""
         self.handler = handler
-        self.name = name or handler.name
+        self.name = group.id.removeprefix(f"{settings.topic_prefix}-")
         self.stopping = asyncio.Event()
+        [topic] = group.topics
         self.app = faust.App(
-            f"{settings.topic_prefix}-{self.name}",
+            group.id,
             broker=[f"kafka://{server}" for server in settings.bootstrap.split(",")],
             processing_guarantee="at_least_once",
             broker_session_timeout=settings.kafka_session_timeout_ms / 1000,

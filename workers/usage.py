@@ -1,7 +1,7 @@
 """The usage service: counts tokens per tenant, key and model from the reply topic.
 
 A consumer of the reply topic in its own group, off the request path: each
-micro-batch of replies is one upsert (``kontext.usage.record``), idempotent per
+micro-batch of replies is one upsert (``kontext.store.usage.record``), idempotent per
 job id, so a redelivered reply is never counted twice.
 """
 
@@ -12,13 +12,15 @@ from collections.abc import Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from pydantic import ValidationError
 
-from kontext import usage
 from kontext.settings import Settings
+from kontext.store import usage
 from schemas.events import JobReply
+from schemas.topics import Group
+from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.records import Record
+from workers.services import ConsumerService, Resources, Service, service
 
 
 class UsageRecorder:
@@ -33,12 +35,7 @@ class UsageRecorder:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         counted: list[usage.Counted] = []
-        for record in records:
-            try:
-                reply = JobReply.decode(record.value)
-            except (ValidationError, ValueError) as exc:
-                sends.append(await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
-                continue
+        for _, reply in await self.dead_letters.decode(records, JobReply.decode, "JobReply", sends):
             spent = reply.result.usage if reply.result is not None else None
             counted.append(
                 usage.Counted(
@@ -51,3 +48,20 @@ class UsageRecorder:
             await usage.record(self.pool, counted)
         if sends:
             await asyncio.gather(*sends)
+
+
+def groups(settings: Settings) -> list[Group]:
+    return [settings.topics.group("usage", "usage", settings.topics.replies)]
+
+
+@service("usage", groups)
+async def usage_service(shared: Resources) -> list[Service]:
+    settings = shared.settings
+    [reads] = groups(settings)
+    consumer = BatchConsumer(
+        shared.consumer(reads),
+        UsageRecorder(settings, shared.pool, shared.producer),
+        max_size=settings.usage_batch_max_size,
+        max_wait_ms=settings.usage_batch_max_wait_ms,
+    )
+    return [ConsumerService(consumer)]

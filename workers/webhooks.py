@@ -16,18 +16,19 @@ from collections.abc import Sequence
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from pydantic import ValidationError
 
-from kontext import deliveries
 from kontext.settings import Settings
 from kontext.ssrf import UrlGuard
+from kontext.store import deliveries
 from schemas.events import JobReply
+from schemas.topics import Group
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.periodic import every
 from workers.records import Record
 from workers.retries import RetryPolicy
 from workers.sender import Sender
+from workers.services import Resources, Service, service
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,8 @@ class WebhookHandler:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        job_ids = []
-        for record in records:
-            try:
-                job_ids.append(JobReply.decode(record.value).job_id)
-            except (ValidationError, ValueError) as exc:
-                sends.append(await self.dead_letters.send(record, f"invalid JobReply: {exc}"))
+        replies = await self.dead_letters.decode(records, JobReply.decode, "JobReply", sends)
+        job_ids = [reply.job_id for _, reply in replies]
         if job_ids:
             async with self.pool.acquire() as conn:
                 claimed = await deliveries.create(
@@ -152,3 +149,14 @@ class WebhookService:
     async def stop(self) -> None:
         self.consumer.stop()
         self.scheduler.stopping.set()
+
+
+def groups(settings: Settings) -> list[Group]:
+    return [settings.topics.group("webhooks", "webhooks", settings.topics.replies)]
+
+
+@service("webhooks", groups)
+async def webhooks_service(shared: Resources) -> list[Service]:
+    [reads] = groups(shared.settings)
+    consumer = shared.consumer(reads)
+    return [WebhookService(shared.settings, shared.pool, shared.producer, consumer)]

@@ -11,12 +11,12 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from kontext.app.embedded import free_port
 from kontext.chaos import report, scenarios
 from kontext.chaos.cluster import Cluster
 from kontext.chaos.load import ReplyTally
 from kontext.chaos.receiver import WebhookReceiver
 from kontext.connections import create_pool
-from kontext.embedded import free_port
 
 
 async def main(rate: float, duration: float, names: list[str], record: bool) -> int:

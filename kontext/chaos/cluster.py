@@ -17,11 +17,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from kontext import keys_cli, migrate
+from kontext import migrate
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+from kontext.app.runtime import SERVICES
 from kontext.connections import ensure_topics
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
-from kontext.runtime import SERVICES
 from kontext.settings import Settings
+from kontext.store import keys
 
 READY = re.compile(r"Kontext ready")
 READY_TIMEOUT_S = 120.0
@@ -161,7 +162,7 @@ class Cluster:
         if self.owns[1]:
             self.database.start()
         await asyncio.to_thread(migrate.upgrade, self.database.url)
-        self.api_key = await keys_cli.mint(self.settings.dsn)
+        self.api_key = await keys.mint(self.settings.dsn)
         await self.create_topics()
         for service in self.services.values():
             service.spawn()

@@ -12,7 +12,6 @@ from kontext.settings import Settings
 from producers.api import (
     batches,
     conversations,
-    dashboard,
     endpoints,
     errors,
     health,
@@ -23,6 +22,7 @@ from producers.api import (
     webhooks,
 )
 from producers.api.auth import KeyCache
+from producers.api.dashboard import routes as dashboard
 from producers.api.limits import BodySizeLimit
 from producers.api.metrics import RequestMetrics
 from producers.api.policies import ApiPolicies, install_refusals

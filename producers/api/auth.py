@@ -25,8 +25,8 @@ from uuid import UUID
 import asyncpg
 from fastapi import Depends, HTTPException, Request
 
-from kontext import keys
 from kontext.listen import listen_forever
+from kontext.store import keys
 from producers.api.state import ApiState, state
 
 log = logging.getLogger(__name__)

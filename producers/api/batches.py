@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
-from kontext import batches
+from kontext.store import batches
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from producers.batches import submit_batch

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Response
 
-from kontext import memory
+from kontext.store import memory
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from schemas.api import CONVERSATION_ID_PATTERN, ConversationView, ErrorBody

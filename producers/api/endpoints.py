@@ -7,7 +7,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Response
 
-from kontext import endpoints
+from kontext.store import endpoints
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from producers.submit import check_webhook

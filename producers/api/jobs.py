@@ -9,7 +9,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
-from kontext import ledger
+from kontext.store import ledger
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from producers.api.waiters import RECHECK_S

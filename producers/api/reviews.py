@@ -14,11 +14,13 @@ from uuid import UUID
 from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, HTTPException, Query
 
-from kontext import reviews
+from kontext.store import reviews
 from producers.api.auth import Caller, Principal
 from producers.api.state import ApiState, state
 from schemas.api import ErrorBody
+from schemas.events import JobCompletion
 from schemas.reviews import ReviewDecision, ReviewList, ReviewStatus, ReviewView
+from workers import completions
 from workers.engines import load_tokenizer
 from workers.engines.base import ChatTokenizer
 from workers.intake import EnqueueFailed
@@ -90,11 +92,13 @@ async def review_job(
     async def count(model: str, text: str) -> int:
         return await _count_tokens(api, model, text)
 
+    async def deliver(final: JobCompletion) -> None:
+        await asyncio.gather(*await completions.publish(api.settings, api.producer, [final]))
+
     try:
         return await reviews.decide(
             api.pool,
-            api.producer,
-            api.settings.topics.completions,
+            deliver,
             job_id,
             decision,
             tenant_id=_scope(principal, None),

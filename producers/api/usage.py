@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
-from kontext import usage
+from kontext.store import usage
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from schemas.api import ErrorBody

@@ -7,8 +7,8 @@ from uuid import UUID
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 
-from kontext import deliveries
-from kontext.deliveries import Redelivery
+from kontext.store import deliveries
+from kontext.store.deliveries import Redelivery
 from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from schemas.api import ErrorBody

@@ -12,7 +12,7 @@ import asyncpg
 import psutil
 import pytest
 
-from kontext.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from producers.client import KontextClient
 from tests.conftest import Stack, _operator_key, stack_env, start_stack
 from tests.scrape import scrape

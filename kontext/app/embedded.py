@@ -6,7 +6,9 @@ and by the tests. Production points those variables at real services instead.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import pwd
 import shutil
@@ -15,9 +17,14 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+
+from kontext.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "embedded_postgres"
 
@@ -227,3 +234,27 @@ class EmbeddedPostgres:
     def destroy(self) -> None:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def embedded(settings: Settings) -> Iterator[Settings]:
+    """Start the embedded broker and/or database where the settings name none."""
+    broker: EmbeddedBroker | None = None
+    database: EmbeddedPostgres | None = None
+    try:
+        updates: dict[str, str] = {}
+        if not settings.kafka_bootstrap_servers:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            broker = EmbeddedBroker(log_path=settings.data_dir / "broker.log").start()
+            updates["kafka_bootstrap_servers"] = broker.bootstrap_servers
+            log.info("embedded Kafka broker (Tansu) on %s", broker.bootstrap_servers)
+        if not settings.database_url:
+            database = EmbeddedPostgres(settings.data_dir / "postgres").start()
+            updates["database_url"] = database.url
+            log.info("embedded PostgreSQL on 127.0.0.1:%d", database.port)
+        yield settings.model_copy(update=updates)
+    finally:
+        if database is not None:
+            database.stop()
+        if broker is not None:
+            broker.stop()

@@ -16,9 +16,8 @@ from uuid import UUID
 import asyncpg
 from pgvector import Vector
 
-from kontext.memory import unpack_vector
 from schemas.api import JobStatus
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, unpack_vector
 
 
 @dataclass(frozen=True)

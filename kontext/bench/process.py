@@ -21,7 +21,7 @@ import httpx
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from kontext.embedded import free_port
+from kontext.app.embedded import free_port
 from kontext.settings import Settings
 
 STOP_TIMEOUT_S = 30.0

@@ -6,7 +6,6 @@ micro-batch; the rest runs in the memory worker, off the request path.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,15 +51,6 @@ def vector_literal(vector: np.ndarray | None) -> str | None:
     if vector is None:
         return None
     return "[" + ",".join(f"{x:.6f}" for x in vector.tolist()) + "]"
-
-
-def pack_vector(vector: np.ndarray) -> str:
-    """A vector as events carry it (``TurnRecord.embedding``): float32, base64."""
-    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
-
-
-def unpack_vector(packed: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(packed), dtype=np.float32)
 
 
 async def claim_with_context(

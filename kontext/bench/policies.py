@@ -28,10 +28,10 @@ from typing import Any
 
 import httpx
 
-from kontext import bench
-from kontext.keys_cli import mint
-from kontext.runtime import Runtime, run_while
+from kontext.app.runtime import Runtime, run_while
+from kontext.bench import memory as bench
 from kontext.settings import Settings
+from kontext.store.keys import mint
 from schemas.events import ChatMessage, JobRequest
 from schemas.limits import Settled, TenantLimitStatus
 from workers.policies.compose import ChainParts, build_chain

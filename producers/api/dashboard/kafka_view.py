@@ -14,7 +14,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from kontext.settings import Settings
 from schemas.events import DeadLetter
 from schemas.limits import WorkerHeartbeat
-from schemas.topics import LANES
+from workers import catalog
 
 log = logging.getLogger(__name__)
 
@@ -35,52 +34,6 @@ HEARTBEATS_BACK = 200
 """Heartbeat records read back per partition at start (a few seconds of every worker's)."""
 FORGET_WORKER_S = 300.0
 """A worker silent this long is no longer listed."""
-
-
-@dataclass(frozen=True)
-class Group:
-    """A consumer group of the pipeline: the service behind it and what it reads."""
-
-    id: str
-    service: str
-    topics: tuple[str, ...]
-    model: str | None = None
-
-
-def groups(settings: Settings) -> list[Group]:
-    """Every consumer group the services of ``settings`` use (see kontext.runtime)."""
-    prefix, topics = settings.topic_prefix, settings.topics
-    found = []
-    if settings.policy_limits:
-        found += [
-            Group(f"{prefix}-admission", "admission", (topics.admission,)),
-            Group(f"{prefix}-settler", "settler", (topics.completions,)),
-        ]
-    found += [
-        Group(f"{prefix}-enricher", "enricher", (topics.requests,)),
-        Group(
-            f"{prefix}-enricher-background",
-            "enricher (background)",
-            (topics.requests_lane("background"),),
-        ),
-        Group(f"{prefix}-recorder", "recorder", (topics.completions,)),
-        Group(f"{prefix}-memory", "memory", (topics.replies,)),
-        Group(f"{prefix}-webhooks", "webhooks", (topics.replies,)),
-        Group(f"{prefix}-usage", "usage", (topics.replies,)),
-        Group(f"{prefix}-batches", "batches", (topics.replies,)),
-    ]
-    for model in settings.engines:
-        for lane in LANES:
-            suffix = "" if lane == "interactive" else f"-{lane}"
-            found.append(
-                Group(
-                    f"{prefix}-inference-{model}{suffix}",
-                    f"inference ({lane})",
-                    (topics.inference(model, lane),),
-                    model=model,
-                )
-            )
-    return found
 
 
 class PartitionLag(BaseModel):
@@ -265,7 +218,7 @@ class KafkaView:
             return views
 
     async def _read_lag(self) -> list[GroupView]:
-        known = groups(self.settings)
+        known = catalog.groups(self.settings)
         topics = sorted({t for g in known for t in g.topics})
         partitions = {
             t: [TopicPartition(t, p) for p in await self._partitions_of(t)] for t in topics

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel
 
-from kontext import batches
+from kontext.store import batches
 from schemas.batches import BatchView
 
 # A succeeded chat turn is *context-verified* when its prompt carried the

@@ -148,3 +148,12 @@ async def verify(conn: asyncpg.Connection | asyncpg.Pool, key: str) -> VerifiedK
     return VerifiedKey(
         key_id=row["id"], tenant_id=row["tenant_id"], prefix=row["prefix"], operator=row["operator"]
     )
+
+
+async def mint(dsn: str, tenant: str = DEFAULT_TENANT, *, operator: bool = False) -> str:
+    """A new key for ``tenant`` (the plaintext; only its hash is stored)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return (await create(conn, tenant, operator=operator)).key
+    finally:
+        await conn.close()

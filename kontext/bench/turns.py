@@ -36,8 +36,9 @@ import httpx
 from prometheus_client.metrics_core import Metric
 from rich.progress import Progress
 
-from kontext import bench, bench_process
-from kontext.runtime import Runtime
+from kontext.app.runtime import Runtime
+from kontext.bench import memory as bench
+from kontext.bench import process as bench_process
 from kontext.settings import Settings
 from producers.client import KontextClient, KontextError
 from schemas.events import ChatMessage

@@ -27,11 +27,12 @@ from aiokafka.errors import KafkaError
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from kontext import dashboard, histograms, memory
-from kontext.kafka_view import KafkaView, Letter
 from kontext.settings import Settings
+from kontext.store import memory
 from producers.api.auth import Caller, Operator, Principal
 from producers.api.conversations import ConversationId
+from producers.api.dashboard import figures, histograms
+from producers.api.dashboard.kafka_view import KafkaView, Letter
 from producers.api.state import ApiState, state
 from schemas.api import ConversationView, ErrorBody
 
@@ -213,29 +214,29 @@ async def overview(
     shown = scope(principal, tenant)
     settings = api.settings
     throughput, counts, batch_list, hooks, conversations = await asyncio.gather(
-        dashboard.throughput(api.pool, shown, window_s=settings.dashboard_window_s),
-        dashboard.job_counts(api.pool, shown),
-        dashboard.recent_batches(api.pool, shown),
-        dashboard.webhook_health(api.pool, shown),
-        dashboard.recent_conversations(api.pool, shown),
+        figures.throughput(api.pool, shown, window_s=settings.dashboard_window_s),
+        figures.job_counts(api.pool, shown),
+        figures.recent_batches(api.pool, shown),
+        figures.webhook_health(api.pool, shown),
+        figures.recent_conversations(api.pool, shown),
     )
     body: dict[str, Any] = {
         "scope": {"tenant": shown, "operator": principal.operator},
         "models": settings.engines,
-        "throughput": dashboard.as_json(throughput),
-        "jobs": dashboard.as_json(counts),
-        "batches": dashboard.as_json(batch_list),
-        "webhooks": dashboard.as_json(hooks),
-        "conversations": dashboard.as_json(conversations),
+        "throughput": figures.as_json(throughput),
+        "jobs": figures.as_json(counts),
+        "batches": figures.as_json(batch_list),
+        "webhooks": figures.as_json(hooks),
+        "conversations": figures.as_json(conversations),
     }
     if principal.operator:
         body.update(pipeline_metrics(board))
         body.update(groups=[], workers=[], dead_letters=[], kafka_error=None)
         try:
             kafka = await board.kafka(api)
-            body["groups"] = dashboard.as_json(await kafka.lag())
-            body["workers"] = dashboard.as_json(kafka.workers())
-            body["dead_letters"] = dashboard.as_json(kafka.letters())
+            body["groups"] = figures.as_json(await kafka.lag())
+            body["workers"] = figures.as_json(kafka.workers())
+            body["dead_letters"] = figures.as_json(kafka.letters())
         except KafkaError as exc:  # the rest of the page still works without the brokers
             log.warning("dashboard: Kafka unavailable: %s", exc)
             body["kafka_error"] = f"Kafka unavailable: {exc}"
@@ -279,7 +280,7 @@ async def conversation(
     """The conversation as ``GET /v1/conversations/{id}`` shows it, and for each of its
     jobs what went into the prompt (the job result's ``context``)."""
     shown = scope(principal, tenant)
-    owned = await dashboard.conversation_contexts(api.pool, conversation_id, shown)
+    owned = await figures.conversation_contexts(api.pool, conversation_id, shown)
     found = None
     if owned is not None:
         found = await memory.conversation(api.pool, conversation_id, owned["tenant"])

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kontext import keys
 from kontext.settings import Settings
+from kontext.store import keys
 
 app = typer.Typer(help="API keys: create one (and its tenant), list them, revoke one.")
 err = Console(stderr=True)
@@ -23,15 +23,6 @@ def _dsn() -> str:
         err.print("[red]DATABASE_URL is not set")
         raise typer.Exit(2)
     return settings.dsn
-
-
-async def mint(dsn: str, tenant: str = keys.DEFAULT_TENANT, *, operator: bool = False) -> str:
-    """A new key for ``tenant`` (the plaintext; only its hash is stored)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        return (await keys.create(conn, tenant, operator=operator)).key
-    finally:
-        await conn.close()
 
 
 @app.command("create")

@@ -2,7 +2,7 @@
 
 Each endpoint gets its own ``whsec_`` secret at registration, shown once; its
 deliveries are signed with it alone. Deliveries are made by the webhooks
-service (see ``kontext.deliveries``).
+service (see ``kontext.store.deliveries``).
 """
 
 from __future__ import annotations

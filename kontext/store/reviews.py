@@ -1,22 +1,21 @@
 """Human review in Postgres: list held results, and release one with a reviewer's decision.
 
 A decision is taken once: the review row is locked, the (possibly replaced)
-completion is published to the completions topic and delivered, and only then
-is the decision stored, in the same transaction. The recorder then records,
+completion is handed to ``deliver`` (which publishes it to the completions topic
+and waits for the broker), and only then is the decision stored, in the same
+transaction. The recorder then records,
 replies and webhooks it like any other completion (exactly once: a second
 decision is refused, and the recorder ignores a duplicate completion).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 import asyncpg
-from aiokafka import AIOKafkaProducer
 
 from kontext.metrics import REVIEW_DECISIONS
 from schemas.events import JobCompletion, TurnRecord, utcnow
@@ -89,10 +88,13 @@ async def _final(
     return completion.model_copy(update=update)
 
 
+Deliver = Callable[[JobCompletion], Awaitable[None]]
+"""Publishes a decided completion and returns once the broker has it."""
+
+
 async def decide(
     pool: asyncpg.Pool,
-    producer: AIOKafkaProducer,
-    topic: str,
+    deliver: Deliver,
     job_id: UUID,
     decision: ReviewDecision,
     *,
@@ -115,8 +117,7 @@ async def decide(
         if row["status"] != "pending":
             raise ReviewDecided(_view(row))
         final = await _final(row["completion"], decision, count_tokens)
-        delivery = await producer.send(topic, final.encode(), key=final.conversation_id.encode())
-        await delivery
+        await deliver(final)
         # The job's updated_at starts the lease after which the reconciler publishes
         # the decided completion again, should this message be lost.
         decided = await conn.fetchrow(
@@ -151,16 +152,11 @@ RETURNING r.completion
 """
 
 
-async def redrive_decided(
-    pool: asyncpg.Pool, producer: AIOKafkaProducer, topic: str, lease: timedelta, limit: int
-) -> int:
-    """Publish again the decided completions not recorded within ``lease`` (their message
-    was lost, e.g. with an embedded broker's restart); the recorder records each once."""
+async def decided_unrecorded(
+    pool: asyncpg.Pool, lease: timedelta, limit: int
+) -> list[JobCompletion]:
+    """The decided completions not recorded within ``lease`` (their message was lost,
+    e.g. with an embedded broker's restart), their lease restarted: publish them again;
+    the recorder records each once."""
     rows = await pool.fetch(DECIDED_UNRECORDED, lease, limit)
-    sends = []
-    for row in rows:
-        done = JobCompletion.model_validate(row["completion"])
-        sends.append(await producer.send(topic, done.encode(), key=done.conversation_id.encode()))
-    if sends:
-        await asyncio.gather(*sends)
-    return len(sends)
+    return [JobCompletion.model_validate(row["completion"]) for row in rows]

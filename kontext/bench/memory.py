@@ -1,6 +1,4 @@
-"""Benchmarks that print figures and append them to docs/benchmarks.md.
-
-``kontext bench-memory``: conversations grown to 10/20/40 turns through the
+"""``kontext bench-memory``: conversations grown to 10/20/40 turns through the
 whole pipeline (memory assembled server-side) against naive full-history
 resend to the same engine, with a fact planted in turn 1 and asked for in the
 last turn.
@@ -8,16 +6,13 @@ last turn.
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
+from kontext.app import report
 from producers.client import KontextClient
 from schemas.events import ChatMessage
 from workers.engines.base import Engine, GenerationRequest
@@ -139,20 +134,10 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def record(title: str, setup: str, body: str, path: Path = Path("docs/benchmarks.md")) -> None:
-    """Append a dated section with the machine it ran on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        path.write_text(
-            "# Benchmarks\n\nFigures measured by the project's own benchmark commands.\n"
-        )
-    machine = (
-        f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}"
-    )
-    torch = sys.modules.get("torch")  # loaded by a model engine; never imported for this
-    if torch is not None and torch.cuda.is_available():
-        machine += f", GPU {torch.cuda.get_device_name()} (torch {torch.__version__})"
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    with path.open("a") as out:
-        out.write(f"\n## {title} — {stamp}\n\nMachine: {machine}. {setup}\n\n{body}\n")
+DOC = Path("docs/benchmarks.md")
+
+
+def record(title: str, setup: str, body: str, path: Path = DOC) -> None:
+    """Append a dated section to docs/benchmarks.md."""
+    heading = "# Benchmarks\n\nFigures measured by the project's own benchmark commands.\n"
+    report.append(path, heading, title, setup, body)

@@ -1,0 +1,97 @@
+"""Running a Kontext process from a command: its logging, its settings from the
+command's options, and running it until its work ends or a signal stops it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from kontext.app.runtime import SERVICES, Runtime, run_while
+from kontext.settings import Settings
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log lines through rich on stderr; the chatty libraries at WARNING."""
+    # Model loads print tqdm bars per weight file; the CLI reports its own progress.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+    )
+    for noisy in ("aiokafka", "faust", "mode", "kafka", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def settings_for(engines: list[str] | None, port: int | None) -> Settings:
+    """The environment's settings, with the engines and API port a command was given."""
+    settings = Settings()
+    updates: dict[str, object] = {}
+    if engines:
+        updates["engines"] = engines
+    if port is not None:
+        updates["api_port"] = port
+    return settings.model_copy(update=updates)
+
+
+def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main`` until it returns or SIGINT/SIGTERM asks it to stop."""
+
+    async def wrapper() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(wrapper())
+
+
+def run_work(
+    settings: Settings,
+    work: Callable[[Runtime, str], Awaitable[T]],
+    services: Sequence[str] = SERVICES,
+) -> T:
+    """Run ``work`` against the services of this process (``run_while``), until it ends
+    or SIGINT/SIGTERM; a failure is one red line and exit code 1, not a traceback."""
+    result: list[T] = []
+
+    async def main(stop: asyncio.Event) -> None:
+        result.append(await run_while(settings, work, stop, services))
+
+    try:
+        run_until_signal(main)
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    return result[0]
+
+
+async def serve(settings: Settings, services: Sequence[str], stop: asyncio.Event) -> None:
+    runtime = Runtime(settings)
+
+    def ready(rt: Runtime) -> None:
+        port = rt.api_port
+        api = f"API http://{settings.api_host}:{port}" if port is not None else "no API"
+        print(
+            f"Kontext ready: {api}; services {', '.join(services)}; "
+            f"models {', '.join(settings.engines)}; Kafka {settings.kafka_bootstrap_servers}",
+            flush=True,
+        )
+
+    try:
+        await runtime.start(services)
+        await runtime.run(stop, ready)
+    finally:
+        console.print("Kontext stopped.")

@@ -1,0 +1,249 @@
+"""The benchmark commands: ``kontext bench``, ``bench-memory``, ``bench-lanes`` and
+``bench-policies``; each prints its tables and appends them to docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from kontext.app.embedded import embedded
+from kontext.app.process import console, run_until_signal, run_work, settings_for, setup_logging
+from kontext.app.runtime import SERVICES, Runtime, prepare
+from kontext.store import keys
+
+SeparateInference = Annotated[
+    bool,
+    typer.Option(
+        "--separate-inference",
+        help="Run the inference worker in its own process, as production does "
+        "(`kontext worker inference`).",
+    ),
+]
+
+
+def without_inference(separate: bool) -> list[str]:
+    """The services of this process: all, or all but inference when it runs apart."""
+    return [s for s in SERVICES if not (separate and s == "inference")]
+
+
+def bench_memory(
+    engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
+    turns: Annotated[str, typer.Option(help="Conversation lengths, comma-separated.")] = "10,20,40",
+    runs: Annotated[int, typer.Option(help="Conversations per length.")] = 1,
+    max_tokens: Annotated[int, typer.Option()] = 16,
+) -> None:
+    """Kontext's server-side memory against naive full-history resend, same engine, same run."""
+    from kontext.bench import memory as bench
+    from producers.client import KontextClient
+
+    setup_logging(False)
+    lengths = [int(n) for n in turns.split(",")]
+    # No response cache: repeated runs of the same script must reach the engine.
+    base = settings_for([engine], 0).model_copy(update={"cache_ttl_s": 0})
+    with embedded(base) as settings:
+
+        async def measure(runtime: Runtime, url: str) -> list[bench.Row]:
+            key = await keys.mint(settings.dsn)
+            rows: list[bench.Row] = []
+            async with KontextClient(
+                url, settings.bootstrap, topics=settings.topics, api_key=key
+            ) as client:
+                for n in lengths:
+                    rows.append(await bench.kontext_run(client, engine, n, runs, max_tokens))
+                    console.print(f"kontext, {n} turns: done")
+            for n in lengths:
+                rows.append(await bench.naive_run(runtime.engines[0], n, runs, max_tokens))
+                console.print(f"naive resend, {n} turns: done")
+            return rows
+
+        rows = run_work(settings, measure)
+    rows.sort(key=lambda r: (r.turns, r.mode))
+    body = bench.table(rows)
+    print(body)
+    bench.record(
+        "Conversation memory vs naive full-history resend",
+        f"Engine `{engine}`, max_tokens {max_tokens}, {runs} conversation(s) per length, "
+        f"summariser `{settings.summarizer}`, prompt budget "
+        f"{settings.context_budget_tokens or 'model window'}; command: "
+        f"`kontext bench-memory --engine {engine} --turns {turns} --runs {runs}`.",
+        body,
+    )
+
+
+def bench_lanes(
+    engine: Annotated[str, typer.Option("--engine", "-e")] = "tiny",
+    probes: Annotated[int, typer.Option(min=10, help="Interactive jobs per phase.")] = 100,
+    lines: Annotated[int, typer.Option(min=1, help="Lines in the background backfill.")] = 10_000,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    separate_inference: SeparateInference = False,
+) -> None:
+    """Interactive p50/p95/p99 latency without, then during, a large batch backfill."""
+    import httpx
+
+    from kontext.bench import lanes as bench_lanes
+    from kontext.bench import memory as bench
+    from kontext.bench.process import inference_process
+
+    setup_logging(False)
+    # No response cache: every probe and line must reach the engine.
+    base = settings_for([engine], 0).model_copy(update={"cache_ttl_s": 0})
+    with embedded(base) as settings:
+
+        async def measure(url: str, metrics_urls: list[str]) -> bench_lanes.Result:
+            key = await keys.mint(settings.dsn)
+            auth = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
+                return await bench_lanes.run(http, engine, probes, lines, max_tokens, metrics_urls)
+
+        async def work(runtime: Runtime, url: str) -> bench_lanes.Result:
+            if not separate_inference:
+                return await measure(url, [])
+            log_path = settings.data_dir / "bench-inference.log"
+            overrides = {"KONTEXT_CACHE_TTL_S": "0"}
+            async with inference_process(settings, engine, log_path, overrides) as child:
+                return await child.guard(measure(url, [child.metrics_url]))
+
+        result = run_work(settings, work, without_inference(separate_inference))
+    body = bench_lanes.table(result)
+    print(body)
+    where = "its own process" if separate_inference else "the same process as the rest"
+    bench.record(
+        "Interactive latency during a batch backfill",
+        f"Engine `{engine}`, max_tokens {max_tokens}, interactive jobs one at a time, "
+        f"background share {settings.background_share}, pacing window "
+        f"{settings.pacing_window_ms} ms, batch max size {settings.batch_max_size}, "
+        f"inference worker in {where}; command: "
+        f"`kontext bench-lanes --engine {engine} --probes {probes} --lines {lines}"
+        + (" --separate-inference`." if separate_inference else "`."),
+        body,
+    )
+
+
+def bench_command(
+    engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
+    conversations: Annotated[
+        str, typer.Option(help="Concurrent conversations; a comma list sweeps them (1,4,16).")
+    ] = "16",
+    turns: Annotated[int, typer.Option(min=2, help="Turns per conversation.")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    summarizer: Annotated[str, typer.Option(help="extractive or model.")] = "extractive",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
+    ] = False,
+    separate_inference: SeparateInference = False,
+) -> None:
+    """Steve Min TPS: C conversations x T turns through the pipeline, with baselines."""
+    import json
+    from contextlib import redirect_stdout
+
+    from rich.progress import Progress
+
+    from kontext.bench import turns as benchmark
+    from kontext.bench.process import inference_process
+    from producers.client import KontextClient
+    from workers.engines import ENGINE_NAMES, load_engine
+
+    try:
+        sizes = [int(n) for n in conversations.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1 or summarizer not in ("extractive", "model"):
+        console.print(
+            "[red]--conversations takes positive integers (1,4,16); "
+            "--summarizer extractive or model"
+        )
+        raise typer.Exit(2)
+    if engine not in ENGINE_NAMES:
+        console.print(f"[red]unknown engine {engine!r}; known: {', '.join(ENGINE_NAMES)}")
+        raise typer.Exit(2)
+    stdout = sys.stdout
+    setup_logging(False)
+    with redirect_stdout(sys.stderr if as_json else stdout):
+        work = benchmark.scripts(max(sizes), turns)
+        # The response cache off: runs replay the same prompts, and a cached answer
+        # from an earlier run would skip the engine being measured.
+        base = settings_for([engine], 0).model_copy(
+            update={"summarizer": summarizer, "cache_ttl_s": 0.0}
+        )
+        results: list[dict[str, object]] = []
+        with embedded(base) as settings:
+
+            async def measure(runtime: Runtime, url: str, metrics_url: str | None) -> None:
+                key = await keys.mint(settings.dsn)
+                direct = runtime.engines[0] if runtime.engines else None
+                direct = direct or await load_engine(engine, settings)
+                with Progress(console=console) as progress:
+                    async with KontextClient(
+                        url, settings.bootstrap, topics=settings.topics, api_key=key
+                    ) as client:
+                        await benchmark.warm_up(client, direct, engine, max_tokens)
+                        for size in sizes:
+                            results.append(
+                                await benchmark.measure(
+                                    runtime,
+                                    client,
+                                    direct,
+                                    work[:size],
+                                    max_tokens,
+                                    progress,
+                                    metrics_url,
+                                )
+                            )
+
+            async def run(runtime: Runtime, url: str) -> None:
+                if not separate_inference:
+                    return await measure(runtime, url, None)
+                overrides = {"KONTEXT_SUMMARIZER": summarizer, "KONTEXT_CACHE_TTL_S": "0"}
+                log_path = settings.data_dir / "bench-inference.log"
+                async with inference_process(settings, engine, log_path, overrides) as child:
+                    return await child.guard(measure(runtime, url, child.metrics_url))
+
+            run_work(settings, run, without_inference(separate_inference))
+        command = (
+            f"kontext bench --engine {engine} --conversations {conversations} "
+            f"--turns {turns} --max-tokens {max_tokens}"
+            + (" --separate-inference" if separate_inference else "")
+        )
+        body, plot = benchmark.publish(results, settings, command)
+    if as_json:
+        output = results[0] if len(results) == 1 else {"runs": results, "plot": str(plot)}
+        print(json.dumps(output), file=stdout, flush=True)
+    else:
+        print(body)
+
+
+def bench_policies_command(
+    requests: Annotated[int, typer.Option(min=10, help="Requests per run.")] = 200,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent clients.")] = 8,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of chain off, then on.")] = 2,
+) -> None:
+    """Per-request overhead of the full policy chain: off vs on, same workload, null engine."""
+    import json
+
+    from kontext.bench import policies as bench_policies
+
+    setup_logging(False)
+    with embedded(settings_for(["null"], 0)) as settings:
+        out: dict[str, object] = {}
+
+        async def main(stop: asyncio.Event) -> None:
+            await prepare(settings)
+            load = [os.getloadavg()[0]]
+            runs = await bench_policies.measure(settings, requests, concurrency, rounds)
+            load.append(os.getloadavg()[0])
+            micro = await bench_policies.hooks()
+            body, summary = bench_policies.report(runs, micro)
+            command = (
+                f"kontext bench-policies --requests {requests} --concurrency {concurrency} "
+                f"--rounds {rounds}"
+            )
+            bench_policies.publish(body, requests, concurrency, rounds, command, load)
+            out.update(summary=summary, body=body)
+
+        run_until_signal(main)
+    print(out.get("body", ""))
+    print(json.dumps(out.get("summary", {})))

@@ -1,0 +1,136 @@
+"""``kontext up|worker|demo|migrate|health``: run the stack, one service, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated
+
+import typer
+
+from kontext.app.embedded import embedded
+from kontext.app.process import (
+    console,
+    run_until_signal,
+    run_work,
+    serve,
+    settings_for,
+    setup_logging,
+)
+from kontext.app.runtime import SERVICES, Runtime, prepare
+from kontext.settings import Settings
+from kontext.store import keys
+
+EngineOption = Annotated[
+    list[str] | None,
+    typer.Option("--engine", "-e", help="Model to serve (repeatable). Default: KONTEXT_ENGINES."),
+]
+PortOption = Annotated[int | None, typer.Option("--port", "-p", help="API port (0: any free one).")]
+
+
+def up(engine: EngineOption = None, port: PortOption = None, verbose: bool = False) -> None:
+    """Run the API and every worker in one process.
+
+    Starts an embedded Kafka broker and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS
+    and DATABASE_URL are set; creates topics and applies migrations.
+    """
+    setup_logging(verbose)
+    with embedded(settings_for(engine, port)) as settings:
+
+        async def main(stop: asyncio.Event) -> None:
+            await prepare(settings)
+            key = await keys.mint(settings.dsn)
+            print(f"Dev API key (tenant default): {key}", flush=True)
+            await serve(settings, SERVICES, stop)
+
+        run_until_signal(main)
+
+
+def worker(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+    engine: EngineOption = None,
+    port: PortOption = None,
+    verbose: bool = False,
+) -> None:
+    """Run one service against external Kafka and Postgres (how production scales out)."""
+    setup_logging(verbose)
+    if name not in SERVICES:
+        console.print(f"[red]unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
+        raise typer.Exit(2)
+    settings = settings_for(engine, port)
+    if not settings.kafka_bootstrap_servers or not settings.database_url:
+        console.print("[red]kontext worker needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL")
+        raise typer.Exit(2)
+    run_until_signal(lambda stop: serve(settings, [name], stop))
+
+
+def health_command(
+    max_age: Annotated[float, typer.Option(help="Oldest heartbeat that passes, in seconds.")] = 30,
+) -> None:
+    """Exit 0 if this machine's worker process is alive (its KONTEXT_HEALTH_FILE is fresh)."""
+    from kontext.app.health import age_s
+
+    path = Settings().health_file
+    if path is None:
+        console.print("[red]KONTEXT_HEALTH_FILE is not set")
+        raise typer.Exit(2)
+    age = age_s(path)
+    if age is None or age > max_age:
+        seen = "no heartbeat" if age is None else f"last heartbeat {age:.0f}s ago"
+        console.print(f"[red]unhealthy: {seen} ({path})")
+        raise typer.Exit(1)
+    console.print(f"healthy: heartbeat {age:.1f}s ago")
+
+
+def migrate_command() -> None:
+    """Apply database migrations to DATABASE_URL."""
+    settings = Settings()
+    if not settings.database_url:
+        console.print("[red]DATABASE_URL is not set")
+        raise typer.Exit(2)
+    asyncio.run(prepare(settings))
+    console.print("database is at the latest migration")
+
+
+DEMO_TURNS = (
+    "Hi! My name is Ada and I live in Lisbon. Please remember that.",
+    "Suggest one hobby for a rainy afternoon, in one sentence.",
+    "What is my name, and in which city do I live?",
+)
+
+
+def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> None:
+    """Start everything on the embedded defaults and run a scripted 3-turn conversation."""
+    from producers.client import KontextClient
+
+    setup_logging(False)
+    with embedded(settings_for([engine], 0)) as settings:
+
+        async def conversation(runtime: Runtime, url: str) -> None:
+            key = await keys.mint(settings.dsn)
+            async with KontextClient(
+                url, settings.bootstrap, topics=settings.topics, api_key=key
+            ) as client:
+                conversation_id = None
+                for number, text in enumerate(DEMO_TURNS, 1):
+                    began = time.perf_counter()
+                    reply = await client.chat(
+                        model=engine,
+                        messages=[{"role": "user", "content": text}],
+                        conversation_id=conversation_id,
+                        max_tokens=48,
+                        timeout=120,
+                    )
+                    elapsed = (time.perf_counter() - began) * 1000
+                    conversation_id = reply.conversation_id
+                    if reply.result is None:
+                        raise RuntimeError(f"turn {number} failed: {reply.error}")
+                    answer = reply.result.choices[0].message.content.strip()
+                    context = reply.result.context
+                    earlier = len(context.turns) if context else 0
+                    print(f"\n[turn {number}] user: {text}")
+                    print(f"[turn {number}] assistant: {answer}")
+                    print(f"[turn {number}] {elapsed:.0f} ms, {earlier} earlier turns in context")
+            print(f"\nconversation {conversation_id}: {len(DEMO_TURNS)} turns", flush=True)
+
+        run_work(settings, conversation)

@@ -1,0 +1,50 @@
+"""The API as a service of a process: uvicorn serving the app on the configured port."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+
+import uvicorn
+
+from kontext.settings import Settings
+from producers.api.app import create_app
+from workers.services import Resources, Service, service
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the runtime owns shutdown."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class ApiService:
+    name = "api"
+
+    def __init__(self, settings: Settings) -> None:
+        config = uvicorn.Config(
+            create_app(settings), log_level="warning", lifespan="on", access_log=False
+        )
+        self.server = _Server(config)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((settings.api_host, settings.api_port))
+        self.port: int = self.socket.getsockname()[1]
+
+    async def run(self) -> None:
+        await self.server.serve(sockets=[self.socket])
+
+    def ready(self) -> bool:
+        return self.server.started
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+
+
+@service("api", shared=False)
+async def api_service(shared: Resources) -> list[Service]:
+    """The HTTP API (it opens its own pool and producer)."""
+    return [ApiService(shared.settings)]

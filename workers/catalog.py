@@ -1,0 +1,42 @@
+"""Every worker service, registered by importing its module, in pipeline order."""
+
+from __future__ import annotations
+
+from kontext.settings import Settings
+from schemas.topics import Group
+from workers import (
+    admission,
+    batches,
+    enricher,
+    inference,
+    memory,
+    reconciler,
+    recorder,
+    usage,
+    webhooks,
+)
+from workers.services import REGISTRY, ServiceSpec
+
+WORKERS = (
+    "admission",
+    "enricher",
+    "inference",
+    "recorder",
+    "memory",
+    "webhooks",
+    "batches",
+    "usage",
+    "reconciler",
+)
+"""The order a process starts them in, and stops them in (upstream first)."""
+
+MODULES = (admission, batches, enricher, inference, memory, reconciler, recorder, usage, webhooks)
+
+
+def spec(name: str) -> ServiceSpec:
+    return REGISTRY[name]
+
+
+def groups(settings: Settings) -> list[Group]:
+    """Every consumer group the worker services of ``settings`` read."""
+    return [g for name in WORKERS for g in REGISTRY[name].groups(settings)]
