@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from schemas.events import WebhookSecret
 from schemas.topics import Topics
 
+EmbedderName = Literal["minilm", "hash"]
+"""The embedding models recall can use (``KONTEXT_EMBEDDER``)."""
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -97,6 +100,9 @@ class Settings(BaseSettings):
     """Lower every model's prompt budget to this many tokens (default: the model's window)."""
     recall_k: int = Field(default=4, ge=0)
     """Older turns recalled by similarity to the new message."""
+    embedder: EmbedderName = "minilm"
+    """Embeddings for recall: ``minilm`` (all-MiniLM-L6-v2) or ``hash`` (feature
+    hashing, no model: for benchmarks of the pipeline and fast tests)."""
     system_prompt: str | None = None
     """Default system prompt for every model (default: each model's own)."""
     summarizer: Literal["model", "extractive"] = "model"

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.conftest import wait_for
-from workers.embeddings import DIMENSIONS, Embedder
+from workers.embeddings import DIMENSIONS, MiniLMEmbedder
 from workers.pacing import Pacer
 from workers.priority_gate import PriorityGate
 
@@ -75,7 +75,7 @@ async def test_a_paced_background_embedding_lets_interactive_calls_cut_in() -> N
     """While interactive calls arrive, a long background call runs in short paced turns:
     an interactive call made during it finishes first, and the vectors are the same."""
     pacer = Pacer(share=0.5, window_s=60)
-    embedder = Embedder(pacer=pacer, paced_chunk=4)
+    embedder = MiniLMEmbedder(pacer=pacer, paced_chunk=4)
     texts = [f"Backfill line {i} about the weather in town {i}." for i in range(40)]
     whole = embedder.embed_sync(texts)
     await embedder.embed(["an interactive question"])  # interactive calls are arriving

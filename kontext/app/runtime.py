@@ -22,7 +22,7 @@ from kontext.settings import Settings
 from producers.api.server import ApiService
 from schemas.topics import Group
 from workers import catalog
-from workers.embeddings import Embedder
+from workers.embeddings import Embedder, load_embedder
 from workers.engines import load_engine
 from workers.engines.base import Engine
 from workers.engines.device import device
@@ -93,7 +93,9 @@ class Runtime:
         if self._embedder is None:
             on = device(self.settings)
             chunk = background_reserve(self.settings.batch_max_size, self.settings.background_share)
-            self._embedder = await asyncio.to_thread(Embedder, on, self.pacer, chunk)
+            self._embedder = await asyncio.to_thread(
+                load_embedder, self.settings.embedder, on, self.pacer, chunk
+            )
         return self._embedder
 
     async def engine(self, model: str) -> Engine:

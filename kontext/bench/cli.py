@@ -123,6 +123,20 @@ def bench_lanes(
     )
 
 
+EmbedderOption = Annotated[
+    str, typer.Option(help="minilm (all-MiniLM-L6-v2) or hash (feature hashing, no model).")
+]
+
+
+def bench_layout(separate_inference: bool) -> list[list[str]]:
+    """The benchmark's processes: the API in one, the workers in another (inference in
+    a third with ``separate_inference``); the load generator is the bench itself."""
+    workers = [name for name in SERVICES if name != "api"]
+    if not separate_inference:
+        return [["api"], workers]
+    return [["api"], [name for name in workers if name != "inference"], ["inference"]]
+
+
 def bench_command(
     engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
     conversations: Annotated[
@@ -131,19 +145,26 @@ def bench_command(
     turns: Annotated[int, typer.Option(min=2, help="Turns per conversation.")] = 8,
     max_tokens: Annotated[int, typer.Option(min=1)] = 32,
     summarizer: Annotated[str, typer.Option(help="extractive or model.")] = "extractive",
+    embedder: EmbedderOption = "minilm",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
     ] = False,
     separate_inference: SeparateInference = False,
 ) -> None:
-    """Steve Min TPS: C conversations x T turns through the pipeline, with baselines."""
+    """Steve Min TPS: C conversations x T turns through the pipeline, with baselines.
+
+    The stack runs in child processes (the API in one, the workers in another), the
+    load generator in this one; the figures include CPU milliseconds per turn summed
+    over every process, broker and Postgres included."""
     import json
     from contextlib import redirect_stdout
 
     from rich.progress import Progress
 
+    from kontext.app.children import spawned
     from kontext.bench import turns as benchmark
-    from kontext.bench.process import inference_process
+    from kontext.bench.cpu import CpuMeter, stack_roots
+    from kontext.connections import create_pool
     from producers.client import KontextClient
     from workers.engines import ENGINE_NAMES, load_engine
 
@@ -160,54 +181,77 @@ def bench_command(
     if engine not in ENGINE_NAMES:
         console.print(f"[red]unknown engine {engine!r}; known: {', '.join(ENGINE_NAMES)}")
         raise typer.Exit(2)
+    if embedder not in ("minilm", "hash"):
+        console.print(f"[red]unknown embedder {embedder!r}; known: minilm, hash")
+        raise typer.Exit(2)
     stdout = sys.stdout
     setup_logging(False)
+    layout = bench_layout(separate_inference)
     with redirect_stdout(sys.stderr if as_json else stdout):
         work = benchmark.scripts(max(sizes), turns)
         # The response cache off: runs replay the same prompts, and a cached answer
         # from an earlier run would skip the engine being measured.
+        overrides = {
+            "KONTEXT_SUMMARIZER": summarizer,
+            "KONTEXT_CACHE_TTL_S": "0",
+            "KONTEXT_EMBEDDER": embedder,
+        }
         base = settings_for([engine], 0).model_copy(
-            update={"summarizer": summarizer, "cache_ttl_s": 0.0}
+            update={"summarizer": summarizer, "cache_ttl_s": 0.0, "embedder": embedder}
         )
         results: list[dict[str, object]] = []
         with embedded(base) as settings:
 
-            async def measure(runtime: Runtime, url: str, metrics_url: str | None) -> None:
+            async def main(stop: asyncio.Event) -> None:
+                await prepare(settings)
                 key = await keys.mint(settings.dsn)
-                direct = runtime.engines[0] if runtime.engines else None
-                direct = direct or await load_engine(engine, settings)
-                with Progress(console=console) as progress:
-                    async with KontextClient(
-                        url, settings.bootstrap, topics=settings.topics, api_key=key
-                    ) as client:
-                        await benchmark.warm_up(client, direct, engine, max_tokens)
-                        for size in sizes:
-                            results.append(
-                                await benchmark.measure(
-                                    runtime,
+                direct = await load_engine(engine, settings)
+                pool = await create_pool(settings, max_size=2)
+
+                async def measure(api_url: str, metrics_url: str, meter: CpuMeter) -> None:
+                    with Progress(console=console) as progress:
+                        async with KontextClient(
+                            api_url, settings.bootstrap, topics=settings.topics, api_key=key
+                        ) as client:
+                            await benchmark.warm_up(client, direct, engine, max_tokens)
+                            for size in sizes:
+                                result = await benchmark.measure(
+                                    settings,
+                                    pool,
                                     client,
                                     direct,
                                     work[:size],
                                     max_tokens,
                                     progress,
                                     metrics_url,
+                                    meter,
                                 )
-                            )
+                                result["layout"] = " | ".join(", ".join(g) for g in layout)
+                                results.append(result)
 
-            async def run(runtime: Runtime, url: str) -> None:
-                if not separate_inference:
-                    return await measure(runtime, url, None)
-                overrides = {"KONTEXT_SUMMARIZER": summarizer, "KONTEXT_CACHE_TTL_S": "0"}
-                log_path = settings.data_dir / "bench-inference.log"
-                async with inference_process(settings, engine, log_path, overrides) as child:
-                    return await child.guard(measure(runtime, url, child.metrics_url))
+                try:
+                    async with spawned(settings, layout, overrides) as children:
+                        inference = children.running("inference")
+                        assert inference is not None and children.api_url is not None
+                        roots = stack_roots()
+                        roots |= {", ".join(c.services): c.pid for c in children.all}
+                        work_done = measure(
+                            children.api_url, inference.metrics_url, CpuMeter(roots)
+                        )
+                        await children.guard(work_done)
+                finally:
+                    await pool.close()
+                    await direct.close()
 
-            run_work(settings, run, without_inference(separate_inference))
+            run_until_signal(main)
         command = (
             f"kontext bench --engine {engine} --conversations {conversations} "
-            f"--turns {turns} --max-tokens {max_tokens}"
+            f"--turns {turns} --max-tokens {max_tokens} --embedder {embedder}"
             + (" --separate-inference" if separate_inference else "")
         )
+        if not results:
+            console.print("[red]the benchmark stopped before it measured anything")
+            raise typer.Exit(1)
         body, plot = benchmark.publish(results, settings, command)
     if as_json:
         output = results[0] if len(results) == 1 else {"runs": results, "plot": str(plot)}

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import random
 import statistics
 import time
@@ -36,9 +37,9 @@ import httpx
 from prometheus_client.metrics_core import Metric
 from rich.progress import Progress
 
-from kontext.app.runtime import Runtime
 from kontext.bench import memory as bench
 from kontext.bench import process as bench_process
+from kontext.bench.cpu import CpuMeter, per_turn_ms
 from kontext.settings import Settings
 from producers.client import KontextClient, KontextError
 from schemas.events import ChatMessage
@@ -376,24 +377,23 @@ async def warm_up(client: KontextClient, engine: Engine, model: str, max_tokens:
 
 
 async def measure(
-    runtime: Runtime,
+    settings: Settings,
+    pool: asyncpg.Pool,
     client: KontextClient,
     engine: Engine,
     work: Sequence[Script],
     max_tokens: int,
     progress: Progress,
-    metrics_url: str | None = None,
+    metrics_url: str,
+    meter: CpuMeter,
 ) -> dict[str, Any]:
     """The baselines (on ``engine``, called directly), then the pipeline, on the same
-    conversations; one result object. ``metrics_url``: where the inference worker's
-    metrics are, when it runs in another process."""
-    settings = runtime.settings
+    conversations; one result object. ``metrics_url``: the inference worker's metrics;
+    ``meter`` reads the CPU time of every process of the stack."""
     model = settings.engines[0]
-    assert runtime.pool is not None
 
     async def snapshot() -> dict[str, float]:
-        scraped = await bench_process.scrape(metrics_url) if metrics_url else None
-        return batch_sizes(engine.name, scraped)
+        return batch_sizes(engine.name, await bench_process.scrape(metrics_url))
 
     turns = len(work) * len(work[0].messages)
     label = f"{len(work)} conversations"
@@ -411,13 +411,16 @@ async def measure(
         sample = prompts if size > 1 else even_sample(prompts, ONE_AT_A_TIME_SAMPLE)
         track = _tracker(progress, f"raw engine, batch {size}", len(sample))
         raw[size] = (await raw_engine(engine, sample, max_tokens, size, track)).summary()
-    await settle(runtime.pool)
+    await settle(pool)
     before = await snapshot()
+    load = os.getloadavg()[0]
+    cpu_before = meter.read()
     phase = await pipeline(
         client, model, work, max_tokens, _tracker(progress, f"pipeline, {label}", turns)
     )
+    cpu_used = meter.read().since(cpu_before)
     after = await snapshot()
-    await settle(runtime.pool)
+    await settle(pool)
     best = max(raw, key=lambda size: float(raw[size]["tokens_per_s"]))
     naive_summary = naive.summary()
     summary = phase.summary()
@@ -425,11 +428,12 @@ async def measure(
     return {
         "engine": model,
         "device": getattr(engine, "device", "cpu"),
-        "inference": "separate process" if metrics_url else "in-process",
         "conversations": len(work),
         "turns": len(work[0].messages),
         "max_tokens": max_tokens,
         **summary,
+        "cpu_ms_per_turn": per_turn_ms(cpu_used, int(summary["turns_verified"])),
+        "load_average_at_start": round(load, 2),
         "batch_sizes": batch_distribution(before, after),
         "baselines": {
             "raw_engine": {
@@ -468,17 +472,19 @@ def report(results: Sequence[dict[str, Any]]) -> str:
     """Two Markdown tables: the pipeline's figures, then the baselines beside them."""
     lines = [
         "| conversations x turns | steve_min_tps | verified turns | fact recalled "
-        "| p50 / p95 / p99 ms | tokens/s | mean prompt tokens | engine calls (mean batch) "
-        "| batch sizes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| p50 / p95 / p99 ms | CPU ms per turn | tokens/s | mean prompt tokens "
+        "| engine calls (mean batch) | batch sizes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         batches = r["batch_sizes"]
+        cpu = r["cpu_ms_per_turn"]
         sizes = ", ".join(f"{k}: {v}" for k, v in batches["histogram"].items())
         lines.append(
             f"| {r['conversations']} x {r['turns']} | **{r['steve_min_tps']:.1f}** "
             f"| {r['turns_verified']}/{r['turns_total']} "
             f"| {r['fact_recalled']}/{r['fact_asked']} "
+            f"| {cpu['total']:.2f} "
             f"| {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} "
             f"| {r['tokens_per_s']:.1f} | {r['mean_prompt_tokens']:.0f} "
             f"| {batches['engine_calls']} ({batches['mean']:.1f}) | {sizes} |"
@@ -504,6 +510,21 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             f"| {naive['steve_min_tps']:.1f}, {naive['tokens_per_s']:.1f}, "
             f"{naive['fact_recalled']}/{naive['fact_asked']}, {naive['mean_prompt_tokens']:.0f} |"
         )
+    lines += [
+        "",
+        "CPU milliseconds per verified turn, by process (the pipeline phase only):",
+        "",
+        "| conversations x turns | "
+        + " | ".join(results[0]["cpu_ms_per_turn"]["by_process"])
+        + " |",
+        "|---|" + "---|" * len(results[0]["cpu_ms_per_turn"]["by_process"]),
+    ]
+    for r in results:
+        by = r["cpu_ms_per_turn"]["by_process"]
+        cells = " | ".join(
+            f"{by.get(k, 0.0):.3f}" for k in results[0]["cpu_ms_per_turn"]["by_process"]
+        )
+        lines.append(f"| {r['conversations']} x {r['turns']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -554,8 +575,9 @@ def publish(
     what = " (no model: pipeline overhead only)" if engine == "null" else ""
     bench.record(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
-        f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, inference worker "
-        f"{results[0].get('inference', 'in-process')}; "
+        f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, embedder "
+        f"`{settings.embedder}`; processes: {results[0]['layout']}, the load generator in "
+        f"its own; load average {results[0]['load_average_at_start']} at the start; "
         f"{turns} turns per conversation replaying "
         f"chitchat-dataset 0.9.0 lines, a fact planted in turn 1 and asked for in turn "
         f"{turns}; max_tokens {results[0]['max_tokens']}, batch max "

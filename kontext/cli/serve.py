@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from kontext.app.children import spawned
 from kontext.app.embedded import embedded
 from kontext.app.process import (
     console,
@@ -28,40 +29,70 @@ EngineOption = Annotated[
 PortOption = Annotated[int | None, typer.Option("--port", "-p", help="API port (0: any free one).")]
 
 
-def up(engine: EngineOption = None, port: PortOption = None, verbose: bool = False) -> None:
-    """Run the API and every worker in one process.
+ProcessOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--process",
+        help="Services to run in a child process of their own, comma-separated "
+        "(repeatable: one child each); the rest run in this process.",
+    ),
+]
+
+
+def up(
+    engine: EngineOption = None,
+    port: PortOption = None,
+    process: ProcessOption = None,
+    verbose: bool = False,
+) -> None:
+    """Run the API and every worker: in this process, or spread over child processes
+    with ``--process`` so that every core works.
 
     Starts an embedded Kafka broker and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS
     and DATABASE_URL are set; creates topics and applies migrations.
     """
     setup_logging(verbose)
+    groups = [[name.strip() for name in g.split(",") if name.strip()] for g in process or []]
+    named = [name for group in groups for name in group]
+    unknown = sorted(set(named) - set(SERVICES))
+    if unknown or len(named) != len(set(named)):
+        console.print(
+            f"[red]--process takes each of {', '.join(SERVICES)} at most once; "
+            f"unknown: {', '.join(unknown) or 'none'}"
+        )
+        raise typer.Exit(2)
+    here = [name for name in SERVICES if name not in named]
     with embedded(settings_for(engine, port)) as settings:
 
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)
             key = await keys.mint(settings.dsn)
             print(f"Dev API key (tenant default): {key}", flush=True)
-            await serve(settings, SERVICES, stop)
+            async with spawned(settings, [g for g in groups if g]) as children:
+                await children.guard(serve(settings, here, stop, api_url=children.api_url))
 
         run_until_signal(main)
 
 
 def worker(
-    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICES)}.")],
+    names: Annotated[list[str], typer.Argument(help=f"Any of: {', '.join(SERVICES)}.")],
     engine: EngineOption = None,
     port: PortOption = None,
     verbose: bool = False,
 ) -> None:
-    """Run one service against external Kafka and Postgres (how production scales out)."""
+    """Run some services against external Kafka and Postgres (how production scales out:
+    one service per container)."""
     setup_logging(verbose)
-    if name not in SERVICES:
-        console.print(f"[red]unknown service {name!r}; choose one of: {', '.join(SERVICES)}")
+    unknown = [name for name in names if name not in SERVICES]
+    if unknown:
+        console.print(f"[red]unknown service {unknown[0]!r}; choose from: {', '.join(SERVICES)}")
         raise typer.Exit(2)
     settings = settings_for(engine, port)
     if not settings.kafka_bootstrap_servers or not settings.database_url:
         console.print("[red]kontext worker needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL")
         raise typer.Exit(2)
-    run_until_signal(lambda stop: serve(settings, [name], stop))
+    ordered = [name for name in SERVICES if name in names]
+    run_until_signal(lambda stop: serve(settings, ordered, stop))
 
 
 def health_command(
