@@ -152,9 +152,6 @@ class Settings(BaseSettings):
     webhook_claim_batch: int = Field(default=64, ge=1)
     webhook_max_connections: int = Field(default=100, ge=1)
 
-    usage_batch_max_size: int = Field(default=500, ge=1)
-    usage_batch_max_wait_ms: int = Field(default=100, ge=0)
-    """The usage service's micro-batches of replies: one statement each, off the request path."""
     auth_cache_ttl_s: float = Field(default=5.0, ge=0)
     """How long an API process trusts a verified key without asking Postgres again
     (revocations are also pushed at once by LISTEN/NOTIFY)."""
@@ -184,30 +181,18 @@ class Settings(BaseSettings):
     """The dashboard's charts and percentiles cover this many recent seconds."""
 
     policy_limits: bool = True
-    """Pass API submissions through the admission stage (per-tenant limits and budgets)."""
+    """Enforce per-tenant limits and budgets (decided in the enricher's round trip)."""
     default_rpm: int | None = Field(default=None, ge=1)
     """Requests per minute for a tenant whose ``tenants.rpm`` is NULL (None: unlimited)."""
     default_tpm: int | None = Field(default=None, ge=1)
     """Tokens per minute (prompt estimate + max_tokens, settled to actual use)."""
     default_token_budget: int | None = Field(default=None, ge=1)
-    """Total tokens a tenant may use (reserved at admission, settled to actual use)."""
+    """Total tokens a tenant may use (held once admitted, settled to actual use)."""
     budget_reserve: Literal["max", "estimate"] = "max"
     """What a job reserves against its tenant's budget until it settles: ``max``, the
     most it can use (its prompt budget, memory included, plus max_tokens), so a budget
     is never exceeded; ``estimate``, its new messages plus max_tokens (more jobs in
     flight, but conversation memory can take a budget past its limit)."""
-    admission_batch_wait_ms: int = Field(default=5, ge=0)
-    """Longest the admission stage waits to fill a micro-batch (it adds to every
-    submission's latency; its work per request is a few microseconds)."""
-    admission_batch_max_size: int = Field(default=512, ge=1)
-    """Admission events (a submission, a settlement, or a batch's intake chunk of up to
-    ``backfill_chunk_size`` lines) the admission stage takes per micro-batch."""
-    admission_event_max_bytes: int = Field(default=512 * 1024, ge=1024)
-    """Largest event a batch's intake chunk goes to the admission stage in (a chunk over
-    it is split; a single larger line goes alone): with its dead letter (base64, a third
-    larger) it stays under the broker's message limit (Kafka's default: 1 MiB)."""
-    limits_refresh_s: float = Field(default=5.0, gt=0)
-    """How often the admission stage re-reads tenants' limits from Postgres."""
     model_aliases: dict[str, str] = Field(default_factory=dict)
     """Names clients may use for a served model, e.g. ``{"fast": "tiny"}`` (JSON)."""
     model_fallbacks: dict[str, list[str]] = Field(default_factory=dict)

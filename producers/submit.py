@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import uuid
 
-import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from kontext.settings import Settings
@@ -88,7 +87,7 @@ async def check_webhook(settings: Settings, webhook: WebhookTarget | None) -> No
 
 async def submit(
     settings: Settings,
-    pool: asyncpg.Pool,
+    admitter: ledger.Admitter,
     producer: AIOKafkaProducer,
     submission: JobSubmission,
     *,
@@ -107,7 +106,9 @@ async def submit(
     await check_webhook(settings, submission.webhook)
     secret = submission.webhook.secret if submission.webhook else None
     try:
-        return await enqueue(settings, pool, producer, request, submission.idempotency_key, secret)
+        return await enqueue(
+            settings, admitter, producer, request, submission.idempotency_key, secret
+        )
     except ledger.ConversationNotOwned:
         # Another tenant's conversation: answered like one that does not exist.
         raise SubmissionRejected(

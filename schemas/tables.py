@@ -201,13 +201,6 @@ turns = Table(
     UniqueConstraint("conversation_id", "seq", name="turns_conversation_seq"),
     CheckConstraint("role IN ('system', 'user', 'assistant')", name="turns_role_valid"),
     Index(
-        "turns_embedding_hnsw",
-        "embedding",
-        postgresql_using="hnsw",
-        postgresql_with={"m": 16, "ef_construction": 64},
-        postgresql_ops={"embedding": "vector_cosine_ops"},
-    ),
-    Index(
         "turns_unembedded",
         "conversation_id",
         "seq",

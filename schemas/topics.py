@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 LANES = ("interactive", "background")
 
+JOB_ID_HEADER = "job-id"
+"""A reply's job id as a Kafka record header: a reader skips others' replies without
+decoding them."""
+
 
 @dataclass(frozen=True)
 class Group:
@@ -50,14 +54,9 @@ class Topics:
         return f"{self.prefix}.replies"
 
     @property
-    def admission(self) -> str:
-        """API submissions (JobRequest) and usage settlements on their way to the limiter,
-        keyed by tenant id: one partition, so one writer, per tenant."""
-        return f"{self.prefix}.admission"
-
-    @property
     def limits(self) -> str:
-        """The limiter's per-tenant state (TenantLimitStatus), followed by every API replica."""
+        """Tenants' limit state (TenantLimitStatus) as the enrichers decided it, followed
+        by every API replica."""
         return f"{self.prefix}.limits"
 
     @property
@@ -81,7 +80,6 @@ class Topics:
             self.completions,
             self.replies,
             self.dead_letters,
-            self.admission,
             self.limits,
             self.heartbeats,
         ]

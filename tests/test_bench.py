@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kontext.app.children import Child, Children
 from kontext.bench import turns as benchmark
-from kontext.bench.process import InferenceProcess
 from kontext.bench.turns import Outcome, Phase
 from tests.conftest import run_cli
 
@@ -78,17 +78,28 @@ def test_the_one_at_a_time_baseline_takes_an_even_sample() -> None:
     assert benchmark.even_sample(prompts[:10], 64) == prompts[:10]
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["in-process", "separate-inference"])
+@pytest.mark.parametrize("separate", [False, True], ids=["two-processes", "separate-inference"])
 def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool) -> None:
-    """With --separate-inference the inference worker is a child process: its batch
-    sizes come from its metrics endpoint."""
+    """The stack runs in child processes (the API, the workers; with --separate-inference
+    the inference worker in a third), the bench is the load generator; batch sizes come
+    from the inference worker's metrics endpoint, CPU time from every process."""
     args = ["bench", "--engine", "null", "--conversations", "2", "--turns", "3", "--json"]
     args += ["--separate-inference"] if separate else []
     done = run_cli(args, tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["engine"] == "null"
-    assert result["inference"] == ("separate process" if separate else "in-process")
+    workers = "enricher, recorder, memory, webhooks, batches, reconciler"
+    assert result["layout"] == (
+        f"api | {workers} | inference"
+        if separate
+        else "api | enricher, inference, recorder, memory, webhooks, batches, reconciler"
+    )
+    cpu = result["cpu_ms_per_turn"]
+    processes = {*result["layout"].split(" | "), "load generator", "broker", "postgres"}
+    assert set(cpu["by_process"]) == processes
+    assert all(ms > 0 for ms in cpu["by_process"].values())
+    assert cpu["total"] == pytest.approx(sum(cpu["by_process"].values()), abs=0.01)
     assert (result["conversations"], result["turns"]) == (2, 3)
     assert result["turns_total"] == result["turns_verified"] == 6
     assert (result["fact_recalled"], result["fact_asked"]) == (2, 2)
@@ -128,18 +139,21 @@ def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Pa
     assert "inference worker in its own process" in section
 
 
-async def test_work_beside_an_inference_worker_that_dies_fails_at_once(tmp_path: Path) -> None:
-    """No waiting out turns that can never be answered: the child's exit ends the work."""
-    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
+async def test_work_beside_a_child_process_that_dies_fails_at_once(tmp_path: Path) -> None:
+    """No waiting out turns that can never be answered: a child's exit ends the work."""
+
+    def child(process: asyncio.subprocess.Process) -> Children:
+        log = tmp_path / "worker.log"
+        return Children([Child(("inference",), process, log, "http://127.0.0.1:1/metrics")])
+
+    dies = await asyncio.create_subprocess_exec(sys.executable, "-c", "raise SystemExit(3)")
     never = asyncio.Event()
-    guarded = InferenceProcess(child, "http://127.0.0.1:1/metrics", tmp_path / "worker.log")
-    with pytest.raises(RuntimeError, match=r"exited \(code 3\)"):
-        await asyncio.wait_for(guarded.guard(never.wait()), timeout=30)
+    with pytest.raises(RuntimeError, match=r"inference process exited \(code 3\)"):
+        await asyncio.wait_for(child(dies).guard(never.wait()), timeout=30)
     # Work that finishes first returns its result.
-    child = await asyncio.create_subprocess_exec(
+    lives = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "input()", stdin=asyncio.subprocess.PIPE
     )
-    guarded = InferenceProcess(child, "http://127.0.0.1:1/metrics", tmp_path / "worker.log")
-    assert await guarded.guard(asyncio.sleep(0, result="done")) == "done"
-    child.kill()
-    await child.wait()
+    assert await child(lives).guard(asyncio.sleep(0, result="done")) == "done"
+    lives.kill()
+    await lives.wait()

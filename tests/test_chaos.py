@@ -17,7 +17,7 @@ from kontext.chaos.cluster import Cluster
 from kontext.chaos.load import ReplyTally
 from kontext.connections import create_pool
 
-SERVICES = ("api", "admission", "enricher", "inference", "recorder", "reconciler")
+SERVICES = ("api", "enricher", "inference", "recorder", "reconciler")
 
 
 @pytest.fixture

@@ -72,8 +72,7 @@ def _consumers(stack: Stack) -> dict[str, set[str]]:
         topics.requests_lane("background"): {"enricher"},
         topics.inference("tiny"): {"inference-tiny"},
         topics.completions: {"recorder"},
-        topics.replies: {"memory", "webhooks", "batches", "usage"},
-        topics.admission: {"admission"},
+        topics.replies: {"memory"},
     }
 
 
@@ -138,6 +137,6 @@ async def test_bad_messages_are_dead_lettered_and_no_consumer_crashes(
         "Random bytes, random JSON, tombstones and events of a wrong version, spread over "
         "the requests, inference (`tiny`), completions and reply topics of `kontext up`; "
         "each came back from the dead-letter topic once per consumer group that reads its "
-        "topic (enricher; inference-tiny; recorder; memory, webhooks and batches), with a "
+        "topic (enricher; inference-tiny; recorder; memory), with a "
         "reason and its original bytes, and a good job was still answered afterwards.",
     )

@@ -1,9 +1,10 @@
 """Per-tenant rate limits and token budgets across two API replicas.
 
-One ``kontext up`` (API replica A, the admission stage and every worker, null
-engine) and a second API-only process (replica B) share the broker and the
-database. Concurrent submitters on both replicas must not push a tenant past
-its limit or budget by even one job.
+One ``kontext up`` (API replica A and every worker, null engine) and a second
+API-only process (replica B) share the broker and the database. Concurrent
+submitters on both replicas must not push a tenant past its limit or budget by
+even one job. The enricher decides in Postgres (``kontext_enrich``); the window
+and settlement rules are also checked against that function directly.
 """
 
 from __future__ import annotations
@@ -19,23 +20,17 @@ import asyncpg
 import httpx
 import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.chaos.scenarios import dead_letters
+from kontext.connections import create_producer
 from kontext.settings import Settings
-from kontext.store import keys, ledger
+from kontext.store import enrichment, keys, ledger
+from kontext.store.enrichment import Claim, Limits
 from schemas.events import JobRequest
-from schemas.limits import ADMISSION_EVENT, Settled, SubmittedMany
 from tests.conftest import Stack, stack_env, start_stack, wait_for
 from tests.factories import job_request
-from workers.intake import admission_events
-from workers.policies.limits import (
-    LimitLedger,
-    TenantLimits,
-    budget_reservation,
-    reservation,
-)
+from workers.intake import publish
+from workers.policies.limits import budget_reservation, reservation
 
 RPM = 10
 MAX_TOKENS = 40
@@ -44,7 +39,6 @@ MESSAGE = "How many tokens will this use?"
 LONG = " ".join(["word"] * 120)
 UNSERVED = "tiny"
 """Served (accepted, enriched) but no inference worker runs it in this module."""
-LIMITS_REFRESH_S = 0.5
 
 
 @dataclass
@@ -62,11 +56,9 @@ def replicas(
     env.update(
         KONTEXT_ENGINES=f"null,{UNSERVED}",
         KONTEXT_INFERENCE_ENGINES="null",
-        KONTEXT_LIMITS_REFRESH_S=str(LIMITS_REFRESH_S),
         KONTEXT_POLICY_LIMITS="true",
-        # A batch's lines reach the limiter in several chunks, each split over two events.
+        # A batch's lines are recorded and published in several chunks.
         KONTEXT_BACKFILL_CHUNK_SIZE="4",
-        KONTEXT_ADMISSION_EVENT_MAX_BYTES="2048",
     )
     a = start_stack(["up", "--port", "0"], env, workdir)
     try:
@@ -80,8 +72,7 @@ def replicas(
 
 
 async def _tenant(pool: asyncpg.Pool, **limits: int) -> keys.NewKey:
-    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key. Used at
-    once: the limiter reads a tenant it has not seen before deciding its first job."""
+    """A new tenant with ``limits`` (rpm, tpm, token_budget), and its API key."""
     created = await keys.create(pool, f"t-{uuid.uuid4().hex[:10]}")
     for column, value in limits.items():
         await pool.execute(
@@ -197,7 +188,7 @@ async def test_rpm_holds_exactly_across_two_replicas(
         assert _retry_after(response) <= 61
     assert len(jobs) + len(refused) == 40
 
-    # Once the limiter has published the full window, both replicas refuse at once,
+    # Once the enricher has published the full window, both replicas refuse at once,
     # with Retry-After, and nothing more is admitted.
     for client in http:
         answers: list[httpx.Response] = []
@@ -271,9 +262,10 @@ async def test_a_batch_holds_budget_but_is_not_paced_by_the_per_minute_limits(
     errors = await http[0].get(f"/v1/batches/{batch_id}/errors", headers=headers)
     refused = [orjson.loads(line) for line in errors.text.splitlines() if line]
     assert {line["error"]["code"] for line in refused} == {"budget_exhausted"}
-    # The lines arrive in chunks of several events each, and are decided in line order:
-    # the first three hold the budget, every later one is refused, each exactly once.
-    assert sorted(line["custom_id"] for line in refused) == [f"line-{i}" for i in range(3, 10)]
+    # Three lines hold the budget, every other one is refused, each exactly once (lines
+    # of different conversations are decided in the order they reach the enricher).
+    refused_ids = [line["custom_id"] for line in refused]
+    assert len(refused_ids) == len(set(refused_ids)) == 7
     rows = await pool.fetch(
         "SELECT status = 'failed' AS failed, count(*) AS n FROM jobs WHERE batch_id = $1 "
         "GROUP BY 1",
@@ -310,7 +302,7 @@ async def test_cancelling_a_batch_releases_the_budget_its_unstarted_lines_held(
     assert cancelled.status_code == 200, cancelled.text
     statuses = await pool.fetch("SELECT status FROM jobs WHERE batch_id = $1", batch_id)
     assert {row["status"] for row in statuses} == {"failed"}
-    # Decided after the release (the tenant's events are read in order): admitted.
+    # Decided after the release: admitted.
     job = await _final(http[1], tenant.key, (await _submit(http[1], tenant.key)).json()["id"])
     assert job["status"] == "succeeded", job
 
@@ -336,7 +328,7 @@ async def test_budget_settles_to_actual_use(
         if job["status"] == "failed":
             assert job["error"]["code"] == "budget_exhausted", job
             assert budget - used < hold
-            continue  # the API refuses once the limiter's new state reaches it
+            continue  # the API refuses once the enricher's new state reaches it
         used += job["result"]["usage"]["total_tokens"]
         succeeded += 1
         assert used <= budget
@@ -366,7 +358,7 @@ async def test_a_job_driven_again_from_the_ledger_passes_its_tenants_limiter(
     )
     redriven = await _final(http[0], tenant.key, str(lost.job_id))
     assert redriven["status"] == "succeeded", redriven
-    # It went through the limiter: it took the tenant's one request of this minute.
+    # Its tenant's limits decided it: it took the tenant's one request of this minute.
     response = await _submit(http[1], tenant.key)
     if response.status_code == 202:
         job = await _final(http[1], tenant.key, response.json()["id"])
@@ -375,102 +367,79 @@ async def test_a_job_driven_again_from_the_ledger_passes_its_tenants_limiter(
         assert response.status_code == 429, response.text
 
 
-def _ledger(**limits: int | None) -> LimitLedger:
-    settings = Settings(
-        default_rpm=limits.get("rpm"),
-        default_tpm=limits.get("tpm"),
-        default_token_budget=limits.get("budget"),
-    )
-    return LimitLedger(TenantLimits(settings, None), {})
+async def _decide(
+    pool: asyncpg.Pool, requests: list[JobRequest], now: float, **limits: int | None
+) -> dict[uuid.UUID, enrichment.Refusal]:
+    """The enricher's decision for ``requests`` at ``now`` (the deployment's default
+    limits ``limits``); each must be in the ledger."""
+    claims = [Claim(r.job_id, cost=reservation(r), hold=reservation(r)) for r in requests]
+    defaults = Limits(limits.get("rpm"), limits.get("tpm"), limits.get("budget"))
+    async with pool.acquire() as conn:
+        found = await enrichment.enrich(conn, claims, now, defaults, 8, 0, 60.0)
+    return found.refused
 
 
-def _request(max_tokens: int = MAX_TOKENS) -> JobRequest:
-    return job_request(
-        MESSAGE, conversation_id="c", tenant_id="t", model="null", max_tokens=max_tokens
-    )
-
-
-async def test_the_window_slides_and_says_when_to_retry() -> None:
-    ledger, start = _ledger(rpm=3), 1_000_000.0
-    assert await ledger.admit([_request() for _ in range(3)], start) == {}
-    later = [_request()]
-    refusal = (await ledger.admit(later, start + 30))[later[0].job_id]
-    assert refusal.code == "rate_limited"
-    assert refusal.retry_after_s is not None and 30 <= refusal.retry_after_s <= 31
-    assert ledger.status("t", start + 30).blocked_until == start + 61
-    assert await ledger.admit(later, start + 61) == {}  # the first three left the window
-
-
-async def test_tokens_per_minute_count_actual_use_once_settled() -> None:
-    cost = _cost()
-    ledger, now = _ledger(tpm=2 * cost + 5), 1_000_000.0
-    first, second, third = _request(), _request(), _request()
-    assert await ledger.admit([first, second], now) == {}
-    assert third.job_id in await ledger.admit([third], now)
-    ledger.settle([Settled(job_id=first.job_id, tenant_id="t", tokens=5)], now + 1)
-    ledger.settle([Settled(job_id=first.job_id, tenant_id="t", tokens=5)], now + 1)  # again
-    assert await ledger.admit([third], now + 2) == {}
-    too_big = _request(max_tokens=3 * cost)
-    refusal = (await ledger.admit([too_big], now + 2))[too_big.job_id]
-    assert refusal.code == "rate_limited" and "lower max_tokens" in refusal.message
-
-
-async def test_a_malformed_batch_chunk_is_dead_lettered_whole(
-    pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
-) -> None:
-    # Room to hold one job: had the chunk's good line been admitted (its model has no
-    # worker, so it would hold budget for good), the later job would be refused.
-    hold = _hold(replicas)
-    tenant = await _tenant(pool, token_budget=hold + hold // 2)
-    good = _probe().model_copy(
-        update={"tenant_id": tenant.tenant_id, "model": UNSERVED, "priority": "background"}
-    )
-    bad = orjson.dumps(
-        {
-            "version": 1,
-            "type": "submitted_many",
-            "requests": [orjson.loads(good.encode()), {"job_id": "not a job"}],
-        }
-    )
-    later = _probe().model_copy(
-        update={
-            "tenant_id": tenant.tenant_id,
-            "key_id": tenant.id,
-            "conversation_id": f"later-{uuid.uuid4().hex[:8]}",
-        }
-    )
-    await ledger.admit(pool, later, None)
-    settings = replicas.a.settings
-    topics = settings.topics
-    key = tenant.tenant_id.encode()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(topics.admission, bad, key=key)
-        # After it in the tenant's partition, so decided after it.
-        await producer.send_and_wait(
-            topics.admission, SubmittedMany(requests=[later]).encode(), key=key
+async def _requests(pool: asyncpg.Pool, tenant_id: str, n: int, **fields: Any) -> list[JobRequest]:
+    """``n`` jobs of ``tenant_id`` in the ledger, each its own conversation."""
+    made = []
+    for _ in range(n):
+        request = job_request(
+            MESSAGE, **{"tenant_id": tenant_id, "model": "null", "max_tokens": MAX_TOKENS, **fields}
         )
-    finally:
-        await producer.stop()
-
-    [letter] = await dead_letters(settings.bootstrap, topics.dead_letters, key, want=1)
-    assert letter.consumer == "admission" and letter.source_topic == topics.admission
-    assert letter.value == bad and letter.reason.startswith("invalid admission event")
-    job = await _final(http[0], tenant.key, str(later.job_id))
-    assert job["status"] == "succeeded", job
+        await ledger.admit(pool, request, None)
+        made.append(request)
+    return made
 
 
-async def test_a_batch_line_failed_before_its_chunk_reaches_the_limiter_holds_nothing(
+async def test_the_window_slides_and_says_when_to_retry(pool: asyncpg.Pool) -> None:
+    tenant = (await _tenant(pool, rpm=3)).tenant_id
+    start = 2_000_000_000.0
+    assert await _decide(pool, await _requests(pool, tenant, 3), start) == {}
+    later = await _requests(pool, tenant, 1)
+    refusal = (await _decide(pool, later, start + 30))[later[0].job_id]
+    assert refusal.code == "rate_limited" and refusal.status == 429
+    assert refusal.retry_after_s is not None and 30 <= refusal.retry_after_s <= 31
+    again = await _requests(pool, tenant, 1)  # the first three left the window
+    assert await _decide(pool, again, start + 61) == {}
+
+
+async def test_tokens_per_minute_count_actual_use_once_settled(pool: asyncpg.Pool) -> None:
+    cost = _cost()
+    tenant = (await _tenant(pool, tpm=2 * cost + 5)).tenant_id
+    now = 2_100_000_000.0
+    first, second, third = await _requests(pool, tenant, 3)
+    assert await _decide(pool, [first, second], now) == {}
+    assert third.job_id in await _decide(pool, [third], now)
+    # The first job used 5 tokens: it counts that in its second of the window, not its
+    # estimate. Finalised twice, it settles once.
+    for _ in range(2):
+        await pool.execute(
+            """UPDATE jobs SET status = 'succeeded', result = '{"usage": {"total_tokens": 5}}'
+            WHERE id = $1""",
+            first.job_id,
+        )
+    [retry] = await _requests(pool, tenant, 1)
+    assert await _decide(pool, [retry], now + 2) == {}
+    [too_big] = await _requests(pool, tenant, 1, max_tokens=3 * cost)
+    refusal = (await _decide(pool, [too_big], now + 2))[too_big.job_id]
+    assert refusal.code == "rate_limited" and "lower max_tokens" in refusal.message
+    assert refusal.status == 422
+
+
+async def test_a_batch_line_failed_before_the_enricher_saw_it_holds_nothing(
     pool: asyncpg.Pool, http: list[httpx.AsyncClient], replicas: Replicas
 ) -> None:
-    """A cancel between a chunk's insert and its publish releases the lines before the
-    limiter sees them: it must then neither hold their budget nor forward them."""
+    """A line cancelled between its insert and its enrichment: the enricher must then
+    neither hold its budget nor forward it."""
     hold = _hold(replicas)
     tenant = await _tenant(pool, token_budget=hold + hold // 2)  # room to hold one job
     owner = {"tenant_id": tenant.tenant_id, "key_id": tenant.id}
     cancelled = _probe().model_copy(
-        update={**owner, "conversation_id": f"line-{uuid.uuid4().hex[:8]}"}
+        update={
+            **owner,
+            "conversation_id": f"line-{uuid.uuid4().hex[:8]}",
+            "priority": "background",
+        }
     )
     later = _probe().model_copy(
         update={**owner, "conversation_id": f"later-{uuid.uuid4().hex[:8]}"}
@@ -478,41 +447,11 @@ async def test_a_batch_line_failed_before_its_chunk_reaches_the_limiter_holds_no
     for request in (cancelled, later):
         await ledger.admit(pool, request, None)
     await pool.execute("UPDATE jobs SET status = 'failed' WHERE id = $1", cancelled.job_id)
-    topics = replicas.a.settings.topics
-    key = tenant.tenant_id.encode()
-    producer = AIOKafkaProducer(bootstrap_servers=replicas.a.settings.bootstrap)
+    producer = create_producer(replicas.a.settings)
     await producer.start()
     try:
-        line = cancelled.model_copy(update={"priority": "background"})
-        await producer.send_and_wait(
-            topics.admission, SubmittedMany(requests=[line]).encode(), key=key
-        )
-        await producer.send_and_wait(  # decided after it (same partition)
-            topics.admission, SubmittedMany(requests=[later]).encode(), key=key
-        )
+        await asyncio.gather(*await publish(replicas.a.settings, producer, [cancelled, later]))
     finally:
         await producer.stop()
     job = await _final(http[0], tenant.key, str(later.job_id))
     assert job["status"] == "succeeded", job  # the failed line held no budget
-
-
-def test_a_chunk_goes_to_admission_in_events_under_the_size_limit() -> None:
-    requests = [
-        _probe("x" * (40 * i)).model_copy(update={"priority": "background"}) for i in range(50)
-    ]
-    limit = 4096
-    events = admission_events(requests, limit)
-    assert 1 < len(events) < len(requests)
-    assert all(len(event) <= limit for event in events)
-    decoded = [ADMISSION_EVENT.validate_json(event) for event in events]
-    assert all(isinstance(event, SubmittedMany) for event in decoded)
-    assert [r for e in decoded if isinstance(e, SubmittedMany) for r in e.requests] == requests
-    # A line larger than the limit goes alone; a default-sized chunk of ordinary lines
-    # goes whole.
-    huge = _probe("y" * 2 * limit)
-    alone = [
-        SubmittedMany.model_validate_json(e)
-        for e in admission_events([requests[0], huge, requests[1]], limit)
-    ]
-    assert [e.requests for e in alone] == [[requests[0]], [huge], [requests[1]]]
-    assert len(admission_events([requests[1]] * 500, Settings().admission_event_max_bytes)) == 1

@@ -5,32 +5,28 @@ from __future__ import annotations
 from kontext.settings import Settings
 from schemas.topics import Group
 from workers import (
-    admission,
     batches,
     enricher,
     inference,
     memory,
     reconciler,
     recorder,
-    usage,
     webhooks,
 )
 from workers.services import REGISTRY, ServiceSpec
 
 WORKERS = (
-    "admission",
     "enricher",
     "inference",
     "recorder",
     "memory",
     "webhooks",
     "batches",
-    "usage",
     "reconciler",
 )
 """The order a process starts them in, and stops them in (upstream first)."""
 
-MODULES = (admission, batches, enricher, inference, memory, reconciler, recorder, usage, webhooks)
+MODULES = (batches, enricher, inference, memory, reconciler, recorder, webhooks)
 
 
 def spec(name: str) -> ServiceSpec:

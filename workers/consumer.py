@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from kontext.metrics import observe_lag
 from workers.pacing import Pacer, background_reserve
-from workers.records import BatchHandler, Record
+from workers.records import BatchHandler, Flushing, Record
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,8 @@ class BatchConsumer:
                 await asyncio.wait([in_flight[0].task])
                 if not await self._commit_done(in_flight):
                     return
+            if isinstance(self.handler, Flushing):
+                await self.handler.flush()
         finally:
             # Drained but not handled, or not done: left uncommitted, so delivered again.
             unfinished = [h.task for h in in_flight] + ([upcoming] if upcoming else [])

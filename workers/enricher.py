@@ -1,12 +1,15 @@
 """The enricher: admits requests into the pipeline with their conversation's context.
 
 Per micro-batch: one embedding call for the new messages, then one Postgres
-round trip that passes each job through its conversation's order gate (one
-chat turn in flight at a time) and reads its memory (recent turns, summaries,
-recalled older turns). Each admitted request leaves with its prompt rendered by
-the model's chat template, on its model's inference topic; its new user
-message carries the embedding recall searched with, so that message is stored
-with it and never embedded again.
+round trip that decides each job against its tenant's limits and budget
+(a refused job fails with the reason, through the completions topic, like any
+failure), passes it through its conversation's order gate (one chat turn in
+flight at a time) and reads its memory (recent turns, summaries, recalled older
+turns). Each admitted request leaves with its prompt rendered by the model's chat
+template, on its model's inference topic; its new user message carries the
+embedding recall searched with, so that message is stored with it and never
+embedded again. The limited tenants' new state goes to the limits topic, for the
+API replicas to refuse early.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from aiokafka import AIOKafkaProducer
 
 from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
-from kontext.store import memory
+from kontext.store import enrichment, memory
+from kontext.store.enrichment import Claim, Limits
 from schemas.events import (
     EnrichedRequest,
     ErrorInfo,
@@ -33,6 +37,7 @@ from schemas.events import (
     TurnRecord,
     pack_vector,
 )
+from schemas.limits import TenantLimitStatus
 from schemas.topics import Group
 from workers import completions
 from workers.context import PromptTooLong, assemble, budget_for
@@ -40,6 +45,7 @@ from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
 from workers.engines import context_window, load_tokenizer, system_prompt
 from workers.engines.base import ChatTokenizer
+from workers.policies.limits import budget_reservation, reservation
 from workers.records import Record
 from workers.routing import Router
 from workers.services import Resources, Service, StreamService, service
@@ -80,6 +86,16 @@ def with_query_embedding(turns: list[TurnRecord], query: np.ndarray | None) -> l
     return turns
 
 
+@dataclass(frozen=True)
+class Enriched:
+    """A batch's outcome: each admitted job's memory with its recall query's embedding,
+    the jobs its tenants' limits refused, and the state of those tenants."""
+
+    contexts: dict[UUID, tuple[memory.MemoryContext, np.ndarray | None]]
+    refused: dict[UUID, enrichment.Refusal]
+    tenants: list[TenantLimitStatus]
+
+
 class Enricher:
     name = "enricher"
 
@@ -100,6 +116,8 @@ class Enricher:
         self.models = models
         self.embedder = embedder
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+        self.published: dict[str, TenantLimitStatus] = {}
+        """Each tenant's limit state as this enricher last published it."""
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
@@ -110,32 +128,75 @@ class Enricher:
             requests.setdefault(request.job_id, request)
         if requests:
             started = time.perf_counter()
-            queries = {job_id: recall_query(r) for job_id, r in requests.items()}
-            texts = [q for q in queries.values() if q is not None]
-            background = all(r.priority == "background" for r in requests.values())
-            vectors = iter(await self.embedder.embed(texts, background)) if texts else iter(())
-            jobs: list[tuple[UUID, np.ndarray | None]] = [
-                (job_id, next(vectors) if query is not None else None)
-                for job_id, query in queries.items()
-            ]
-            settings = self.settings
-            async with self.pool.acquire() as conn:
-                contexts = await memory.claim_with_context(
-                    conn, jobs, settings.context_turns, settings.recall_k, settings.ordering_lease_s
+            found = await self._enrich(list(requests.values()))
+            for job_id, refusal in found.refused.items():
+                error = ErrorInfo(code=refusal.code, message=refusal.message)
+                sends += await completions.publish(
+                    self.settings, self.producer, [JobCompletion.failure(requests[job_id], error)]
                 )
-            queries_by_job = dict(jobs)
-            for job_id, request in requests.items():
-                if job_id in contexts:
-                    sends.append(
-                        await self._forward(request, contexts[job_id], queries_by_job[job_id])
-                    )
+            sends += await self._publish_statuses(found.tenants)
+            for job_id, (context, query) in found.contexts.items():
+                sends.append(await self._forward(requests[job_id], context, query))
             admitted = [
-                (r.submitted_at, r.priority) for job_id, r in requests.items() if job_id in contexts
+                (requests[job_id].submitted_at, requests[job_id].priority)
+                for job_id in found.contexts
             ]
             observe_waits("enrich", admitted)
             ENRICHMENT_LATENCY.observe(time.perf_counter() - started)
         if sends:
             await asyncio.gather(*sends)
+
+    async def _enrich(self, requests: Sequence[JobRequest]) -> Enriched:
+        """One embedding call for the batch's new messages, then one Postgres round trip:
+        the tenants' limits, the order gate and each admitted job's memory."""
+        queries = [recall_query(r) for r in requests]
+        texts = [q for q in queries if q is not None]
+        background = all(r.priority == "background" for r in requests)
+        vectors = iter(await self.embedder.embed(texts, background)) if texts else iter(())
+        settings = self.settings
+        limited = settings.policy_limits
+        claims = [
+            Claim(
+                request.job_id,
+                next(vectors) if query is not None else None,
+                cost=reservation(request) if limited else 0,
+                hold=budget_reservation(settings, request) if limited else 0,
+            )
+            for request, query in zip(requests, queries, strict=True)
+        ]
+        defaults = Limits(settings.default_rpm, settings.default_tpm, settings.default_token_budget)
+        async with self.pool.acquire() as conn:
+            found = await enrichment.enrich(
+                conn,
+                claims,
+                time.time(),
+                defaults if limited else None,
+                settings.context_turns,
+                settings.recall_k,
+                settings.ordering_lease_s,
+            )
+        by_job = {claim.job_id: claim.query for claim in claims}
+        return Enriched(
+            {job_id: (context, by_job[job_id]) for job_id, context in found.contexts.items()},
+            found.refused,
+            found.tenants,
+        )
+
+    async def _publish_statuses(
+        self, statuses: Sequence[TenantLimitStatus]
+    ) -> list[asyncio.Future[object]]:
+        """Tenants' limit state for the API replicas to refuse early, when it changed."""
+        sends: list[asyncio.Future[object]] = []
+        for status in statuses:
+            if self.published.get(status.tenant_id) == status:
+                continue
+            self.published[status.tenant_id] = status
+            sends.append(
+                await self.producer.send(
+                    self.settings.topics.limits, status.encode(), key=status.tenant_id.encode()
+                )
+            )
+        return sends
 
     async def _forward(
         self, request: JobRequest, context: memory.MemoryContext, query: np.ndarray | None

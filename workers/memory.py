@@ -23,7 +23,7 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from kontext.settings import Settings
-from kontext.store import memory
+from kontext.store import ledger, memory
 from kontext.store.memory import StoredSummary, SummaryState
 from schemas.events import JobReply
 from schemas.topics import Group
@@ -60,6 +60,7 @@ class MemoryWorker:
         self.embedder = embedder
         self.tokenizer = tokenizer
         self.summary_model = settings.summary_model or settings.engines[0]
+        self.admitter = ledger.Admitter(pool)
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
 
     async def handle(self, records: Sequence[Record]) -> None:
@@ -171,7 +172,7 @@ class MemoryWorker:
             settings.summary_max_tokens,
         ).model_copy(update={"tenant_id": state.tenant_id})  # the conversation's owner
         key = f"summary:{conversation_id}:{level}:{first_seq}:{last_seq}"
-        await enqueue(settings, self.pool, self.producer, job, key)
+        await enqueue(settings, self.admitter, self.producer, job, key)
         log.info(
             "summary job for %s turns %d-%d (level %d)", conversation_id, first_seq, last_seq, level
         )

@@ -92,8 +92,7 @@ class Reconciler:
                 log.error("job %s: its stored request is unreadable; failing it", row["id"])
                 await ledger.fail(self.pool, row["id"], UNREADABLE)
         if stuck:
-            # Through the limiter again (which forwards a job it admitted before without
-            # counting it twice), so a re-drive never slips past a limit.
+            # The enricher decides a job's limits once: a re-drive is not counted twice.
             await asyncio.gather(*await publish(self.settings, self.producer, stuck))
             log.warning("re-drove %d job(s) stuck past their %ss lease", len(stuck), lease.seconds)
         # Reviewed results whose decision was published but never recorded (message lost).

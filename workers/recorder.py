@@ -1,14 +1,16 @@
 """The recorder: writes each result to the ledger and the conversation, then replies.
 
-Replies go out only after the turn is stored, so a client that reads its reply
+One statement per micro-batch finalises the jobs, stores their turns, counts
+their usage, creates their webhook deliveries and settles what their tenants'
+limits held. Replies go out only after that, so a client that reads its reply
 and sends the next turn always finds the previous one in memory. A job is
-replied to once: the ledger remembers a published reply, and a duplicate
-completion (a job re-driven, or redelivered after a worker died) publishes
-none. A recorder that dies between publishing and remembering replies again
-when its batch is redelivered: at least once, never zero. A completion for an
-unknown job, or one Postgres cannot store, is dead-lettered. Recording a
-turn also lets the conversation's next waiting turn through: its request is
-published again for the enricher.
+replied to once: the ledger remembers a published reply (in the next batch's
+statement, or when the recorder stops), and a duplicate completion (a job
+re-driven, or redelivered after a worker died) publishes none. A recorder that
+dies before remembering may reply again to a redelivered completion: at least
+once, never zero. A completion for an unknown job, or one Postgres cannot
+store, is dead-lettered. Recording a turn also lets the conversation's next
+waiting turn through: its request is published again for the enricher.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
 from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply, JobRequest, utcnow
-from schemas.topics import Group
+from schemas.topics import JOB_ID_HEADER, Group
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.intake import publish
@@ -47,6 +49,8 @@ class Recorder:
         self.pool = pool
         self.producer = producer
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
+        self.unmarked: list[UUID] = []
+        """Jobs whose replies were published, not yet remembered in the ledger."""
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
@@ -81,16 +85,21 @@ class Recorder:
                         self.settings.topics.replies,
                         reply.encode(),
                         key=outcome.conversation_id.encode(),
+                        headers=[(JOB_ID_HEADER, str(outcome.job_id).encode())],
                     )
                 )
-            # The next turns of their conversations, held back until these were recorded
-            # (admitted already: straight to their lane).
-            sends += await publish(self.settings, self.producer, recorded.redrive, admitted=True)
+            # The next turns of their conversations, held back until these were recorded.
+            sends += await publish(self.settings, self.producer, recorded.redrive)
         if sends:
             await asyncio.gather(*sends)
-        if replied:
+        self.unmarked += replied
+
+    async def flush(self) -> None:
+        """Remember the replies published since the last statement (on stopping)."""
+        if self.unmarked:
             async with self.pool.acquire() as conn:
-                await ledger.mark_replied(conn, replied)
+                await ledger.mark_replied(conn, self.unmarked)
+            self.unmarked = []
 
     async def _record(
         self, pairs: Sequence[tuple[Record, JobCompletion]], sends: list[asyncio.Future[object]]
@@ -100,9 +109,14 @@ class Recorder:
         If Postgres refuses its data (a value it cannot hold, which no retry fixes),
         record each completion alone and dead-letter the ones it refuses, so one bad
         completion never stalls the partition."""
+        first_delay = self.settings.webhook_retry_schedule_s[0]
         try:
             async with self.pool.acquire() as conn:
-                return await ledger.record(conn, [done for _, done in pairs]), list(pairs)
+                recorded = await ledger.record(
+                    conn, [done for _, done in pairs], self.unmarked, first_delay
+                )
+            self.unmarked = []
+            return recorded, list(pairs)
         except UNSTORABLE:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
         outcomes: list[ledger.Outcome] = []
@@ -111,7 +125,8 @@ class Recorder:
         for record, done in pairs:
             try:
                 async with self.pool.acquire() as conn:
-                    alone = await ledger.record(conn, [done])
+                    alone = await ledger.record(conn, [done], self.unmarked, first_delay)
+                self.unmarked = []
             except UNSTORABLE as exc:
                 reason = f"JobCompletion cannot be stored: {exc}"
                 sends.append(await self.dead_letters.send(record, reason))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,3 +25,11 @@ class BatchHandler(Protocol):
     name: str
 
     async def handle(self, records: Sequence[Record]) -> None: ...
+
+
+@runtime_checkable
+class Flushing(Protocol):
+    """A handler that keeps work for its next batch: the consume loop flushes it when it
+    stops."""
+
+    async def flush(self) -> None: ...

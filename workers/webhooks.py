@@ -1,31 +1,28 @@
-"""The webhook dispatcher: turns replies into signed deliveries and retries them.
+"""The webhook dispatcher: attempts due deliveries, signed, and retries them.
 
-A consumer of the reply topic creates each job's delivery (one statement per
-micro-batch, once per job) and, when the schedule's first delay is 0, makes the
-first attempts at once, concurrently.
-Failed attempts are never retried by sleeping in the consumer: the delivery's
-next attempt time is stored in Postgres, and a scheduler loop in the same
-service claims due deliveries in batches and attempts them.
+Deliveries are created in Postgres with the job's final state, by the recorder's
+statement (once per job) or with a batch's end event, which wake this service
+through a NOTIFY. It claims due deliveries in batches, attempts them
+concurrently, and records every outcome at once. A failed attempt is never
+retried by sleeping: its next attempt time is stored, and the scheduler claims
+it when due (it also looks every ``webhook_poll_interval_s``, in case a
+notification was lost).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from kontext.listen import listen_forever
 from kontext.settings import Settings
 from kontext.ssrf import UrlGuard
 from kontext.store import deliveries
-from schemas.events import JobReply
-from schemas.topics import Group
-from workers.consumer import BatchConsumer
-from workers.deadletter import DeadLetters
 from workers.periodic import every
-from workers.records import Record
 from workers.retries import RetryPolicy
 from workers.sender import Sender
 from workers.services import Resources, Service, service
@@ -53,44 +50,19 @@ async def attempt_all(
             )
 
 
-class WebhookHandler:
-    """Creates deliveries for replied jobs that carry a webhook, and attempts them."""
-
-    name = "webhooks"
-
-    def __init__(
-        self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer, sender: Sender
-    ) -> None:
-        self.pool = pool
-        self.sender = sender
-        self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
-        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
-
-    async def handle(self, records: Sequence[Record]) -> None:
-        sends: list[asyncio.Future[object]] = []
-        replies = await self.dead_letters.decode(records, JobReply.decode, "JobReply", sends)
-        job_ids = [reply.job_id for _, reply in replies]
-        if job_ids:
-            async with self.pool.acquire() as conn:
-                claimed = await deliveries.create(
-                    conn, job_ids, self.sender.policy.first_delay, self.lease_s
-                )
-            if claimed:
-                await attempt_all(self.pool, self.sender, claimed)
-        if sends:
-            await asyncio.gather(*sends)
-
-
 class Scheduler:
-    """Claims due deliveries (retries and redeliveries) in batches and attempts them."""
+    """Claims due deliveries in batches and attempts them: when woken by a NOTIFY
+    that deliveries were created, and every ``webhook_poll_interval_s``."""
 
     def __init__(self, settings: Settings, pool: asyncpg.Pool, sender: Sender) -> None:
+        self.settings = settings
         self.pool = pool
         self.sender = sender
         self.batch = settings.webhook_claim_batch
         self.interval_s = settings.webhook_poll_interval_s
         self.lease_s = settings.webhook_timeout_s + LEASE_MARGIN_S
         self.stopping = asyncio.Event()
+        self.woken = asyncio.Event()
 
     async def step(self) -> bool:
         """Attempt one claim of due deliveries; True if more may be due."""
@@ -100,21 +72,31 @@ class Scheduler:
         return len(claimed) == self.batch
 
     async def run(self) -> None:
-        await every(self.interval_s, self.step, self.stopping, "webhook scheduler")
+        listener = asyncio.create_task(
+            listen_forever(
+                self.settings.dsn,
+                deliveries.CHANNEL,
+                lambda *_: self.woken.set(),
+                self.woken.set,
+                "webhook deliveries",
+            )
+        )
+        try:
+            await every(
+                self.interval_s, self.step, self.stopping, "webhook scheduler", wake=self.woken
+            )
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
 
 
 class WebhookService:
-    """The ``webhooks`` service: the reply consumer and the retry scheduler, one client."""
+    """The ``webhooks`` service: the scheduler and its HTTP client."""
 
     name = "webhooks"
 
-    def __init__(
-        self,
-        settings: Settings,
-        pool: asyncpg.Pool,
-        producer: AIOKafkaProducer,
-        consumer: AIOKafkaConsumer,
-    ) -> None:
+    def __init__(self, settings: Settings, pool: asyncpg.Pool) -> None:
         policy = RetryPolicy(
             settings.webhook_retry_schedule_s,
             settings.webhook_max_attempts,
@@ -127,36 +109,23 @@ class WebhookService:
             timeout_s=settings.webhook_timeout_s,
             max_connections=settings.webhook_max_connections,
         )
-        self.consumer = BatchConsumer(
-            consumer,
-            WebhookHandler(settings, pool, producer, self.sender),
-            max_size=settings.batch_max_size,
-            max_wait_ms=settings.batch_max_wait_ms,
-        )
         self.scheduler = Scheduler(settings, pool, self.sender)
+        self.started = False
 
     async def run(self) -> None:
+        self.started = True
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self.consumer.run())
-                group.create_task(self.scheduler.run())
+            await self.scheduler.run()
         finally:
             await self.sender.close()
 
     def ready(self) -> bool:
-        return bool(self.consumer.consumer.assignment())
+        return self.started
 
     async def stop(self) -> None:
-        self.consumer.stop()
         self.scheduler.stopping.set()
 
 
-def groups(settings: Settings) -> list[Group]:
-    return [settings.topics.group("webhooks", "webhooks", settings.topics.replies)]
-
-
-@service("webhooks", groups)
+@service("webhooks")
 async def webhooks_service(shared: Resources) -> list[Service]:
-    [reads] = groups(shared.settings)
-    consumer = shared.consumer(reads)
-    return [WebhookService(shared.settings, shared.pool, shared.producer, consumer)]
+    return [WebhookService(shared.settings, shared.pool)]

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import typer
+import uvloop
 from rich.console import Console
 from rich.logging import RichHandler
 
@@ -46,7 +47,8 @@ def settings_for(engines: list[str] | None, port: int | None) -> Settings:
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main`` until it returns or SIGINT/SIGTERM asks it to stop."""
+    """Run ``main`` on a uvloop event loop until it returns or SIGINT/SIGTERM asks it to
+    stop."""
 
     async def wrapper() -> None:
         stop = asyncio.Event()
@@ -55,7 +57,8 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             loop.add_signal_handler(sig, stop.set)
         await main(stop)
 
-    asyncio.run(wrapper())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(wrapper())
 
 
 def run_work(

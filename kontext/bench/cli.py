@@ -84,9 +84,9 @@ def bench_lanes(
     """Interactive p50/p95/p99 latency without, then during, a large batch backfill."""
     import httpx
 
+    from kontext.app.children import spawned
     from kontext.bench import lanes as bench_lanes
     from kontext.bench import memory as bench
-    from kontext.bench.process import inference_process
 
     setup_logging(False)
     # No response cache: every probe and line must reach the engine.
@@ -102,10 +102,10 @@ def bench_lanes(
         async def work(runtime: Runtime, url: str) -> bench_lanes.Result:
             if not separate_inference:
                 return await measure(url, [])
-            log_path = settings.data_dir / "bench-inference.log"
             overrides = {"KONTEXT_CACHE_TTL_S": "0"}
-            async with inference_process(settings, engine, log_path, overrides) as child:
-                return await child.guard(measure(url, [child.metrics_url]))
+            async with spawned(settings, [["inference"]], overrides) as children:
+                [child] = children.all
+                return await children.guard(measure(url, [child.metrics_url]))
 
         result = run_work(settings, work, without_inference(separate_inference))
     body = bench_lanes.table(result)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import httpx
 import orjson
 
-from kontext.bench.process import scrape
+from kontext.bench.scrape import scrape
 from kontext.metrics import QUEUE_WAIT
 
 STAGES = ("enrich", "inference")

@@ -4,17 +4,18 @@ Same workload, null engine (no model: only the pipeline's own cost), chain off,
 limits only, then on, alternating for ``rounds`` rounds on one embedded broker
 and database:
 
-- off: ``KONTEXT_POLICY_LIMITS=false`` (no admission stage), no response cache,
-  no review step;
-- limits: the admission stage alone;
-- on: every step: the admission stage (limits with rpm, tpm and budget set, far
-  above the load, so every check runs and none refuses), human review with a
-  pattern that never matches, and the response cache (every prompt distinct, so
-  every lookup misses and every answer is written).
+- off: ``KONTEXT_POLICY_LIMITS=false`` (no limits), no response cache, no review
+  step;
+- limits: tenant limits alone (rpm, tpm and budget set, far above the load, so
+  every check runs in the enricher's statement and none refuses, and every job
+  settles);
+- on: every step: limits as above, human review with a pattern that never
+  matches, and the response cache (every prompt distinct, so every lookup misses
+  and every answer is written).
 
 Each request is submitted over HTTP and awaited with the long poll; its latency
 is submission to final status. A micro-benchmark also times the limits step's
-hooks in-process (``check_submit`` at the API, ``admit`` in the single writer).
+API hook in-process (``check_submit``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from kontext.bench import memory as bench
 from kontext.settings import Settings
 from kontext.store.keys import mint
 from schemas.events import ChatMessage, JobRequest
-from schemas.limits import Settled, TenantLimitStatus
+from schemas.limits import TenantLimitStatus
 from workers.policies.compose import ChainParts, build_chain
-from workers.policies.limits import LimitsPolicy
 
 WARM_UP = 20
 
@@ -60,7 +60,7 @@ class Run:
 
 
 VARIANTS = ("off", "limits", "on")
-"""off: no step; limits: the admission stage alone; on: the full chain."""
+"""off: no step; limits: tenant limits alone; on: the full chain."""
 
 
 def chain_settings(base: Settings, variant: str) -> Settings:
@@ -130,7 +130,7 @@ async def end_to_end(settings: Settings, requests: int, concurrency: int, tag: s
 
 
 async def hooks(samples: int = 20_000) -> dict[str, float]:
-    """Microseconds per request of the limits step's hooks, in-process."""
+    """Microseconds per request of the limits step's API hook, in-process."""
     settings = Settings(
         default_rpm=1_000_000_000,
         default_tpm=1_000_000_000_000,
@@ -143,8 +143,6 @@ async def hooks(samples: int = 20_000) -> dict[str, float]:
             return TenantLimitStatus(tenant_id=tenant_id, budget=10**15, budget_spent=10)
 
     api = build_chain(settings, ChainParts(limit_view=View()))
-    table: dict[bytes, Any] = {}
-    admission = build_chain(settings, ChainParts(limit_state=table))
     requests = [
         JobRequest(
             job_id=uuid.uuid4(),
@@ -160,23 +158,7 @@ async def hooks(samples: int = 20_000) -> dict[str, float]:
     for request in requests:
         await api.check_submit(request)
     submit_us = (time.perf_counter() - started) / samples * 1e6
-    ledger = next(s.ledger for s in admission.steps if isinstance(s, LimitsPolicy))
-    assert ledger is not None
-    admit_s = settle_s = 0.0
-    for n in range(0, samples, 16):  # micro-batches of 16; each settles after admission
-        batch = requests[n : n + 16]
-        started = time.perf_counter()
-        await admission.admit(batch)
-        admit_s += time.perf_counter() - started
-        done = [Settled(job_id=r.job_id, tenant_id=r.tenant_id, tokens=12) for r in batch]
-        started = time.perf_counter()
-        ledger.settle(done, time.time())
-        settle_s += time.perf_counter() - started
-    return {
-        "check_submit_us": round(submit_us, 2),
-        "admit_us": round(admit_s / samples * 1e6, 2),
-        "settle_us": round(settle_s / samples * 1e6, 2),
-    }
+    return {"check_submit_us": round(submit_us, 2)}
 
 
 def report(runs: list[Run], micro: dict[str, float]) -> tuple[str, dict[str, Any]]:
@@ -211,11 +193,9 @@ def report(runs: list[Run], micro: dict[str, float]) -> tuple[str, dict[str, Any
         f"Per request, chain on minus off (mean over rounds): **{summary['overhead_mean_ms']} ms "
         f"mean, {summary['overhead_p50_ms']} ms p50**; throughput "
         f"{summary['off_requests_per_s']} -> {summary['on_requests_per_s']} requests/s; "
-        f"the admission stage alone (limits): {summary['overhead_limits_only_mean_ms']} ms "
-        "mean. "
-        f"In-process cost of the limits step's hooks: check_submit "
-        f"{micro['check_submit_us']} µs, admit {micro['admit_us']} µs, settle "
-        f"{micro['settle_us']} µs per request.",
+        f"limits alone: {summary['overhead_limits_only_mean_ms']} ms mean. "
+        f"In-process cost of the limits step at the API (check_submit): "
+        f"{micro['check_submit_us']} µs per request.",
     ]
     return "\n".join(lines), summary
 
@@ -240,10 +220,10 @@ def publish(
         "shares the machine: compare rows of one run only). "
         f"Engine `null` (no model); {requests} requests per run from {concurrency} "
         f"concurrent clients (after {WARM_UP} warm-up requests), each submitted over HTTP "
-        "and awaited with the long poll; chain off (no admission stage, cache or review) "
-        "and on (admission stage with rpm/tpm/budget checks that never refuse, review "
+        "and awaited with the long poll; chain off (no limits, cache or review) "
+        "and on (limits with rpm/tpm/budget checks that never refuse, review "
         "step that never holds, response cache missing on distinct prompts), and limits "
-        "(the admission stage alone) alternate "
+        "(limits alone) alternate "
         f"for {rounds} rounds on one embedded broker and Postgres; broker, Postgres, "
         f"workers and load generator on this machine. Command: `{command}`.",
         body,

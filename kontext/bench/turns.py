@@ -38,8 +38,8 @@ from prometheus_client.metrics_core import Metric
 from rich.progress import Progress
 
 from kontext.bench import memory as bench
-from kontext.bench import process as bench_process
 from kontext.bench.cpu import CpuMeter, per_turn_ms
+from kontext.bench.scrape import scrape
 from kontext.settings import Settings
 from producers.client import KontextClient, KontextError
 from schemas.events import ChatMessage
@@ -393,7 +393,7 @@ async def measure(
     model = settings.engines[0]
 
     async def snapshot() -> dict[str, float]:
-        return batch_sizes(engine.name, await bench_process.scrape(metrics_url))
+        return batch_sizes(engine.name, await scrape(metrics_url))
 
     turns = len(work) * len(work[0].messages)
     label = f"{len(work)} conversations"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -229,11 +229,10 @@ async def start(pool: asyncpg.Pool, batch_id: UUID) -> None:
     )
 
 
-async def cancel(
-    pool: asyncpg.Pool, batch_id: UUID, tenant_id: str
-) -> tuple[BatchRow | None, list[Unstarted]]:
-    """Move the tenant's open batch to ``cancelling`` and fail its jobs not yet started;
-    returns the batch (None if the tenant has none of that id) and those jobs.
+async def cancel(pool: asyncpg.Pool, batch_id: UUID, tenant_id: str) -> BatchRow | None:
+    """Move the tenant's open batch to ``cancelling`` and fail its jobs not yet started
+    (the budget they held is released as they turn final); returns the batch (None if
+    the tenant has none of that id).
 
     Jobs already running finish; the batches service then moves it to ``cancelled``.
     """
@@ -247,30 +246,20 @@ async def cancel(
             batch_id,
             tenant_id,
         )
-        failed = await _fail_queued(conn, [batch_id], CANCELLED) if moved is not None else []
-        return await get(conn, batch_id, tenant_id), failed
+        if moved is not None:
+            await _fail_queued(conn, [batch_id], CANCELLED)
+        return await get(conn, batch_id, tenant_id)
 
 
-class Unstarted(NamedTuple):
-    """A batch job failed before it ran (cancel, expiry): its budget hold is released."""
-
-    job_id: UUID
-    tenant_id: str
-
-
-async def _fail_queued(
-    conn: asyncpg.Connection, batch_ids: list[UUID], error: ErrorInfo
-) -> list[Unstarted]:
-    rows = await conn.fetch(
+async def _fail_queued(conn: asyncpg.Connection, batch_ids: list[UUID], error: ErrorInfo) -> None:
+    await conn.execute(
         """
         UPDATE jobs SET status = 'failed', error = $2, completed_at = now(), updated_at = now()
         WHERE batch_id = ANY($1::uuid[]) AND status = 'queued'
-        RETURNING id, tenant_id
         """,
         batch_ids,
         error.model_dump(mode="json"),
     )
-    return [Unstarted(row["id"], row["tenant_id"]) for row in rows]
 
 
 async def refresh(
@@ -331,9 +320,9 @@ async def complete(conn: asyncpg.Connection, batch_ids: Sequence[UUID] | None = 
     )
 
 
-async def expire(conn: asyncpg.Connection) -> tuple[list[UUID], list[Unstarted]]:
+async def expire(conn: asyncpg.Connection) -> list[UUID]:
     """Expire open batches past ``expires_at`` and fail their jobs not yet started;
-    returns the expired batches and those jobs."""
+    returns the expired batches."""
     rows = await conn.fetch(
         """
         UPDATE batches SET status = 'expired', expired_at = now(), updated_at = now()
@@ -342,8 +331,9 @@ async def expire(conn: asyncpg.Connection) -> tuple[list[UUID], list[Unstarted]]
         """
     )
     expired = [row["id"] for row in rows]
-    failed = await _fail_queued(conn, expired, EXPIRED) if expired else []
-    return expired, failed
+    if expired:
+        await _fail_queued(conn, expired, EXPIRED)
+    return expired
 
 
 async def unnotified(conn: asyncpg.Connection, limit: int = 100) -> list[BatchRow]:

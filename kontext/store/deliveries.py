@@ -21,11 +21,13 @@ import asyncpg
 from schemas.webhooks import DeliveryStatus, DeliveryView
 
 _CLAIMED = "id, job_id, url, secret, payload, attempts, cycle_attempts"
-_SUBSCRIBED = (
+SUBSCRIBED = (
     "({type} = ANY(w.events) OR split_part({type}, '.', 1) || '.*' = ANY(w.events)"
     " OR '*' = ANY(w.events))"
 )
 """An endpoint subscribed to an event type: by its name, its family (``job.*``) or ``*``."""
+CHANNEL = "kontext_deliveries"
+"""NOTIFY channel: deliveries were created (the dispatcher claims the due ones)."""
 
 
 @dataclass(frozen=True)
@@ -66,57 +68,6 @@ class Attempt:
     retry_in_s: float | None
 
 
-async def create(
-    conn: asyncpg.Connection, job_ids: Sequence[UUID], first_delay_s: float, lease_s: float
-) -> list[Delivery]:
-    """Create the deliveries of these final jobs, once each: to the job's own webhook
-    and to each endpoint of its tenant subscribed to the event.
-
-    The body is the job as ``GET /v1/jobs/{id}`` shows it. With no first delay
-    the new deliveries come back claimed for their first attempt; otherwise
-    they wait for the scheduler and nothing comes back.
-    """
-    claim = first_delay_s == 0
-    rows = await conn.fetch(
-        f"""
-        INSERT INTO webhook_deliveries AS d (id, job_id, endpoint_id, event_type, url, secret,
-            payload, attempts, cycle_attempts, next_attempt_at, leased_until, tenant_id)
-        SELECT gen_random_uuid(), j.id, t.endpoint_id, e.type, t.url, t.secret,
-            jsonb_build_object(
-                'type', e.type,
-                'timestamp', coalesce(j.completed_at, now()),
-                'data', jsonb_build_object(
-                    'id', j.id, 'status', j.status, 'conversation_id', j.conversation_id,
-                    'model', j.model, 'created_at', j.created_at,
-                    'completed_at', j.completed_at, 'result', j.result, 'error', j.error)),
-            $2::int, $2::int, now() + make_interval(secs => $3),
-            CASE WHEN $2 = 1 THEN now() + make_interval(secs => $4) END, j.tenant_id
-        FROM jobs j
-        CROSS JOIN LATERAL (SELECT CASE j.status WHEN 'succeeded' THEN 'job.completed'
-                                                 ELSE 'job.failed' END AS type) e
-        CROSS JOIN LATERAL (
-            SELECT NULL::uuid AS endpoint_id, j.request->'webhook'->>'url' AS url,
-                j.webhook_secret AS secret
-            WHERE jsonb_typeof(j.request->'webhook') = 'object'
-            UNION ALL
-            -- The tenant's endpoints hear of its own chat jobs, not of each batch line
-            -- (its batch's end event covers those) nor of summaries.
-            SELECT w.id, w.url, w.secret FROM webhook_endpoints w
-            WHERE w.tenant_id = j.tenant_id AND j.batch_id IS NULL
-                AND j.request->>'kind' = 'chat' AND {_SUBSCRIBED.format(type="e.type")}
-        ) t
-        WHERE j.id = ANY($1::uuid[]) AND j.status IN ('succeeded', 'failed')
-        ON CONFLICT DO NOTHING
-        RETURNING {_CLAIMED}
-        """,
-        list(job_ids),
-        1 if claim else 0,
-        first_delay_s,
-        lease_s,
-    )
-    return [_claimed(row) for row in rows] if claim else []
-
-
 @dataclass(frozen=True)
 class BatchEvent:
     """A batch's end event, to deliver to the batch's webhook."""
@@ -147,7 +98,7 @@ async def create_for_batches(
             SELECT NULL::uuid AS endpoint_id, e.url, e.secret WHERE e.url IS NOT NULL
             UNION ALL
             SELECT w.id, w.url, w.secret FROM webhook_endpoints w
-            WHERE w.tenant_id = b.tenant_id AND {_SUBSCRIBED.format(type="e.type")}
+            WHERE w.tenant_id = b.tenant_id AND {SUBSCRIBED.format(type="e.type")}
         ) t
         ON CONFLICT DO NOTHING
         """,
@@ -158,6 +109,7 @@ async def create_for_batches(
         [e.payload for e in events],
         first_delay_s,
     )
+    await conn.execute(f"NOTIFY {CHANNEL}")  # delivered at commit
 
 
 async def claim_due(pool: asyncpg.Pool, limit: int, lease_s: float) -> list[Delivery]:
@@ -283,6 +235,7 @@ async def redeliver(
             tenant_id,
         )
         if queued is not None:
+            await conn.execute(f"NOTIFY {CHANNEL}")
             return Redelivery.QUEUED
         exists = await conn.fetchval(
             "SELECT 1 FROM webhook_deliveries "

@@ -7,6 +7,7 @@ delivery from Kafka never answers a job twice.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,8 +17,11 @@ from uuid import UUID
 import asyncpg
 from pgvector import Vector
 
+from kontext.store.deliveries import CHANNEL as DELIVERIES_CHANNEL
+from kontext.store.deliveries import SUBSCRIBED
 from schemas.api import JobStatus
 from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, unpack_vector
+from schemas.tables import NIL_KEY
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,127 @@ async def admit(
     raise RuntimeError(f"could not admit job {request.job_id}: its conversation kept changing")
 
 
+ADMIT_MANY = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[],
+                         $6::text[], $7::text[], $8::text[], $9::uuid[], $10::text[])
+        WITH ORDINALITY
+        AS i(id, conversation_id, model, request, idempotency_key, kind, user_id, tenant_id,
+             key_id, webhook_secret, ord)
+), conversation AS (
+    INSERT INTO conversations (id, user_id, tenant_id)
+    SELECT DISTINCT ON (conversation_id) conversation_id, user_id, tenant_id
+    FROM input ORDER BY conversation_id, ord
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id, tenant_id
+), owner AS (
+    SELECT id, tenant_id FROM conversation
+    UNION ALL
+    SELECT id, tenant_id FROM conversations
+    WHERE id IN (SELECT conversation_id FROM input)
+)
+INSERT INTO jobs (id, conversation_id, model, kind, status, request, idempotency_key,
+    tenant_id, key_id, webhook_secret)
+SELECT i.id, i.conversation_id, i.model, i.kind, 'queued', i.request, i.idempotency_key,
+    i.tenant_id, i.key_id, i.webhook_secret
+FROM input i
+WHERE EXISTS (SELECT 1 FROM owner o WHERE o.id = i.conversation_id AND o.tenant_id = i.tenant_id)
+ORDER BY i.ord
+ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+RETURNING {_JOB_COLUMNS}
+"""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A job to record: its request, its idempotency key and its own webhook secret."""
+
+    request: JobRequest
+    idempotency_key: str | None = None
+    webhook_secret: str | None = None
+
+
+async def admit_many(
+    pool: asyncpg.Pool, admissions: Sequence[Admission]
+) -> list[tuple[JobRow, bool] | ConversationNotOwned]:
+    """``admit`` for many jobs, in one statement when each is simply new (a new job of
+    a new conversation or of one its tenant owns); the others (an idempotency key
+    seen before, a conversation of another tenant) go through ``admit`` one by one.
+    Each result, in order, is the job and whether it was created now, or the
+    exception ``admit`` raised for it."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            ADMIT_MANY,
+            [a.request.job_id for a in admissions],
+            [a.request.conversation_id for a in admissions],
+            [a.request.model for a in admissions],
+            [a.request.model_dump(mode="json") for a in admissions],
+            [a.idempotency_key for a in admissions],
+            [a.request.kind for a in admissions],
+            [a.request.user for a in admissions],
+            [a.request.tenant_id for a in admissions],
+            [a.request.key_id for a in admissions],
+            [a.webhook_secret for a in admissions],
+        )
+    created = {row["id"]: _row(row) for row in rows}
+    results: list[tuple[JobRow, bool] | ConversationNotOwned] = []
+    for admission in admissions:
+        row = created.get(admission.request.job_id)
+        if row is not None:
+            results.append((row, True))
+            continue
+        try:
+            results.append(
+                await admit(
+                    pool, admission.request, admission.idempotency_key, admission.webhook_secret
+                )
+            )
+        except ConversationNotOwned as exc:
+            results.append(exc)
+    return results
+
+
+class Admitter:
+    """Group commit of new jobs: every ``admit`` waiting while a statement runs goes
+    into the next one (up to ``max_batch``), so a burst of submissions costs a few
+    statements, not one each; a lone one goes at once."""
+
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 500) -> None:
+        self.pool = pool
+        self.max_batch = max_batch
+        self._queue: list[tuple[Admission, asyncio.Future[tuple[JobRow, bool]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def admit(
+        self, request: JobRequest, idempotency_key: str | None, webhook_secret: str | None
+    ) -> tuple[JobRow, bool]:
+        """As ``admit``, batched with the other jobs being admitted."""
+        done: asyncio.Future[tuple[JobRow, bool]] = asyncio.get_running_loop().create_future()
+        self._queue.append((Admission(request, idempotency_key, webhook_secret), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+        return await done
+
+    async def _write(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            waiting = [(a, f) for a, f in batch if not f.done()]
+            try:
+                results = await admit_many(self.pool, [a for a, _ in waiting])
+            except Exception as exc:  # the statement failed: each job's submitter hears it
+                for _, future in waiting:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(waiting, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, ConversationNotOwned):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+
 async def get(pool: asyncpg.Pool, job_id: UUID, tenant_id: str | None = None) -> JobRow | None:
     """The job, or None; with ``tenant_id``, only a job of that tenant."""
     row = await pool.fetchrow(
@@ -167,8 +292,138 @@ class Recorded:
     """Requests whose turn has come: publish them to the requests topic."""
 
 
-async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion]) -> Recorded:
-    """Finalise jobs, store their turns and open conversation order gates, in one statement.
+RECORD = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::bigint[],
+                         $6::bigint[])
+        AS u(id, status, result, error, prompt_tokens, completion_tokens)
+), fresh AS (
+    UPDATE jobs SET status = input.status, result = input.result, error = input.error,
+        completed_at = now(), updated_at = now(), usage_recorded_at = now()
+    FROM input
+    WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
+    RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
+        jobs.kind, jobs.request->>'user' AS user_id, jobs.tenant_id, jobs.key_id, jobs.model,
+        jobs.created_at, jobs.completed_at, jobs.batch_id, jobs.request->'webhook' AS webhook,
+        jobs.webhook_secret, input.prompt_tokens, input.completion_tokens
+), replied AS (
+    -- The previous batch's replies, published since: remembered now (one statement).
+    UPDATE jobs SET replied_at = now()
+    WHERE jobs.id = ANY($13::uuid[]) AND jobs.replied_at IS NULL
+), usage_added AS (
+    -- Each job's tokens, once: only a job this statement finalised counts.
+    INSERT INTO usage AS u (tenant_id, key_id, model, period, requests, prompt_tokens,
+        completion_tokens)
+    SELECT tenant_id, coalesce(key_id, '{NIL_KEY}'::uuid), model,
+        date_trunc('hour', completed_at), count(*), sum(prompt_tokens), sum(completion_tokens)
+    FROM fresh
+    GROUP BY 1, 2, 3, 4
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT (tenant_id, key_id, model, period) DO UPDATE SET
+        requests = u.requests + excluded.requests,
+        prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = u.completion_tokens + excluded.completion_tokens,
+        updated_at = now()
+), deliveries AS (
+    -- Each finalised job's webhook deliveries, once: to its own webhook and to each
+    -- endpoint of its tenant subscribed to the event (chat jobs, not a batch's lines,
+    -- whose batch's end event covers them, nor summaries). The dispatcher is woken.
+    INSERT INTO webhook_deliveries (id, job_id, endpoint_id, event_type, url, secret,
+        payload, attempts, cycle_attempts, next_attempt_at, leased_until, tenant_id)
+    SELECT gen_random_uuid(), f.id, t.endpoint_id, e.type, t.url, t.secret,
+        jsonb_build_object(
+            'type', e.type,
+            'timestamp', f.completed_at,
+            'data', jsonb_build_object(
+                'id', f.id, 'status', f.status, 'conversation_id', f.conversation_id,
+                'model', f.model, 'created_at', f.created_at,
+                'completed_at', f.completed_at, 'result', f.result, 'error', f.error)),
+        0, 0, now() + make_interval(secs => $14), NULL, f.tenant_id
+    FROM fresh f
+    CROSS JOIN LATERAL (SELECT CASE f.status WHEN 'succeeded' THEN 'job.completed'
+                                             ELSE 'job.failed' END AS type) e
+    CROSS JOIN LATERAL (
+        SELECT NULL::uuid AS endpoint_id, f.webhook->>'url' AS url, f.webhook_secret AS secret
+        WHERE jsonb_typeof(f.webhook) = 'object'
+        UNION ALL
+        SELECT w.id, w.url, w.secret FROM webhook_endpoints w
+        WHERE w.tenant_id = f.tenant_id AND f.batch_id IS NULL AND f.kind = 'chat'
+            AND {SUBSCRIBED.format(type="e.type")}
+    ) t
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), woken AS (
+    SELECT pg_notify('{DELIVERIES_CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM deliveries)
+), conv AS (
+    -- Create the conversation if needed, and open its order gate to the next
+    -- waiting turn when the turn in flight is the one just finalised.
+    INSERT INTO conversations (id, user_id, tenant_id)
+    SELECT DISTINCT ON (conversation_id) conversation_id, user_id, tenant_id FROM fresh
+    ON CONFLICT (id) DO UPDATE SET
+        updated_at = now(),
+        user_id = coalesce(conversations.user_id, excluded.user_id),
+        in_flight = CASE WHEN conversations.in_flight IN (
+                SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+            THEN conversations.waiting[1] ELSE conversations.in_flight END,
+        in_flight_since = CASE WHEN conversations.in_flight IN (
+                SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+            THEN now() ELSE conversations.in_flight_since END,
+        waiting = CASE WHEN conversations.in_flight IN (
+                SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+            THEN conversations.waiting[2:] ELSE conversations.waiting END
+    RETURNING id, in_flight, tenant_id
+), new_turns AS (
+    -- Never into a conversation another tenant owns (one forgotten and re-created).
+    SELECT t.*, fresh.conversation_id
+    FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::vector[])
+        AS t(job_id, role, content, tokens, ord, embedding)
+    JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
+    JOIN conv ON conv.id = fresh.conversation_id AND conv.tenant_id = fresh.tenant_id
+), stored AS (
+    INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id, embedding)
+    SELECT conversation_id,
+        coalesce((SELECT max(seq) FROM turns x
+                  WHERE x.conversation_id = new_turns.conversation_id), 0)
+        + row_number() OVER (PARTITION BY conversation_id ORDER BY ord),
+        role, content, tokens, job_id, embedding
+    FROM new_turns
+), next_up AS (
+    -- The turn each conversation's gate now admits: opened just now, or opened
+    -- earlier by a recording whose redrive message may have been lost.
+    SELECT in_flight AS id FROM conv WHERE in_flight IS NOT NULL
+    UNION
+    SELECT c.in_flight FROM conversations c
+    WHERE c.in_flight IS NOT NULL AND c.id IN (
+        SELECT j.conversation_id FROM jobs j
+        WHERE j.id = ANY($1::uuid[]) AND j.id NOT IN (SELECT id FROM fresh))
+)
+SELECT 'outcome' AS part, j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh,
+    coalesce(fresh.status, j.status) AS status,
+    CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
+    CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
+    j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]) AS replied, NULL::jsonb AS request,
+    coalesce(j.request->>'priority', 'interactive') AS priority
+FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
+WHERE j.id = ANY($1::uuid[])
+UNION ALL
+SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
+    j.request, NULL
+FROM jobs j JOIN next_up ON next_up.id = j.id
+WHERE j.status = 'queued'
+"""
+
+
+async def record(
+    conn: asyncpg.Connection,
+    completions: Sequence[JobCompletion],
+    replied: Sequence[UUID] = (),
+    webhook_first_delay_s: float = 0.0,
+) -> Recorded:
+    """Finalise jobs, store their turns and open conversation order gates, in one
+    statement; in the same statement, each finalised job's usage is counted and its
+    webhook deliveries are created, and ``replied`` (jobs whose replies were published
+    since the last recording) are remembered as replied. A job turning final settles
+    what its tenant's limits held for it (a trigger, migration 0013).
 
     Only jobs not yet final are updated and get turns; a duplicate completion
     leaves the ledger as it was and comes back with the stored result.
@@ -177,6 +432,8 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
     statuses: list[str] = []
     results: list[dict[str, Any] | None] = []
     errors: list[dict[str, Any] | None] = []
+    prompt_tokens: list[int] = []
+    completion_tokens: list[int] = []
     turn_jobs: list[UUID] = []
     turn_roles: list[str] = []
     turn_contents: list[str] = []
@@ -196,6 +453,8 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
             else None
         )
         errors.append(done.error.model_dump(mode="json") if done.error else None)
+        prompt_tokens.append(done.usage.prompt_tokens if done.usage else 0)
+        completion_tokens.append(done.usage.completion_tokens if done.usage else 0)
         if done.status == "succeeded":
             for turn in done.new_turns:
                 turn_jobs.append(done.job_id)
@@ -209,84 +468,21 @@ async def record(conn: asyncpg.Connection, completions: Sequence[JobCompletion])
                     Vector(unpack_vector(turn.embedding)) if turn.embedding else None
                 )
     rows = await conn.fetch(
-        """
-        WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[])
-                AS u(id, status, result, error)
-        ), fresh AS (
-            UPDATE jobs SET status = input.status, result = input.result, error = input.error,
-                completed_at = now(), updated_at = now()
-            FROM input
-            WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
-            RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
-                jobs.kind, jobs.request->>'user' AS user_id, jobs.tenant_id
-        ), conv AS (
-            -- Create the conversation if needed, and open its order gate to the next
-            -- waiting turn when the turn in flight is the one just finalised.
-            INSERT INTO conversations (id, user_id, tenant_id)
-            SELECT DISTINCT ON (conversation_id) conversation_id, user_id, tenant_id FROM fresh
-            ON CONFLICT (id) DO UPDATE SET
-                updated_at = now(),
-                user_id = coalesce(conversations.user_id, excluded.user_id),
-                in_flight = CASE WHEN conversations.in_flight IN (
-                        SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
-                    THEN conversations.waiting[1] ELSE conversations.in_flight END,
-                in_flight_since = CASE WHEN conversations.in_flight IN (
-                        SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
-                    THEN now() ELSE conversations.in_flight_since END,
-                waiting = CASE WHEN conversations.in_flight IN (
-                        SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
-                    THEN conversations.waiting[2:] ELSE conversations.waiting END
-            RETURNING id, in_flight, tenant_id
-        ), new_turns AS (
-            -- Never into a conversation another tenant owns (one forgotten and re-created).
-            SELECT t.*, fresh.conversation_id
-            FROM unnest($5::uuid[], $6::text[], $7::text[], $8::int[], $9::int[], $10::vector[])
-                AS t(job_id, role, content, tokens, ord, embedding)
-            JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
-            JOIN conv ON conv.id = fresh.conversation_id AND conv.tenant_id = fresh.tenant_id
-        ), stored AS (
-            INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id, embedding)
-            SELECT conversation_id,
-                coalesce((SELECT max(seq) FROM turns x
-                          WHERE x.conversation_id = new_turns.conversation_id), 0)
-                + row_number() OVER (PARTITION BY conversation_id ORDER BY ord),
-                role, content, tokens, job_id, embedding
-            FROM new_turns
-        ), next_up AS (
-            -- The turn each conversation's gate now admits: opened just now, or opened
-            -- earlier by a recording whose redrive message may have been lost.
-            SELECT in_flight AS id FROM conv WHERE in_flight IS NOT NULL
-            UNION
-            SELECT c.in_flight FROM conversations c
-            WHERE c.in_flight IS NOT NULL AND c.id IN (
-                SELECT j.conversation_id FROM jobs j
-                WHERE j.id = ANY($1::uuid[]) AND j.id NOT IN (SELECT id FROM fresh))
-        )
-        SELECT 'outcome' AS part, j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh,
-            coalesce(fresh.status, j.status) AS status,
-            CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
-            CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
-            j.replied_at IS NOT NULL AS replied, NULL::jsonb AS request,
-            coalesce(j.request->>'priority', 'interactive') AS priority
-        FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
-        WHERE j.id = ANY($1::uuid[])
-        UNION ALL
-        SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
-            j.request, NULL
-        FROM jobs j JOIN next_up ON next_up.id = j.id
-        WHERE j.status = 'queued'
-        """,
+        RECORD,
         ids,
         statuses,
         results,
         errors,
+        prompt_tokens,
+        completion_tokens,
         turn_jobs,
         turn_roles,
         turn_contents,
         turn_tokens,
         turn_order,
         turn_embeddings,
+        list(replied),
+        webhook_first_delay_s,
     )
     outcomes = [
         Outcome(

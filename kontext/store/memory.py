@@ -1,14 +1,14 @@
 """Conversation memory in Postgres: context for prompts, embeddings, summaries.
 
-Raw asyncpg. ``claim_with_context`` is the enricher's one round trip per
-micro-batch; the rest runs in the memory worker, off the request path.
+Raw asyncpg. What a prompt holds is read by the enricher's one round trip per
+micro-batch (``kontext.store.enrichment``); the rest runs in the memory worker,
+off the request path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -45,61 +45,6 @@ class MemoryContext:
     recent: list[StoredTurn] = field(default_factory=list)
     summaries: list[StoredSummary] = field(default_factory=list)
     recalled: list[StoredTurn] = field(default_factory=list)
-
-
-def vector_literal(vector: np.ndarray | None) -> str | None:
-    if vector is None:
-        return None
-    return "[" + ",".join(f"{x:.6f}" for x in vector.tolist()) + "]"
-
-
-async def claim_with_context(
-    conn: asyncpg.Connection,
-    jobs: Sequence[tuple[UUID, np.ndarray | None]],
-    recent_turns: int,
-    recall_k: int,
-    lease_s: float,
-) -> dict[UUID, MemoryContext]:
-    """Admit jobs through the conversation order gate and read each one's memory,
-    in one round trip (the ``kontext_admit_batch`` function, see migration 0003).
-
-    ``jobs`` pairs each job id with the embedding of its new message (None: no
-    recall). Left out of the answer: jobs already final (a redelivered message)
-    and chat turns waiting for an earlier turn of their conversation (the
-    recorder sends them again when that one is recorded).
-    """
-    rows = await conn.fetch(
-        "SELECT * FROM kontext_admit_batch($1::uuid[], $2::text[], $3, $4, $5::interval)",
-        [job_id for job_id, _ in jobs],
-        [vector_literal(query) for _, query in jobs],
-        recent_turns,
-        recall_k,
-        timedelta(seconds=lease_s),
-    )
-    contexts: dict[UUID, MemoryContext] = {}
-    for row in rows:
-        context = contexts.setdefault(row["job_id"], MemoryContext())
-        part = row["part"]
-        if part == "summary":
-            context.summaries.append(
-                StoredSummary(
-                    row["level"], row["first_seq"], row["last_seq"], row["content"], row["tokens"]
-                )
-            )
-        elif part in ("recent", "recall"):
-            turn = StoredTurn(
-                seq=row["seq"],
-                role=row["role"],
-                content=row["content"],
-                tokens=row["tokens"],
-                similarity=row["similarity"],
-                conversation_id=row["conversation_id"],
-            )
-            (context.recent if part == "recent" else context.recalled).append(turn)
-    for context in contexts.values():
-        context.recent.sort(key=lambda t: t.seq)
-        context.summaries.sort(key=lambda s: (s.first_seq, -s.level))
-    return contexts
 
 
 async def unembedded_turns(

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from kontext.connections import create_pool, create_producer
 from kontext.settings import Settings
+from kontext.store import ledger
 from producers.api import (
     batches,
     conversations,
@@ -42,7 +43,13 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.keys.start()
         policies = ApiPolicies(settings)
         await policies.start()
-        app.state.api = ApiState(settings=settings, pool=pool, producer=producer, waiters=waiters)
+        app.state.api = ApiState(
+            settings=settings,
+            pool=pool,
+            producer=producer,
+            waiters=waiters,
+            admitter=ledger.Admitter(pool),
+        )
         app.state.api.chain = policies.chain
         try:
             yield

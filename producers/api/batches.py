@@ -19,7 +19,6 @@ from producers.api.state import ApiState, state
 from producers.batches import submit_batch
 from schemas.api import ErrorBody
 from schemas.batches import BatchCreate, BatchView, OutputError, OutputLine, OutputResponse
-from workers.batches import release_holds
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -103,8 +102,7 @@ async def cancel_batch(
 ) -> BatchView:
     """Stop an open batch: jobs not started fail as ``batch_cancelled`` (the budget they
     held is released), running ones finish, then the batch is ``cancelled``."""
-    row, unstarted = await batches.cancel(api.pool, batch_id, principal.tenant_id)
-    await release_holds(api.settings, api.producer, unstarted)
+    row = await batches.cancel(api.pool, batch_id, principal.tenant_id)
     if row is None:
         raise HTTPException(404, f"no batch {batch_id}")
     if row.status not in ("cancelling", "cancelled"):

@@ -23,7 +23,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
 async def readyz(request: Request) -> ORJSONResponse:
     """Postgres and Kafka both answer within 2 s: send traffic here (readiness)."""
-    api = state(request)
+    api = await state(request)
 
     async def postgres() -> None:
         async with api.pool.acquire() as conn:

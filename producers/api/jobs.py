@@ -40,7 +40,7 @@ async def create_job(
     """
     job, created = await submit(
         api.settings,
-        api.pool,
+        api.admitter,
         api.producer,
         submission,
         tenant_id=principal.tenant_id,

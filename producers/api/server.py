@@ -26,7 +26,11 @@ class ApiService:
 
     def __init__(self, settings: Settings) -> None:
         config = uvicorn.Config(
-            create_app(settings), log_level="warning", lifespan="on", access_log=False
+            create_app(settings),
+            log_level="warning",
+            lifespan="on",
+            access_log=False,
+            http="httptools",
         )
         self.server = _Server(config)
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -9,8 +9,6 @@ synchronous, per item, and do no I/O).
   recorded or published; returns the request to use (e.g. PII redacted).
 - ``check_submit``: at the API, before a job is recorded. A refusal becomes an
   HTTP error there (e.g. 429 with Retry-After).
-- ``admit``: in the admission stage, before enrichment. A refused job fails
-  with the refusal's code and message.
 - ``before_engine``: in the inference worker. Jobs answered here (e.g. from a
   cache) skip the engine.
 - ``rewrite_completion``: in the inference worker, on each engine result before
@@ -48,9 +46,6 @@ class Policy:
 
     async def check_submit(self, request: JobRequest) -> Refusal | None:
         return None
-
-    async def admit(self, requests: Sequence[JobRequest]) -> dict[UUID, Refusal]:
-        return {}
 
     async def before_engine(self, items: Sequence[EnrichedRequest]) -> dict[UUID, JobCompletion]:
         return {}

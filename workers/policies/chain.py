@@ -32,15 +32,6 @@ class PolicyChain:
                 return refusal
         return None
 
-    async def admit(self, requests: Sequence[JobRequest]) -> dict[UUID, Refusal]:
-        refused: dict[UUID, Refusal] = {}
-        for step in self.steps:
-            pending = [r for r in requests if r.job_id not in refused]
-            if not pending:
-                break
-            refused.update(await step.admit(pending))
-        return refused
-
     async def before_engine(self, items: Sequence[EnrichedRequest]) -> dict[UUID, JobCompletion]:
         answered: dict[UUID, JobCompletion] = {}
         for step in self.steps:

@@ -1,10 +1,10 @@
 """The one place the policy chain is built from settings.
 
 Every service that runs policy hooks builds its chain here, so the order of
-the steps is decided once: the API (``check_submit``), the admission stage
-(``admit``) and the inference workers (``before_engine`` / ``after_engine``).
+the steps is decided once: the API (``rewrite_request``, ``check_submit``) and the
+inference workers (``before_engine`` / ``rewrite_completion`` / ``after_engine``).
 Each step gets only what it needs from ``ChainParts``; a step whose part is
-missing in this service (e.g. the limiter's state outside the admission stage)
+missing in this service (e.g. the limits' published state outside the API)
 still runs, and lets through what it cannot decide.
 """
 
@@ -18,7 +18,7 @@ from kontext.settings import Settings
 from workers.policies.base import Policy
 from workers.policies.cache import ResponseCache
 from workers.policies.chain import PolicyChain
-from workers.policies.limits import LimitsPolicy, LimitState, LimitView, TenantLimits
+from workers.policies.limits import LimitsPolicy, LimitView
 from workers.policies.redaction import PiiRedaction
 from workers.policies.review import HumanReview
 
@@ -29,9 +29,7 @@ class ChainParts:
 
     pool: asyncpg.Pool | None = None
     limit_view: LimitView | None = None
-    """The API's copy of the limiter's published per-tenant state (``check_submit``)."""
-    limit_state: LimitState | None = None
-    """The limiter's own per-tenant state: the single writer's table (``admit``)."""
+    """The API's copy of the tenants' published limit state (``check_submit``)."""
 
 
 def build_steps(settings: Settings, parts: ChainParts) -> list[Policy]:
@@ -41,8 +39,7 @@ def build_steps(settings: Settings, parts: ChainParts) -> list[Policy]:
     if settings.redact_pii:  # first: no other step, nor anything stored, sees the PII
         steps.append(PiiRedaction(settings.pii_region))
     if settings.policy_limits:
-        limits = TenantLimits(settings, parts.pool)
-        steps.append(LimitsPolicy(limits, view=parts.limit_view, state=parts.limit_state))
+        steps.append(LimitsPolicy(settings, parts.limit_view))
     # Review before cache: a result held for review is never written to the cache.
     if parts.pool is not None and (
         settings.review_patterns or settings.review_logprob_threshold is not None

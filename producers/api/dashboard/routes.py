@@ -86,7 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 router = APIRouter(tags=["dashboard"], lifespan=lifespan)
 
 
-def _state(request: Request) -> DashboardState:
+async def _state(request: Request) -> DashboardState:
     found: DashboardState = request.app.state.dashboard
     return found
 
