@@ -7,6 +7,7 @@ import httpx
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+
 async def scrape(url: str) -> list[Metric]:
     """The metric families a Prometheus endpoint serves now."""
     async with httpx.AsyncClient(timeout=10) as http:
