@@ -86,7 +86,18 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(default=64, ge=1)
 
     batch_max_size: int = Field(default=16, ge=1)
-    batch_max_wait_ms: int = Field(default=20, ge=0)
+    """Most requests in one engine call (an inference micro-batch)."""
+    batch_max_wait_ms: int = Field(default=0, ge=0)
+    """How long a micro-batch waits for more after its first record. 0 (the default):
+    a batch is what has arrived, and a stage that is idle never waits; while every
+    handler slot is busy a batch keeps filling anyway (it could not start sooner)."""
+    stage_batch_max_size: int = Field(default=500, ge=1)
+    """Most records in one micro-batch of the stages around the engine (enricher,
+    recorder, memory): each is one Postgres round trip however large."""
+    stream_runtime: Literal["aiokafka", "faust"] = "aiokafka"
+    """What runs the enricher's stream processors: ``aiokafka`` (the consume loop every
+    worker uses) or ``faust`` (a faust-streaming agent per lane: about three times the
+    CPU per message, and a batch waits ``batch_max_wait_ms`` or at least 1 ms)."""
     background_share: float = Field(default=0.25, gt=0, le=1)
     """Share of each inference micro-batch kept for background work (summaries, backfills),
     and of the time background work runs while interactive jobs arrive (``pacing_window_ms``)."""
@@ -127,10 +138,17 @@ class Settings(BaseSettings):
     kafka_fetch_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
     """Most bytes one fetch brings back: with the batch in hand and the next one, what a
     consumer holds of a backlog (the rest stays on the broker)."""
-    kafka_fetch_max_wait_ms: int = Field(default=50, ge=1, le=10_000)
-    """Longest a consumer's fetch waits on the broker when no data is ready: each hop's
-    worst added latency, traded against idle polling CPU (about 13% of a core at 25 ms,
-    5% at 500 ms for `kontext up`)."""
+    kafka_fetch_max_wait_ms: int = Field(default=5, ge=1, le=10_000)
+    """Longest a consumer's fetch waits on the broker while records flow. The embedded
+    broker answers a waiting fetch only when this runs out, so it is each hop's added
+    latency there; Kafka answers as soon as data arrives."""
+    kafka_idle_fetch_max_wait_ms: int = Field(default=200, ge=1, le=10_000)
+    """The same once a consumer got nothing for 10 s: an idle stack polls the broker a
+    few times a second, not hundreds (the first job after such a pause waits up to this
+    long at each hop of the embedded broker)."""
+    kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
+    """How long a producer holds a message to batch it with later ones. 0: it sends at
+    once, and messages produced while a send is in flight still go together."""
 
     webhook_secret: Annotated[list[WebhookSecret], NoDecode] = Field(
         default_factory=list, repr=False

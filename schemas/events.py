@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 from uuid import UUID
 
-import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 Role = Literal["system", "user", "assistant"]
@@ -113,39 +112,12 @@ class ContextInfo(BaseModel):
     )
 
 
-def pack_vector(vector: np.ndarray) -> str:
-    """A vector as events carry it (``TurnRecord.embedding``): float32, base64."""
-    return base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
-
-
-def unpack_vector(packed: str) -> np.ndarray:
-    """The vector of ``pack_vector``'s text."""
-    return np.frombuffer(base64.b64decode(packed), dtype=np.float32)
-
-
-def _check_packed_vector(value: str | None) -> str | None:
-    """An embedding in an event: float32 values, base64."""
-    if value is not None:
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except binascii.Error:
-            raise ValueError("an embedding is float32 values in base64") from None
-        if not raw or len(raw) % 4:
-            raise ValueError("an embedding is float32 values in base64")
-    return value
-
-
 class TurnRecord(BaseModel):
     """A turn to store once its job succeeds."""
 
     role: Role
     content: str
     tokens: int
-    embedding: Annotated[str | None, AfterValidator(_check_packed_vector)] = Field(
-        default=None, repr=False
-    )
-    """The message's embedding (float32, base64) when the enricher computed it to search
-    memory: stored with the turn, so the memory worker does not embed it again."""
 
 
 WEBHOOK_SECRET_PREFIX = "whsec_"
@@ -310,6 +282,15 @@ class JobReply(Event):
     status: FinalStatus
     result: ChatCompletion | None = None
     error: ErrorInfo | None = None
+
+
+class ReplyHead(Event):
+    """What a reply says about its job, for a reader that needs no more (the result
+    stays unread: what it holds is in the ledger)."""
+
+    job_id: UUID
+    conversation_id: str
+    status: FinalStatus
 
 
 class DeadLetter(Event):

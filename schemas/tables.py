@@ -59,11 +59,22 @@ tenants = Table(
 tenant_budget_spent = Table(
     "tenant_budget_spent",
     metadata,
-    # Tokens spent against the tenant's budget, as the admission stage last saved them
-    # (its own state is a stream table; this copy survives a lost changelog).
+    # Tokens the tenant's finished jobs used, and the budget its jobs in flight hold
+    # (decided by kontext_enrich, settled by the jobs_settle trigger; migration 0013).
     Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
     Column("spent", BigInteger, nullable=False, server_default="0"),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("reserved", BigInteger, nullable=False, server_default="0"),
+)
+
+tenant_windows = Table(
+    "tenant_windows",
+    metadata,
+    # Requests and tokens counted per second over the last minute (rpm, tpm).
+    Column("tenant_id", Text, ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True),
+    Column("second", BigInteger, primary_key=True),
+    Column("requests", Integer, nullable=False, server_default="0"),
+    Column("tokens", BigInteger, nullable=False, server_default="0"),
 )
 
 api_keys = Table(
@@ -117,6 +128,15 @@ jobs = Table(
     Column("custom_id", Text),
     # The job's own webhook signing secret: never in ``request``, which travels the topics.
     Column("webhook_secret", Text),
+    # What its tenant's limits charged it when it was admitted (decided once): the budget
+    # it holds until it turns final, and the second and tokens it counts in the window.
+    Column("admitted_at", DateTime(timezone=True)),
+    Column("hold", BigInteger),
+    Column("window_second", BigInteger),
+    Column("window_tokens", Integer),
+    # The recall query's embedding, from the enricher's claim until the recorder stores
+    # it with the user's turn.
+    Column("query_embedding", Vector(EMBEDDING_DIM)),
     CheckConstraint(
         "status IN ('queued', 'running', 'needs_review', 'succeeded', 'failed')",
         name="jobs_status_valid",
@@ -126,6 +146,8 @@ jobs = Table(
     Index("jobs_conversation_created", "conversation_id", "created_at"),
     Index("jobs_status_updated", "status", "updated_at"),
     Index("jobs_batch_status", "batch_id", "status", postgresql_where=text("batch_id IS NOT NULL")),
+    # Room on each page for a row's later versions (it is written four times, 0016).
+    postgresql_with={"fillfactor": 70},
 )
 
 batches = Table(

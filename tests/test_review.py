@@ -150,8 +150,11 @@ async def test_a_result_matching_a_pattern_is_delivered_only_once_approved(
     assert stored["status"] == "approved" and stored["note"] == "looks fine"
     assert stored["original_output"] == stored["final_output"] == "ok"
     assert stored["reviewer"] and stored["decided_at"] is not None
-    assert await pool.fetchval(
-        "SELECT replied_at IS NOT NULL FROM jobs WHERE id = $1", uuid.UUID(job["id"])
+    await wait_for(
+        lambda: pool.fetchval(
+            "SELECT replied_at IS NOT NULL FROM jobs WHERE id = $1", uuid.UUID(job["id"])
+        ),
+        timeout=10,
     )
     deliveries = (await http.get("/v1/webhooks/deliveries", params={"job_id": job["id"]})).json()
     assert len(deliveries["data"]) == 1

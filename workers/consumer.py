@@ -22,6 +22,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from kontext.connections import FetchTempo
 from kontext.metrics import observe_lag
 from workers.pacing import Pacer, background_reserve
 from workers.records import BatchHandler, Flushing, Record
@@ -79,6 +80,7 @@ async def drain(
     max_wait_ms: int,
     stopping: asyncio.Event,
     free: asyncio.Event | None = None,
+    tempo: FetchTempo | None = None,
 ) -> list[Record]:
     """The next micro-batch: waits for a first record, then up to max_wait_ms for more,
     and on while ``free`` (a handler slot is free) is clear."""
@@ -96,6 +98,8 @@ async def drain(
                     break
                 timeout_ms = BUSY_POLL_MS
         fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_size - len(batch))
+        if tempo is not None:
+            tempo.observe(consumer, bool(fetched))
         for messages in fetched.values():
             batch.extend(Record(m.topic, m.partition, m.offset, m.key, m.value) for m in messages)
         if batch and not deadline:
@@ -103,10 +107,14 @@ async def drain(
     return batch
 
 
-async def _fetch(consumer: AIOKafkaConsumer, timeout_ms: int, room: int) -> list[Record]:
+async def _fetch(
+    consumer: AIOKafkaConsumer, timeout_ms: int, room: int, tempo: FetchTempo | None = None
+) -> list[Record]:
     if room <= 0:
         return []
     fetched = await consumer.getmany(timeout_ms=max(timeout_ms, 0), max_records=room)
+    if tempo is not None:
+        tempo.observe(consumer, bool(fetched))
     return [
         Record(m.topic, m.partition, m.offset, m.key, m.value)
         for messages in fetched.values()
@@ -123,6 +131,7 @@ async def drain_lanes(
     stopping: asyncio.Event,
     free: asyncio.Event | None = None,
     pacer: Pacer | None = None,
+    tempo: FetchTempo | None = None,
 ) -> list[Record]:
     """The next micro-batch across two priority lanes.
 
@@ -160,14 +169,14 @@ async def drain_lanes(
             break
         can_start = _can_start(free, stopping)
         if take_background(can_start):
-            low += await _fetch(background, 0, min(room, reserve - len(low)))
+            low += await _fetch(background, 0, min(room, reserve - len(low)), tempo)
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
         can_start = _can_start(free, stopping)
         past = bool(deadline) and time.monotonic() >= deadline
         if past and can_start:
             if not high and take_background(can_start):
-                low += await _fetch(background, 0, background_room())
+                low += await _fetch(background, 0, background_room(), tempo)
             break
         if deadline:
             wait_ms = BUSY_POLL_MS if past else int((deadline - time.monotonic()) * 1000)
@@ -175,12 +184,12 @@ async def drain_lanes(
             break
         else:
             wait_ms = IDLE_POLL_MS
-        arrived = await _fetch(interactive, wait_ms, max_size - len(high) - len(low))
+        arrived = await _fetch(interactive, wait_ms, max_size - len(high) - len(low), tempo)
         if arrived and pacer is not None:
             pacer.saw_interactive()
         high += arrived
         if not high and can_start and take_background(can_start):
-            low += await _fetch(background, 0, background_room())
+            low += await _fetch(background, 0, background_room(), tempo)
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
     return high + low
@@ -200,12 +209,13 @@ class BatchConsumer:
         background_share: float = 0.25,
         max_in_flight: int = 1,
         pacer: Pacer | None = None,
+        tempo: FetchTempo | None = None,
     ) -> None:
         """With ``background``, ``consumer`` is the interactive lane and background work
         keeps ``background_share`` of each batch; ``pacer`` paces that work while
         interactive jobs arrive, and is told how long it ran. Up to ``max_in_flight``
         batches are handled at once (for an engine that merges concurrent calls, such
-        as vLLM)."""
+        as vLLM). ``tempo`` sets the consumers' fetch waits by whether records flow."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
@@ -216,6 +226,7 @@ class BatchConsumer:
         self.max_in_flight = max_in_flight
         self.reserve = background_reserve(max_size, background_share)
         self.pacer = pacer
+        self.tempo = tempo
         self.stopping = asyncio.Event()
         self.free = asyncio.Event()
         """Set while fewer than ``max_in_flight`` batches are being handled."""
@@ -228,7 +239,7 @@ class BatchConsumer:
     async def _next_batch(self) -> list[Record]:
         if self.background is None:
             return await drain(
-                self.consumer, self.max_size, self.max_wait_ms, self.stopping, self.free
+                self.consumer, self.max_size, self.max_wait_ms, self.stopping, self.free, self.tempo
             )
         return await drain_lanes(
             self.consumer,
@@ -239,6 +250,7 @@ class BatchConsumer:
             self.stopping,
             self.free,
             self.pacer,
+            self.tempo,
         )
 
     async def run(self) -> None:

@@ -113,8 +113,10 @@ WORD = re.compile(r"\w+")
 
 class HashEmbedder:
     """Feature hashing: each lower-cased word adds +1 or -1 (by its CRC-32) to one of
-    ``DIMENSIONS`` buckets; the sum is L2-normalised. Deterministic across processes,
-    microseconds per text, no model: for measuring the pipeline itself."""
+    ``DIMENSIONS`` buckets; the sum is L2-normalised. A text without words (or whose
+    words cancel out) is the first unit vector, never zeros (which have no direction).
+    Deterministic across processes, microseconds per text, no model: for measuring
+    the pipeline itself."""
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
         vectors = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
@@ -122,6 +124,8 @@ class HashEmbedder:
             for word in WORD.findall(text.lower()):
                 code = zlib.crc32(word.encode())
                 vectors[row, code % DIMENSIONS] += 1.0 if code & 0x80000000 else -1.0
+            if not vectors[row].any():
+                vectors[row, 0] = 1.0
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         normalised: np.ndarray = vectors / np.maximum(norms, 1e-9)
         return normalised

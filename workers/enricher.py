@@ -6,9 +6,9 @@ round trip that decides each job against its tenant's limits and budget
 failure), passes it through its conversation's order gate (one chat turn in
 flight at a time) and reads its memory (recent turns, summaries, recalled older
 turns). Each admitted request leaves with its prompt rendered by the model's chat
-template, on its model's inference topic; its new user message carries the
-embedding recall searched with, so that message is stored with it and never
-embedded again. The limited tenants' new state goes to the limits topic, for the
+template, on its model's inference topic; the embedding recall searched with
+stays in the job's row, for the recorder to store with the user's message (it is
+never embedded again). The limited tenants' new state goes to the limits topic, for the
 API replicas to refuse early.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
-import numpy as np
 from aiokafka import AIOKafkaProducer
 
+from kontext.connections import FetchTempo
 from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
 from kontext.store import enrichment, memory
@@ -34,12 +34,11 @@ from schemas.events import (
     ErrorInfo,
     JobCompletion,
     JobRequest,
-    TurnRecord,
-    pack_vector,
 )
 from schemas.limits import TenantLimitStatus
 from schemas.topics import Group
 from workers import completions
+from workers.consumer import BatchConsumer
 from workers.context import PromptTooLong, assemble, budget_for
 from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
@@ -48,7 +47,7 @@ from workers.engines.base import ChatTokenizer
 from workers.policies.limits import budget_reservation, reservation
 from workers.records import Record
 from workers.routing import Router
-from workers.services import Resources, Service, StreamService, service
+from workers.services import ConsumerService, Resources, Service, StreamService, service
 from workers.streams import StreamProcessor
 
 log = logging.getLogger(__name__)
@@ -73,27 +72,6 @@ def recall_query(request: JobRequest) -> str | None:
         return None
     users = [m.content for m in request.messages if m.role == "user"]
     return users[-1] if users else None
-
-
-def with_query_embedding(turns: list[TurnRecord], query: np.ndarray | None) -> list[TurnRecord]:
-    """``turns`` with the recall query's embedding on the last user turn (the query's
-    own text, see ``recall_query``): stored with it, it is not computed again."""
-    users = [index for index, turn in enumerate(turns) if turn.role == "user"]
-    if query is None or not users:
-        return turns
-    turns = list(turns)
-    turns[users[-1]] = turns[users[-1]].model_copy(update={"embedding": pack_vector(query)})
-    return turns
-
-
-@dataclass(frozen=True)
-class Enriched:
-    """A batch's outcome: each admitted job's memory with its recall query's embedding,
-    the jobs its tenants' limits refused, and the state of those tenants."""
-
-    contexts: dict[UUID, tuple[memory.MemoryContext, np.ndarray | None]]
-    refused: dict[UUID, enrichment.Refusal]
-    tenants: list[TenantLimitStatus]
 
 
 class Enricher:
@@ -135,8 +113,8 @@ class Enricher:
                     self.settings, self.producer, [JobCompletion.failure(requests[job_id], error)]
                 )
             sends += await self._publish_statuses(found.tenants)
-            for job_id, (context, query) in found.contexts.items():
-                sends.append(await self._forward(requests[job_id], context, query))
+            for job_id, context in found.contexts.items():
+                sends.append(await self._forward(requests[job_id], context))
             admitted = [
                 (requests[job_id].submitted_at, requests[job_id].priority)
                 for job_id in found.contexts
@@ -146,7 +124,7 @@ class Enricher:
         if sends:
             await asyncio.gather(*sends)
 
-    async def _enrich(self, requests: Sequence[JobRequest]) -> Enriched:
+    async def _enrich(self, requests: Sequence[JobRequest]) -> enrichment.Enrichment:
         """One embedding call for the batch's new messages, then one Postgres round trip:
         the tenants' limits, the order gate and each admitted job's memory."""
         queries = [recall_query(r) for r in requests]
@@ -166,7 +144,7 @@ class Enricher:
         ]
         defaults = Limits(settings.default_rpm, settings.default_tpm, settings.default_token_budget)
         async with self.pool.acquire() as conn:
-            found = await enrichment.enrich(
+            return await enrichment.enrich(
                 conn,
                 claims,
                 time.time(),
@@ -175,12 +153,6 @@ class Enricher:
                 settings.recall_k,
                 settings.ordering_lease_s,
             )
-        by_job = {claim.job_id: claim.query for claim in claims}
-        return Enriched(
-            {job_id: (context, by_job[job_id]) for job_id, context in found.contexts.items()},
-            found.refused,
-            found.tenants,
-        )
 
     async def _publish_statuses(
         self, statuses: Sequence[TenantLimitStatus]
@@ -199,9 +171,9 @@ class Enricher:
         return sends
 
     async def _forward(
-        self, request: JobRequest, context: memory.MemoryContext, query: np.ndarray | None
+        self, request: JobRequest, context: memory.MemoryContext
     ) -> asyncio.Future[object]:
-        """Publish the request with its prompt; ``query`` is its recall query's embedding."""
+        """Publish the request with its prompt."""
         topics = self.settings.topics
         key = request.conversation_id.encode()
         asked = request.model
@@ -227,7 +199,7 @@ class Enricher:
             context=assembled.context
             if asked == request.model
             else assembled.context.model_copy(update={"routed_from": asked}),
-            new_turns=with_query_embedding(assembled.new_turns, query),
+            new_turns=assembled.new_turns,
         )
         future: asyncio.Future[object] = await self.producer.send(
             topics.inference(request.model, request.priority), enriched.encode(), key=key
@@ -249,11 +221,24 @@ def groups(settings: Settings) -> list[Group]:
 
 @service("enricher", groups)
 async def enricher_service(shared: Resources) -> list[Service]:
+    """One stream processor per lane over one handler, on the configured runtime."""
     settings = shared.settings
     models = {model: ServedModel.load(model, settings) for model in settings.engines}
     router = Router(settings)
     handler = Enricher(
         settings, shared.pool, shared.producer, models, await shared.embedder(), router=router
     )
-    lanes = [StreamService(StreamProcessor(settings, g, handler)) for g in groups(settings)]
+    lanes: list[Service] = []
+    for lane in groups(settings):
+        if settings.stream_runtime == "faust":
+            lanes.append(StreamService(StreamProcessor(settings, lane, handler)))
+            continue
+        consumer = BatchConsumer(
+            shared.consumer(lane),
+            handler,
+            max_size=settings.stage_batch_max_size,
+            max_wait_ms=settings.batch_max_wait_ms,
+            tempo=FetchTempo.of(settings),
+        )
+        lanes.append(ConsumerService(consumer))
     return [router, *lanes]

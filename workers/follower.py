@@ -48,7 +48,8 @@ class TopicFollower(Generic[K, E]):
             group_id=None,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
-            fetch_max_wait_ms=self.settings.kafka_fetch_max_wait_ms,
+            # Nothing here is latency-bound: state and heartbeats arrive every second or so.
+            fetch_max_wait_ms=self.settings.kafka_idle_fetch_max_wait_ms,
         )
         await consumer.start()
         try:

@@ -17,11 +17,14 @@ import time
 from collections.abc import Sequence
 from uuid import UUID
 
+import orjson
 from aiokafka import AIOKafkaProducer
+from pydantic import ValidationError
 
+from kontext.connections import FetchTempo
 from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY, ENGINE_REQUESTS, TOKENS, observe_waits
 from kontext.settings import Settings
-from schemas.events import EnrichedRequest, ErrorInfo
+from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest
 from schemas.topics import LANES, Group
 from workers import completions
 from workers.completions import completion_for
@@ -38,6 +41,29 @@ from workers.services import ConsumerService, Resources, Service, service
 __all__ = ["BATCH_SIZE", "InferenceWorker"]
 
 log = logging.getLogger(__name__)
+
+
+UNREADABLE = ErrorInfo(
+    code="unreadable_request", message="the job's enriched request cannot be read; it was not run"
+)
+
+
+def unrunnable(
+    records: Sequence[Record], decoded: Sequence[tuple[Record, EnrichedRequest]]
+) -> list[JobCompletion]:
+    """A failed completion for each dead-lettered record whose job can still be told
+    (its ``request`` reads), so the job ends and its client hears why."""
+    good = {id(record) for record, _ in decoded}
+    failed = []
+    for record in records:
+        if id(record) in good or record.value is None:
+            continue
+        try:
+            request = JobRequest.model_validate(orjson.loads(record.value)["request"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValidationError):
+            continue
+        failed.append(JobCompletion.failure(request, UNREADABLE))
+    return failed
 
 
 class InferenceWorker:
@@ -58,10 +84,15 @@ class InferenceWorker:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         batch: dict[UUID, EnrichedRequest] = {}
-        for _, item in await self.dead_letters.decode(
+        decoded = await self.dead_letters.decode(
             records, EnrichedRequest.decode, "EnrichedRequest", sends
-        ):
+        )
+        for _, item in decoded:
             batch.setdefault(item.request.job_id, item)
+        if len(decoded) < len(records):
+            sends += await completions.publish(
+                self.settings, self.producer, unrunnable(records, decoded)
+            )
         items = list(batch.values())
         observe_waits("inference", [(item.enriched_at, item.request.priority) for item in items])
         answered = await self.policies.before_engine(items) if items else {}
@@ -153,6 +184,7 @@ async def inference_service(shared: Resources) -> list[Service]:
             pacer=shared.pacer,
             max_size=settings.batch_max_size,
             max_wait_ms=settings.batch_max_wait_ms,
+            tempo=FetchTempo.of(settings),
         )
         services += [
             ConsumerService(consumer),

@@ -22,10 +22,11 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
+from kontext.connections import FetchTempo
 from kontext.settings import Settings
 from kontext.store import ledger, memory
 from kontext.store.memory import StoredSummary, SummaryState
-from schemas.events import JobReply
+from schemas.events import ReplyHead
 from schemas.topics import Group
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
@@ -65,24 +66,17 @@ class MemoryWorker:
 
     async def handle(self, records: Sequence[Record]) -> None:
         letters: list[asyncio.Future[object]] = []
-        decoded = await self.dead_letters.decode(records, JobReply.decode, "JobReply", letters)
+        decoded = await self.dead_letters.decode(records, ReplyHead.decode, "JobReply", letters)
         await asyncio.gather(*letters)
-        replies = [reply for _, reply in decoded]
-        done = [r for r in replies if r.status == "succeeded" and r.result is not None]
+        done = [reply for _, reply in decoded if reply.status == "succeeded"]
         if not done:
             return
         async with self.pool.acquire() as conn:
             kinds = await memory.job_kinds(conn, [r.job_id for r in done])
             for reply in done:
                 job = kinds.get(reply.job_id)
-                summary_of = job.summary_of if job is not None and job.kind == "summary" else None
-                if summary_of is not None and reply.result is not None:
-                    await self._store(
-                        conn,
-                        reply.conversation_id,
-                        summary_of,
-                        reply.result.choices[0].message.content,
-                    )
+                if job is not None and job.summary_of is not None and job.answer is not None:
+                    await self._store(conn, reply.conversation_id, job.summary_of, job.answer)
             conversations = sorted({r.conversation_id for r in done})
             # Paced like other background work only when it is all background-lane work.
             paced = all(job.background for job in kinds.values()) and bool(kinds)
@@ -197,7 +191,8 @@ async def memory_service(shared: Resources) -> list[Service]:
     consumer = BatchConsumer(
         shared.consumer(reads),
         worker,
-        max_size=settings.batch_max_size,
+        max_size=settings.stage_batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
+        tempo=FetchTempo.of(settings),
     )
     return [ConsumerService(consumer)]

@@ -24,6 +24,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from kontext.connections import FetchTempo
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
@@ -36,6 +37,10 @@ from workers.records import Record
 from workers.services import ConsumerService, Resources, Service, service
 
 log = logging.getLogger(__name__)
+
+MARK_IDLE_S = 0.2
+"""How long replies wait to be remembered by the next batch's statement before
+they are remembered on their own (the recorder is idle)."""
 
 UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, orjson.JSONEncodeError)
 """Values Postgres or the jsonb codec refuse: retrying the same batch never helps."""
@@ -51,6 +56,7 @@ class Recorder:
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
         self.unmarked: list[UUID] = []
         """Jobs whose replies were published, not yet remembered in the ledger."""
+        self._marking: asyncio.Task[None] | None = None
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
@@ -93,13 +99,29 @@ class Recorder:
         if sends:
             await asyncio.gather(*sends)
         self.unmarked += replied
+        if self.unmarked and (self._marking is None or self._marking.done()):
+            self._marking = asyncio.create_task(self._mark_when_idle())
+
+    async def _mark_when_idle(self) -> None:
+        """The next batch's statement remembers the replies published now; should no
+        batch come for ``MARK_IDLE_S``, one statement of their own does."""
+        await asyncio.sleep(MARK_IDLE_S)
+        try:
+            await self.flush()
+        except (OSError, asyncpg.PostgresError) as exc:  # the next statement carries them
+            log.warning("recorder: replies not remembered yet (%s)", exc)
 
     async def flush(self) -> None:
-        """Remember the replies published since the last statement (on stopping)."""
-        if self.unmarked:
+        """Remember the replies published since the last statement."""
+        marked, self.unmarked = self.unmarked, []
+        if not marked:
+            return
+        try:
             async with self.pool.acquire() as conn:
-                await ledger.mark_replied(conn, self.unmarked)
-            self.unmarked = []
+                await ledger.mark_replied(conn, marked)
+        except BaseException:
+            self.unmarked = marked + self.unmarked
+            raise
 
     async def _record(
         self, pairs: Sequence[tuple[Record, JobCompletion]], sends: list[asyncio.Future[object]]
@@ -161,7 +183,8 @@ async def recorder_service(shared: Resources) -> list[Service]:
     consumer = BatchConsumer(
         shared.consumer(reads),
         recorder,
-        max_size=settings.batch_max_size,
+        max_size=settings.stage_batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
+        tempo=FetchTempo.of(settings),
     )
     return [ConsumerService(consumer)]

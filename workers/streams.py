@@ -1,8 +1,9 @@
 """The faust seam: a stream processor that feeds micro-batches to a batch handler.
 
 Everything faust-specific lives here. The agent reads raw bytes (so a bad
-message can be dead-lettered whole), takes up to ``batch_max_size`` events or
-``batch_max_wait_ms``, and acks them only after the handler has published.
+message can be dead-lettered whole), takes up to ``stage_batch_max_size`` events or
+``batch_max_wait_ms`` (at least 1 ms), and acks them only after the handler has
+published. It runs the enricher when ``KONTEXT_STREAM_RUNTIME=faust``.
 """
 
 from __future__ import annotations
@@ -78,8 +79,10 @@ class StreamProcessor:
         transport = _prompt_transport(settings)
         self.app.transport = transport(self.app.conf.broker_consumer, self.app)
         source = self.app.topic(topic, key_serializer="raw", value_serializer="raw")
-        max_size = settings.batch_max_size
-        within = settings.batch_max_wait_ms / 1000
+        max_size = settings.stage_batch_max_size
+        # faust's take waits for a full batch or this long: never wait for ever (it
+        # would stall), so at least a millisecond.
+        within = max(settings.batch_max_wait_ms, 1) / 1000
 
         async def process(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
             batches = stream.take_events(max_size, within=within)  # type: ignore[attr-defined]

@@ -209,7 +209,7 @@ def bench_command(
                 pool = await create_pool(settings, max_size=2)
 
                 async def measure(api_url: str, metrics_url: str, meter: CpuMeter) -> None:
-                    with Progress(console=console) as progress:
+                    with Progress(console=console, refresh_per_second=2) as progress:
                         async with KontextClient(
                             api_url, settings.bootstrap, topics=settings.topics, api_key=key
                         ) as client:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 from prometheus_client.metrics_core import Metric
 from rich.progress import Progress
 
@@ -197,7 +196,7 @@ async def pipeline(
                     max_tokens=max_tokens,
                     include_prompt=asks is not None,
                 )
-            except (KontextError, TimeoutError, httpx.HTTPError) as exc:
+            except (KontextError, TimeoutError) as exc:
                 log.warning("turn %d of %s failed: %r", number, conversation, exc)
                 outcomes.append(Outcome(time.perf_counter() - began, False, asks_for=asks))
                 advance()

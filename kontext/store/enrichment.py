@@ -3,13 +3,16 @@
 Each job, in order: its tenant's limits decide it (once: a job redelivered after
 it was admitted passes), the conversation's order gate lets it through (one chat
 turn in flight at a time), and its memory is read (recent turns, summaries,
-recalled older turns). Jobs already final, and chat turns waiting for an earlier
-turn of their conversation (the recorder sends them again when that one is
-recorded), come back with neither a context nor a refusal.
+recalled older turns). A claimed job keeps its recall query's embedding
+(``jobs.query_embedding``) for the recorder to store with its user turn. Jobs
+already final, and chat turns waiting for an earlier turn of their conversation
+(the recorder sends them again when that one is recorded), come back with
+neither a context nor a refusal.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -17,6 +20,7 @@ from uuid import UUID
 
 import asyncpg
 import numpy as np
+from pgvector import Vector
 
 from kontext.store.memory import MemoryContext, StoredSummary, StoredTurn
 from schemas.limits import TenantLimitStatus
@@ -63,12 +67,6 @@ class Enrichment:
     """The limited tenants of the batch, as the API may know them."""
 
 
-def vector_literal(vector: np.ndarray | None) -> str | None:
-    if vector is None:
-        return None
-    return "[" + ",".join(f"{x:.6f}" for x in vector.tolist()) + "]"
-
-
 async def enrich(
     conn: asyncpg.Connection,
     claims: Sequence[Claim],
@@ -83,11 +81,11 @@ async def enrich(
     defaults = limits or Limits()
     rows = await conn.fetch(
         """
-        SELECT * FROM kontext_enrich($1::uuid[], $2::text[], $3::int[], $4::bigint[], $5,
+        SELECT * FROM kontext_enrich($1::uuid[], $2::vector[], $3::int[], $4::bigint[], $5,
             $6, $7, $8, $9, $10, $11, $12::interval)
         """,
         [c.job_id for c in claims],
-        [vector_literal(c.query) for c in claims],
+        [Vector(c.query) if c.query is not None else None for c in claims],
         [c.cost for c in claims],
         [c.hold for c in claims],
         now_s,
@@ -126,12 +124,18 @@ async def enrich(
                 )
             )
         elif part in ("recent", "recall"):
+            similarity = row["similarity"]
+            if similarity is not None and math.isnan(similarity):
+                # A vector of zeros has no direction: nothing is similar to it.
+                if part == "recall":
+                    continue
+                similarity = None
             turn = StoredTurn(
                 seq=row["seq"],
                 role=row["role"],
                 content=row["content"],
                 tokens=row["tokens"],
-                similarity=row["similarity"],
+                similarity=similarity,
                 conversation_id=row["conversation_id"],
             )
             (context.recent if part == "recent" else context.recalled).append(turn)

@@ -15,12 +15,11 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
-from pgvector import Vector
 
 from kontext.store.deliveries import CHANNEL as DELIVERIES_CHANNEL
 from kontext.store.deliveries import SUBSCRIBED
 from schemas.api import JobStatus
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, unpack_vector
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
 from schemas.tables import NIL_KEY
 
 
@@ -297,9 +296,13 @@ WITH input AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::bigint[],
                          $6::bigint[])
         AS u(id, status, result, error, prompt_tokens, completion_tokens)
+), prior AS (
+    -- Read before this statement's updates: the query embedding the claim kept.
+    SELECT id, query_embedding FROM jobs WHERE id = ANY($1::uuid[])
 ), fresh AS (
     UPDATE jobs SET status = input.status, result = input.result, error = input.error,
-        completed_at = now(), updated_at = now(), usage_recorded_at = now()
+        completed_at = now(), updated_at = now(), usage_recorded_at = now(),
+        query_embedding = NULL
     FROM input
     WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
     RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
@@ -374,10 +377,12 @@ WITH input AS (
     RETURNING id, in_flight, tenant_id
 ), new_turns AS (
     -- Never into a conversation another tenant owns (one forgotten and re-created).
-    SELECT t.*, fresh.conversation_id
-    FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::vector[])
-        AS t(job_id, role, content, tokens, ord, embedding)
+    SELECT t.job_id, t.role, t.content, t.tokens, t.ord, fresh.conversation_id,
+        CASE WHEN t.is_query THEN prior.query_embedding END AS embedding
+    FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bool[])
+        AS t(job_id, role, content, tokens, ord, is_query)
     JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
+    JOIN prior ON prior.id = t.job_id
     JOIN conv ON conv.id = fresh.conversation_id AND conv.tenant_id = fresh.tenant_id
 ), stored AS (
     INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id, embedding)
@@ -439,7 +444,7 @@ async def record(
     turn_contents: list[str] = []
     turn_tokens: list[int] = []
     turn_order: list[int] = []
-    turn_embeddings: list[Vector | None] = []
+    turn_queries: list[bool] = []
     seen: set[UUID] = set()
     for done in completions:
         if done.job_id in seen:
@@ -456,17 +461,16 @@ async def record(
         prompt_tokens.append(done.usage.prompt_tokens if done.usage else 0)
         completion_tokens.append(done.usage.completion_tokens if done.usage else 0)
         if done.status == "succeeded":
-            for turn in done.new_turns:
+            users = [n for n, turn in enumerate(done.new_turns) if turn.role == "user"]
+            for n, turn in enumerate(done.new_turns):
                 turn_jobs.append(done.job_id)
                 turn_roles.append(turn.role)
                 turn_contents.append(turn.content)
                 turn_tokens.append(turn.tokens)
                 turn_order.append(len(turn_order))
-                # The user's message comes embedded (by the enricher, for recall); the
-                # memory worker embeds the rest.
-                turn_embeddings.append(
-                    Vector(unpack_vector(turn.embedding)) if turn.embedding else None
-                )
+                # The last user message was recall's query: it is stored with the
+                # embedding the enricher searched with; the memory worker embeds the rest.
+                turn_queries.append(bool(users) and n == users[-1])
     rows = await conn.fetch(
         RECORD,
         ids,
@@ -480,7 +484,7 @@ async def record(
         turn_contents,
         turn_tokens,
         turn_order,
-        turn_embeddings,
+        turn_queries,
         list(replied),
         webhook_first_delay_s,
     )

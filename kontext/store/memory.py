@@ -266,16 +266,24 @@ class JobKind:
     """For a summary job, the range it summarises."""
     background: bool
     """Whether it ran in the background lane (a backfill line, a summary)."""
+    answer: str | None = None
+    """For a succeeded summary job, the summary the model wrote."""
 
 
 async def job_kinds(conn: asyncpg.Connection, job_ids: Sequence[UUID]) -> dict[UUID, JobKind]:
-    """Each job's kind, lane, and for a summary job the range it summarises."""
+    """Each job's kind, lane, and for a summary job the range it summarises and the
+    summary the model wrote."""
     rows = await conn.fetch(
-        "SELECT id, kind, request->'metadata'->'summary' AS summary_of, "
-        "request->>'priority' = 'background' AS background FROM jobs "
-        "WHERE id = ANY($1::uuid[])",
+        """
+        SELECT id, kind, request->'metadata'->'summary' AS summary_of,
+            request->>'priority' = 'background' AS background,
+            CASE WHEN kind = 'summary' THEN result->'choices'->0->'message'->>'content' END
+                AS answer
+        FROM jobs WHERE id = ANY($1::uuid[])
+        """,
         list(job_ids),
     )
     return {
-        row["id"]: JobKind(row["kind"], row["summary_of"], bool(row["background"])) for row in rows
+        row["id"]: JobKind(row["kind"], row["summary_of"], bool(row["background"]), row["answer"])
+        for row in rows
     }

@@ -31,6 +31,9 @@ class ApiService:
             lifespan="on",
             access_log=False,
             http="httptools",
+            # Longer than clients keep an idle connection (httpx: 5 s), so a client
+            # never sends on a connection the server is closing.
+            timeout_keep_alive=30,
         )
         self.server = _Server(config)
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
