@@ -220,7 +220,7 @@ async def test_a_held_turn_holds_its_conversation_until_reviewed(
     await wait_for(parked, timeout=30, interval=0.1)
     # A redelivered request of the held turn (as after a crash) does not open the gate.
     await pool.fetch(
-        "SELECT * FROM kontext_admit_batch($1::uuid[], ARRAY[NULL]::text[], 20, 4, "
+        "SELECT * FROM kontext_admit_batch($1::uuid[], ARRAY[NULL]::vector[], 20, 4, "
         "interval '300 seconds')",
         [uuid.UUID(first["id"])],
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,10 +35,11 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 async def _topic_bytes(stack: Stack) -> bytes:
-    """Everything on this deployment's topics so far."""
-    topics = stack.settings.topics.all(["tiny", "smollm2"])
+    """Everything on this deployment's topics so far: read until nothing but heartbeats
+    (published every second, for ever) came for two seconds."""
+    topics = stack.settings.topics
     consumer = AIOKafkaConsumer(
-        *topics,
+        *topics.all(["tiny", "smollm2"]),
         bootstrap_servers=stack.settings.bootstrap,
         group_id=None,
         auto_offset_reset="earliest",
@@ -46,12 +48,14 @@ async def _topic_bytes(stack: Stack) -> bytes:
     await consumer.start()
     try:
         seen = b""
-        while True:
-            batch = await consumer.getmany(timeout_ms=1000)
-            if not batch:
-                return seen
-            for messages in batch.values():
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 2:
+            batch = await consumer.getmany(timeout_ms=500)
+            for tp, messages in batch.items():
                 seen += b"".join((m.key or b"") + (m.value or b"") for m in messages)
+                if messages and tp.topic != topics.heartbeats:
+                    quiet_since = time.monotonic()
+        return seen
     finally:
         await consumer.stop()
 
