@@ -155,11 +155,18 @@ def assemble(
         TurnRecord(role=m.role, content=m.content, tokens=tokenizer.count(m.content)) for m in new
     ]
 
-    prompt, tokens = _render(tokenizer, base, [], new)
-    truncated = tokens > budget
-    if truncated:
-        new = _truncate(tokenizer, base, new, budget)
+    # The new messages alone: rendered and counted only when they may not fit (a
+    # message over half the budget); else their counts and the template's overhead
+    # stand in, and the final render below counts exactly.
+    tokens = tokenizer.count(base) + sum(t.tokens for t in new_turns)
+    tokens += MESSAGE_OVERHEAD_TOKENS * (len(new) + 2)
+    truncated = False
+    if tokens > budget // 2:
         prompt, tokens = _render(tokenizer, base, [], new)
+        truncated = tokens > budget
+        if truncated:
+            new = _truncate(tokenizer, base, new, budget)
+            prompt, tokens = _render(tokenizer, base, [], new)
 
     kept: list[_Piece] = []
     spent = tokens

@@ -30,10 +30,9 @@ ERRORS: dict[int | str, dict[str, object]] = {
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
 async def create_job(
     submission: JobSubmission,
-    response: Response,
     api: Annotated[ApiState, Depends(state)],
     principal: Caller,
-) -> JobAccepted:
+) -> Response:
     """Queue a chat job and answer at once; the result comes on the reply topic or by GET.
 
     A ``conversation_id`` another tenant uses answers 404, as if it did not exist.
@@ -47,10 +46,14 @@ async def create_job(
         key_id=principal.key_id,
         chain=api.chain,
     )
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    if not created:
-        response.status_code = 200
-    return JobAccepted(id=job.id, status=job.status, conversation_id=job.conversation_id)
+    accepted = JobAccepted(id=job.id, status=job.status, conversation_id=job.conversation_id)
+    # The model serialised once, here (a returned model would be validated again).
+    return Response(
+        accepted.model_dump_json(),
+        status_code=202 if created else 200,
+        media_type="application/json",
+        headers={"Location": f"/v1/jobs/{job.id}"},
+    )
 
 
 async def _read(api: ApiState, job_id: UUID, tenant_id: str, wait: float) -> ledger.JobRow | None:
