@@ -51,7 +51,7 @@ async def chaos(
 async def test_killing_inference_mid_batch_loses_and_doubles_nothing(
     chaos: scenarios.Chaos,
 ) -> None:
-    row = await scenarios.kill_inference(chaos, kills=1, every_s=2)
+    row = await scenarios.kill_service(chaos, "inference", kills=1, every_s=2)
     assert row.submitted > 0
     assert (row.lost, row.answered_twice) == (0, 0), row
     assert not chaos.cluster.dead(), row

@@ -9,9 +9,11 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 from kontext.app.embedded import free_port
+from kontext.app.runtime import SERVICES
 from kontext.chaos import report, scenarios
 from kontext.chaos.cluster import Cluster
 from kontext.chaos.load import ReplyTally
@@ -36,8 +38,12 @@ async def main(rate: float, duration: float, names: list[str], record: bool) -> 
         receiver.start()
         every: dict[str, Callable[[scenarios.Chaos], Awaitable[scenarios.Row]]] = {
             "poison": scenarios.poison,
-            # Long enough for every kill (and its restart) to land under load.
-            "kill-inference": lambda c: scenarios.kill_inference(c, duration=duration * 1.5),
+            # One scenario per service kind; long enough for both kills (and their
+            # restarts) to land under load.
+            **{
+                f"kill-{name}": partial(scenarios.kill_service, name=name, duration=duration * 1.5)
+                for name in SERVICES
+            },
             "webhook-down": lambda c: scenarios.webhook_receiver_down(c, receiver, duration / 2),
             "restart-postgres": scenarios.restart_postgres,
             "restart-broker": scenarios.restart_broker,
@@ -65,10 +71,11 @@ async def main(rate: float, duration: float, names: list[str], record: bool) -> 
         report.record(
             "Fault injection (`make chaos`)",
             f"Embedded Tansu broker and PostgreSQL 18, one `kontext worker` process per service, "
-            f"`tiny` engine (max_tokens 32), job lease 15 s (doubling per attempt), reconcile "
-            f"every 1 s; load {rate:g} "
-            f"jobs/s over HTTP for {duration:g} s per scenario ({duration * 1.5:g} s for "
-            f"kill -9, so every kill lands under load). Lost: accepted (202) but not "
+            f"`null` engine (no model: the pipeline's guarantees under load), hash embeddings, "
+            f"job lease 15 s (doubling per attempt), reconcile every 1 s, Kafka session timeout "
+            f"2 s; load {rate:g} jobs/s over HTTP for {duration:g} s per scenario "
+            f"({duration * 1.5:g} s for each kill -9 scenario: two kills, each restarted, so "
+            f"both land under load). Lost: accepted (202) but not "
             f"final in the ledger with a reply on the reply topic (and, for webhooks, a "
             f"delivery); answered twice: more than one reply record (or delivered job) per job "
             f"id. Recovery: from the repair (for kill -9, each kill; the worst) until every job "
@@ -82,7 +89,8 @@ async def main(rate: float, duration: float, names: list[str], record: bool) -> 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rate", type=float, default=4.0, help="jobs per second")
+    # About half the pipeline's measured capacity on a 2-core machine (docs/benchmarks.md).
+    parser.add_argument("--rate", type=float, default=200.0, help="jobs per second")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     parser.add_argument(
         "--scenarios", default="", help="comma-separated subset (default: all, in order)"

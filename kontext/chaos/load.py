@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import aiohttp
 import asyncpg
-import httpx
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.events import JobReply
@@ -40,8 +40,10 @@ class LoadGenerator:
         self.refused: Counter[str] = Counter()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(
-            base_url=self.api_url, timeout=10.0, headers=self.headers
+        async with aiohttp.ClientSession(
+            headers=self.headers,
+            timeout=aiohttp.ClientTimeout(total=10.0),
+            connector=aiohttp.TCPConnector(limit=1000),
         ) as http:
             start = time.monotonic()
             tasks = []
@@ -52,16 +54,18 @@ class LoadGenerator:
                 tasks.append(asyncio.create_task(self._submit(http, n)))
             await asyncio.gather(*tasks)
 
-    async def _submit(self, http: httpx.AsyncClient, n: int) -> None:
+    async def _submit(self, http: aiohttp.ClientSession, n: int) -> None:
         try:
-            response = await http.post("/v1/jobs", json=self.body(n))
-        except httpx.HTTPError as exc:
+            async with http.post(f"{self.api_url}/v1/jobs", json=self.body(n)) as response:
+                status = response.status
+                body = await response.json() if status == 202 else None
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self.refused[type(exc).__name__] += 1
             return
-        if response.status_code == 202:
-            self.accepted[UUID(response.json()["id"])] = time.time()
+        if status == 202 and body is not None:
+            self.accepted[UUID(body["id"])] = time.time()
         else:
-            self.refused[str(response.status_code)] += 1
+            self.refused[str(status)] += 1
 
 
 class ReplyTally:

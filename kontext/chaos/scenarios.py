@@ -21,7 +21,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from kontext.chaos.cluster import Cluster
+from kontext.chaos.cluster import ENGINE, Cluster
 from kontext.chaos.load import Final, LoadGenerator, ReplyTally, final_jobs, in_flight
 from kontext.chaos.receiver import WebhookReceiver
 from schemas.events import DeadLetter
@@ -61,7 +61,7 @@ Fault = Callable[[LoadGenerator], Awaitable[list[float]]]
 def chat_body(webhook: str | None = None) -> Callable[[int], dict[str, Any]]:
     def body(n: int) -> dict[str, Any]:
         job: dict[str, Any] = {
-            "model": "tiny",
+            "model": ENGINE,
             "messages": [{"role": "user", "content": f"chaos job {n}: say something"}],
             "max_tokens": 32,
         }
@@ -184,13 +184,14 @@ async def run(
     return row
 
 
-async def kill_inference(
-    chaos: Chaos, kills: int = 3, every_s: float = 3.0, duration: float | None = None
+async def kill_service(
+    chaos: Chaos, name: str, kills: int = 2, every_s: float = 4.0, duration: float | None = None
 ) -> Row:
-    """kill -9 the inference worker under load, several times, restarting it each time.
+    """kill -9 one service under load, several times, restarting it each time.
 
     Each kill waits (a few seconds at most) for jobs admitted and not yet answered, so
-    it lands while work is in the inference worker's hands. Recovery runs from a kill.
+    it lands while work is in the pipeline's hands. Recovery runs from each kill (not
+    from its restart) until every job accepted before it was answered.
     """
     in_pipe: list[int] = []
 
@@ -205,11 +206,11 @@ async def kill_inference(
                 await asyncio.sleep(0 if running else 0.05)
             in_pipe.append(running)
             kills_at.append(time.time())
-            await chaos.cluster.kill_and_restart("inference")
+            await chaos.cluster.kill_and_restart(name)
         return kills_at
 
-    row = await run(chaos, f"kill -9 inference x{kills}", fault, duration=duration)
-    row.notes.append(f"jobs in flight at each kill: {in_pipe}; recovery from a kill")
+    row = await run(chaos, f"kill -9 {name} x{kills}", fault, duration=duration)
+    row.notes.append(f"jobs in flight at each kill: {in_pipe}; recovery from each kill")
     return row
 
 
