@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-from alembic import command
-from alembic.config import Config
+from typing import TYPE_CHECKING
 
 import migrations
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 
 def alembic_config(database_url: str) -> Config:
+    from alembic.config import Config  # imported when migrating: a worker's start skips it
+
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
@@ -19,4 +22,6 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the database to ``revision`` (blocking; run it off the event loop)."""
+    from alembic import command
+
     command.upgrade(alembic_config(database_url), revision)

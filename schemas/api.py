@@ -16,6 +16,9 @@ from schemas.events import (
     WebhookTarget,
 )
 
+FINAL_STATUSES = ("succeeded", "failed")
+"""A job in one of these has its answer (or its error) and changes no more."""
+
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 INT64_RANGE = (-(2**63), 2**64 - 1)
 """Integers JSON (orjson) and the jsonb ledger can hold."""

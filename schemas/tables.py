@@ -27,13 +27,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
+from schemas.api import FINAL_STATUSES as FINAL_STATUSES
+from schemas.usage import NIL_KEY as NIL_KEY
+
 EMBEDDING_DIM = 384
 JOB_STATUSES = ("queued", "running", "needs_review", "succeeded", "failed")
-FINAL_STATUSES = ("succeeded", "failed")
 
 metadata = MetaData()
-NIL_KEY = "00000000-0000-0000-0000-000000000000"
-"""``usage.key_id`` of work no API key submitted (memory summaries)."""
 
 
 def _tenant() -> Column:  # type: ignore[type-arg]

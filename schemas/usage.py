@@ -7,6 +7,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, Field
 
+NIL_KEY = "00000000-0000-0000-0000-000000000000"
+"""``usage.key_id`` of work no API key submitted (memory summaries)."""
+
 
 class UsageTotals(BaseModel):
     requests: int = Field(description="final jobs (succeeded or failed)")

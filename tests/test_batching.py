@@ -245,3 +245,37 @@ async def test_background_batches_pause_the_lane_while_interactive_jobs_arrive(
     assert {r.topic for r in first} == {low_topic}
     # Three background records still wait, yet the interactive job went alone.
     assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]
+
+
+class CountingConsumer:
+    """The real consumer, with its fetches counted (and their waits kept)."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+        self.waits: list[int] = []
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> object:
+        self.waits.append(timeout_ms)
+        return await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+
+
+async def test_an_idle_stage_takes_what_has_arrived_and_never_waits_for_more(
+    broker: EmbeddedBroker,
+) -> None:
+    """With no wait configured (the default), the batch is sealed at the first fetch that
+    brings records: no second fetch waits for more while a handler slot is free."""
+    high, low = await _lanes(broker, high=3, low=0)
+    await low.stop()
+    counting = CountingConsumer(high)
+    stopping, free = asyncio.Event(), asyncio.Event()
+    free.set()
+    try:
+        batch = await drain(counting, 10, 0, stopping, free)  # type: ignore[arg-type]
+        assert len(counting.waits) == 1  # the fetch that brought them; no wait after it
+        assert len(batch) == 3
+        # A wait configured, the batch waits for more after its first record.
+        waited = CountingConsumer(high)
+        await drain(waited, 10, 50, stopping, free)  # type: ignore[arg-type]
+    finally:
+        await high.stop()
+    assert len(waited.waits) >= 2 and 0 < waited.waits[-1] <= 50

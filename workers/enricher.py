@@ -47,8 +47,7 @@ from workers.engines.base import ChatTokenizer
 from workers.policies.limits import budget_reservation, reservation
 from workers.records import Record
 from workers.routing import Router
-from workers.services import ConsumerService, Resources, Service, StreamService, service
-from workers.streams import StreamProcessor
+from workers.services import ConsumerService, Resources, Service, service
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +230,8 @@ async def enricher_service(shared: Resources) -> list[Service]:
     lanes: list[Service] = []
     for lane in groups(settings):
         if settings.stream_runtime == "faust":
+            from workers.streams import StreamProcessor, StreamService  # faust only if chosen
+
             lanes.append(StreamService(StreamProcessor(settings, lane, handler)))
             continue
         consumer = BatchConsumer(

@@ -23,7 +23,6 @@ from workers.consumer import BatchConsumer
 from workers.embeddings import Embedder
 from workers.engines.base import Engine
 from workers.pacing import Pacer
-from workers.streams import StreamProcessor
 
 
 class Service(Protocol):
@@ -119,20 +118,3 @@ class ConsumerService:
 
     async def stop(self) -> None:
         self.consumer.stop()
-
-
-class StreamService:
-    """A faust stream processor as a service."""
-
-    def __init__(self, processor: StreamProcessor) -> None:
-        self.name = processor.name
-        self.processor = processor
-
-    async def run(self) -> None:
-        await self.processor.run()
-
-    def ready(self) -> bool:
-        return self.processor.assigned()
-
-    async def stop(self) -> None:
-        await self.processor.stop()

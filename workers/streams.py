@@ -130,3 +130,20 @@ class StreamProcessor:
     async def stop(self) -> None:
         self.stopping.set()
         await self.app.stop()
+
+
+class StreamService:
+    """A faust stream processor as a service."""
+
+    def __init__(self, processor: StreamProcessor) -> None:
+        self.name = processor.name
+        self.processor = processor
+
+    async def run(self) -> None:
+        await self.processor.run()
+
+    def ready(self) -> bool:
+        return self.processor.assigned()
+
+    async def stop(self) -> None:
+        await self.processor.stop()

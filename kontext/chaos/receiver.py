@@ -10,6 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from uuid import UUID
 
 
+class _Server(ThreadingHTTPServer):
+    # Hundreds of deliveries arrive at once when the receiver comes back: with the
+    # default backlog of 5, most connections would be reset before being accepted.
+    request_queue_size = 1024
+
+
 class WebhookReceiver:
     """Answers 204 to every POST; counts deliveries by ``webhook-id`` and by job id."""
 
@@ -38,7 +44,7 @@ class WebhookReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 """Quiet: the tally is the log."""
 
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = _Server(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self._server = server

@@ -25,6 +25,7 @@ from kontext.chaos.cluster import ENGINE, Cluster
 from kontext.chaos.load import Final, LoadGenerator, ReplyTally, final_jobs, in_flight
 from kontext.chaos.receiver import WebhookReceiver
 from schemas.events import DeadLetter
+from workers import catalog
 
 SETTLE_TIMEOUT_S = 120.0
 DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -268,15 +269,14 @@ def poison_values(rng: random.Random, n: int) -> bytes:
 
 def consumers_of(chaos: Chaos, topic: str) -> int:
     """How many consumer groups dead-letter a bad message on ``topic``."""
-    topics = chaos.cluster.settings.topics
-    return 4 if topic == topics.replies else 1  # replies: memory, webhooks, batches, usage
+    return sum(1 for group in catalog.groups(chaos.cluster.settings) if topic in group.topics)
 
 
 async def poison(chaos: Chaos, every_s: float = 0.25) -> Row:
     """Bad messages on every consumed topic, mixed into good traffic."""
     settings = chaos.cluster.settings
     topics = settings.topics
-    targets = [topics.requests, topics.inference("tiny"), topics.completions, topics.replies]
+    targets = [topics.requests, topics.inference(ENGINE), topics.completions, topics.replies]
     tag = os.urandom(4).hex().encode()
     sent: dict[bytes, str] = {}
     rng = random.Random(7)

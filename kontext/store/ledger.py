@@ -20,7 +20,7 @@ from kontext.store.deliveries import CHANNEL as DELIVERIES_CHANNEL
 from kontext.store.deliveries import SUBSCRIBED
 from schemas.api import JobStatus
 from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
-from schemas.tables import NIL_KEY
+from schemas.usage import NIL_KEY
 
 
 @dataclass(frozen=True)

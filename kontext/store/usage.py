@@ -13,7 +13,7 @@ from uuid import UUID
 
 import asyncpg
 
-from schemas.tables import NIL_KEY
+from schemas.usage import NIL_KEY
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,8 @@ from producers.api.auth import Caller
 from producers.api.state import ApiState, state
 from producers.api.waiters import RECHECK_S
 from producers.submit import submit
-from schemas.api import ErrorBody, JobAccepted, JobSubmission, JobView
+from schemas.api import FINAL_STATUSES, ErrorBody, JobAccepted, JobSubmission, JobView
 from schemas.events import ChatCompletion, ErrorInfo
-from schemas.tables import FINAL_STATUSES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

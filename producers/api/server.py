@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import uvicorn
 
 from kontext.settings import Settings
-from producers.api.app import create_app
 from workers.services import Resources, Service, service
 
 
@@ -25,6 +24,8 @@ class ApiService:
     name = "api"
 
     def __init__(self, settings: Settings) -> None:
+        from producers.api.app import create_app  # a worker process never loads the app
+
         config = uvicorn.Config(
             create_app(settings),
             log_level="warning",
