@@ -29,12 +29,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
-    """A connection goes back to the pool as it is, unless a transaction was left open
-    (rolled back): no service sets session state (LISTEN runs on connections of its
-    own), so asyncpg's default reset, four statements per release, would be a round
-    trip for nothing."""
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
+    """Nothing to reset: asyncpg has rolled back a transaction left open, and no
+    service sets session state (LISTEN runs on connections of its own), so its default
+    reset, four more statements per release, would be a round trip for nothing."""
 
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

@@ -1,9 +1,8 @@
 """Admitting a batch: validate its lines, record them as jobs in chunks, publish them.
 
 Each chunk is one multi-row ledger insert and one pipelined publish (every send
-queued, then awaited together). With limits on, a chunk goes to its tenant's
-admission stage as one ``SubmittedMany`` event (split only to stay under the
-broker's message limit), not one event per line. A resubmission with the batch's
+queued, then awaited together) to the background requests topic; the enricher
+decides each line against its tenant's limits. A resubmission with the batch's
 idempotency key resumes an intake cut short: lines already admitted are skipped by
 their job idempotency key, so none is published twice.
 """

@@ -57,6 +57,9 @@ class Recorder:
         self.unmarked: list[UUID] = []
         """Jobs whose replies were published, not yet remembered in the ledger."""
         self._marking: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()
+        """One statement at a time: a batch's and a flush's marks would lock the same
+        rows in different orders (a deadlock)."""
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
@@ -113,15 +116,12 @@ class Recorder:
 
     async def flush(self) -> None:
         """Remember the replies published since the last statement."""
-        marked, self.unmarked = self.unmarked, []
-        if not marked:
-            return
-        try:
+        async with self._writing:
+            if not self.unmarked:
+                return
             async with self.pool.acquire() as conn:
-                await ledger.mark_replied(conn, marked)
-        except BaseException:
-            self.unmarked = marked + self.unmarked
-            raise
+                await ledger.mark_replied(conn, self.unmarked)
+            self.unmarked = []
 
     async def _record(
         self, pairs: Sequence[tuple[Record, JobCompletion]], sends: list[asyncio.Future[object]]
@@ -133,11 +133,11 @@ class Recorder:
         completion never stalls the partition."""
         first_delay = self.settings.webhook_retry_schedule_s[0]
         try:
-            async with self.pool.acquire() as conn:
+            async with self._writing, self.pool.acquire() as conn:
                 recorded = await ledger.record(
                     conn, [done for _, done in pairs], self.unmarked, first_delay
                 )
-            self.unmarked = []
+                self.unmarked = []
             return recorded, list(pairs)
         except UNSTORABLE:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
@@ -146,9 +146,9 @@ class Recorder:
         stored: list[tuple[Record, JobCompletion]] = []
         for record, done in pairs:
             try:
-                async with self.pool.acquire() as conn:
+                async with self._writing, self.pool.acquire() as conn:
                     alone = await ledger.record(conn, [done], self.unmarked, first_delay)
-                self.unmarked = []
+                    self.unmarked = []
             except UNSTORABLE as exc:
                 reason = f"JobCompletion cannot be stored: {exc}"
                 sends.append(await self.dead_letters.send(record, reason))

@@ -512,5 +512,5 @@ async def mark_replied(conn: asyncpg.Connection, job_ids: Sequence[UUID]) -> Non
     """Remember that these jobs' replies are published: they are not published again."""
     await conn.execute(
         "UPDATE jobs SET replied_at = now() WHERE id = ANY($1::uuid[]) AND replied_at IS NULL",
-        list(job_ids),
+        sorted(job_ids),
     )

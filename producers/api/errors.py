@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from asyncpg.exceptions import OperatorInterventionError, PostgresConnectionError
+from asyncpg.exceptions import (
+    InterfaceError,
+    InternalClientError,
+    OperatorInterventionError,
+    PostgresConnectionError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -102,6 +107,15 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(SubmissionRejected, _rejected)
     app.add_exception_handler(EnqueueFailed, _enqueue_failed)
     app.add_exception_handler(HTTPException, _http)
-    for unavailable in (OSError, PostgresConnectionError, OperatorInterventionError):
+    # A connection lost or left mid-operation while the database restarts is as
+    # unavailable as a refused one.
+    unavailable_errors = (
+        OSError,
+        PostgresConnectionError,
+        OperatorInterventionError,
+        InterfaceError,
+        InternalClientError,
+    )
+    for unavailable in unavailable_errors:
         app.add_exception_handler(unavailable, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -73,7 +73,7 @@ class JobCounts(BaseModel):
     succeeded: int = 0
     failed: int = 0
     tokens: int = 0
-    """Completion tokens counted by the usage service (the ``usage`` table)."""
+    """Completion tokens counted by the recorder (the ``usage`` table)."""
 
 
 async def throughput(
