@@ -49,3 +49,21 @@ def test_the_same_text_embeds_the_same_in_every_process() -> None:
 def test_the_setting_chooses_the_embedder() -> None:
     assert Settings().embedder == "minilm"
     assert isinstance(load_embedder(Settings(embedder="hash").embedder), HashEmbedder)
+
+
+def test_minilm_gives_each_text_its_own_vector_whatever_the_batch_holds() -> None:
+    """Texts of very different lengths, more than one sub-batch of them, in an order
+    that is not by length: each row is the vector of its text embedded alone."""
+    from workers.embeddings import SUB_BATCH, MiniLMEmbedder
+
+    model = MiniLMEmbedder()
+    long = " ".join(["a long rambling line about the weather"] * 60)  # past MAX_TOKENS
+    texts = [TEXTS[i % len(TEXTS)] if i % 7 else long for i in range(SUB_BATCH + 9)]
+    together = model.embed_sync(texts)
+    assert together.shape == (len(texts), DIMENSIONS)
+    for i in (0, 1, 2, 3, 7, SUB_BATCH + 8):
+        alone = model.embed_sync([texts[i]])[0]
+        assert np.allclose(together[i], alone, atol=1e-5)
+    question, fact, weather = together[1], together[4], together[2]
+    assert float(question @ fact) > float(question @ weather)
+    assert model.embed_sync([]).shape == (0, DIMENSIONS)
