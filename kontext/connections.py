@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -103,21 +104,25 @@ async def ensure_topics(settings: Settings, topics: list[str]) -> None:
         await admin.close()
 
 
-IDLE_AFTER_S = 10.0
-"""How long a consumer gets nothing before its fetches wait long: longer than the
-pauses of a conversation with a slow model, so a chat never pays the long wait."""
+QUIET_SHARE = 0.1
+"""A fetch waits at most this share of the time its consumer has had no records."""
 
 
 class FetchTempo:
-    """Short fetch waits while records flow, long ones once a consumer got nothing for
-    ``IDLE_AFTER_S``. A broker that answers a waiting fetch only when its wait runs
-    out (the embedded one does) then adds little latency under traffic and costs
-    little CPU at rest; a broker that answers as soon as data arrives (Kafka) is
+    """Fetch waits that grow with the quiet: short while records flow, then a tenth of
+    the time since the last record, up to the long wait. A broker that answers a
+    waiting fetch only when its wait runs out (the embedded one does) then adds a few
+    ms per hop under traffic, at most a tenth of a pause to the first job after it,
+    and is polled a few dozen times in a pause of seconds, not hundreds (CPU a slow
+    model needs). A broker that answers as soon as data arrives (Kafka) is
     unaffected either way."""
 
-    def __init__(self, short_ms: int, long_ms: int) -> None:
+    def __init__(
+        self, short_ms: int, long_ms: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.short_ms = short_ms
         self.long_ms = max(long_ms, short_ms)
+        self._clock = clock
         self._last_data: dict[int, float] = {}
 
     def observe(self, consumer: AIOKafkaConsumer, got_records: bool) -> None:
@@ -125,12 +130,13 @@ class FetchTempo:
         fetcher = getattr(consumer, "_fetcher", None)
         if fetcher is None:  # not started
             return
-        now = time.monotonic()
+        now = self._clock()
         key = id(consumer)
         if got_records:
             self._last_data[key] = now
-        idle = now - self._last_data.setdefault(key, now) > IDLE_AFTER_S
-        fetcher._fetch_max_wait_ms = self.long_ms if idle else self.short_ms
+        quiet_ms = (now - self._last_data.setdefault(key, now)) * 1000
+        wait = min(max(int(quiet_ms * QUIET_SHARE), self.short_ms), self.long_ms)
+        fetcher._fetch_max_wait_ms = wait
 
     @classmethod
     def of(cls, settings: Settings) -> FetchTempo:

@@ -143,9 +143,10 @@ class Settings(BaseSettings):
     broker answers a waiting fetch only when this runs out, so it is each hop's added
     latency there; Kafka answers as soon as data arrives."""
     kafka_idle_fetch_max_wait_ms: int = Field(default=200, ge=1, le=10_000)
-    """The same once a consumer got nothing for 10 s: an idle stack polls the broker a
-    few times a second, not hundreds (the first job after such a pause waits up to this
-    long at each hop of the embedded broker)."""
+    """The longest a fetch waits once records stop: each fetch waits a tenth of the time
+    its consumer has had none, from the short wait up to this, so a quiet stack polls
+    the broker a few times a second, not hundreds (the first job after a pause of T
+    waits up to T/10, at most this, at each hop of the embedded broker)."""
     kafka_linger_ms: int = Field(default=0, ge=0, le=1000)
     """How long a producer holds a message to batch it with later ones. 0: it sends at
     once, and messages produced while a send is in flight still go together."""

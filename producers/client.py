@@ -64,7 +64,8 @@ class KontextClient:
         """``max_connections``: HTTP connections kept open (one per request in flight,
         reused). ``fetch_max_wait_ms``: how long a fetch of the reply topic may wait for
         data while replies flow (some brokers answer a waiting fetch only then: the delay
-        of every reply); ``idle_fetch_max_wait_ms`` once none came for 10 s."""
+        of every reply); ``idle_fetch_max_wait_ms``: the most it waits
+        once replies stop (a tenth of the quiet time, up to this)."""
         key = api_key or os.environ.get("KONTEXT_API_KEY")
         self._api_url = api_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}

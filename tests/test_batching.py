@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from kontext.app.embedded import EmbeddedBroker
-from kontext.connections import ensure_topics
+from kontext.connections import FetchTempo, ensure_topics
 from kontext.settings import Settings
 from tests.conftest import wait_for
 from workers.consumer import BatchConsumer, drain, drain_lanes
@@ -282,3 +282,27 @@ async def test_an_idle_stage_takes_what_has_arrived_and_never_waits_for_more(
         await high.stop()
         await later.stop()
     assert len(waited.waits) >= 2 and 0 < waited.waits[-1] <= 50
+
+
+async def test_a_quiet_consumer_waits_longer_the_longer_the_quiet(
+    broker: EmbeddedBroker,
+) -> None:
+    """Fetch waits: the short one while records flow, a tenth of the quiet after they
+    stop, never past the long one; the next record brings the short one back."""
+    clock = [1000.0]
+    high, low = await _lanes(broker, high=1, low=0)
+    await low.stop()
+    tempo = FetchTempo(5, 200, clock=lambda: clock[0])
+    fetcher = high._fetcher  # type: ignore[attr-defined]
+    waits = []
+    try:
+        for quiet_s, got in ((0.0, True), (0.03, False), (0.5, False), (1.5, False), (30, False)):
+            clock[0] = 1000.0 + quiet_s
+            tempo.observe(high, got)
+            waits.append(fetcher._fetch_max_wait_ms)
+        clock[0] += 1
+        tempo.observe(high, True)
+        waits.append(fetcher._fetch_max_wait_ms)
+    finally:
+        await high.stop()
+    assert waits == [5, 5, 50, 150, 200, 5]
