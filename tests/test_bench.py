@@ -116,7 +116,14 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool) -
     assert baselines["naive_resend"]["fact_recalled"] == 2
     section = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "Steve Min TPS, closed-loop multi-turn: `null` engine" in section
-    assert "| 2 x 3 |" in section
+    header, _, row = next(
+        table.splitlines()[:3] for table in section.split("\n\n") if "| p50 / p95" in table
+    )
+    cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
+    assert cells["| conversations x turns"] == "| 2 x 3"
+    p50, p95, p99 = (result[k] for k in ("p50_ms", "p95_ms", "p99_ms"))
+    assert cells["p50 / p95 / p99 ms"] == f"{p50:.0f} / {p95:.0f} / {p99:.0f}"
+    assert cells["CPU ms per turn"] == f"{cpu['total']:.2f}"
 
 
 def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Path) -> None:

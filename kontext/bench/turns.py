@@ -483,8 +483,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             f"| {r['conversations']} x {r['turns']} | **{r['steve_min_tps']:.1f}** "
             f"| {r['turns_verified']}/{r['turns_total']} "
             f"| {r['fact_recalled']}/{r['fact_asked']} "
-            f"| {cpu['total']:.2f} "
             f"| {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f} "
+            f"| {cpu['total']:.2f} "
             f"| {r['tokens_per_s']:.1f} | {r['mean_prompt_tokens']:.0f} "
             f"| {batches['engine_calls']} ({batches['mean']:.1f}) | {sizes} |"
         )
