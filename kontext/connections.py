@@ -61,9 +61,10 @@ def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
 
 
 def create_consumer(
-    settings: Settings, *topics: str, group_id: str, **overrides: Any
+    settings: Settings, *topics: str, group_id: str | None, **overrides: Any
 ) -> AIOKafkaConsumer:
-    """Consumer in a group that commits by hand, after its output is published."""
+    """Consumer in a group that commits by hand, after its output is published (or,
+    with no ``group_id``, one that reads the partitions it is assigned)."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap,
         "group_id": group_id,

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from producers.client import KontextClient
 from schemas.events import JobCompletion, JobReply, Usage
-from tests.conftest import Stack
+from tests.conftest import Stack, wait_for
 
 
 async def _replies_until(
@@ -115,3 +115,52 @@ async def test_duplicate_request_and_completion_change_nothing(
     )
     assert [t["content"] for t in turns][:2] == ["answer me once", original]
     assert len(turns) == 4
+
+
+async def test_a_reply_published_before_a_crash_is_not_published_again(
+    stack: Stack, client: KontextClient, pool: asyncpg.Pool
+) -> None:
+    """A recorder published a batch's replies and died before committing its offsets or
+    remembering them: the batch comes again to the next recorder, which finds the
+    replies already on the reply topic and does not send them twice."""
+    first = await client.chat(
+        model="tiny", messages=[{"role": "user", "content": "reply once"}], max_tokens=8, timeout=60
+    )
+    assert first.status == "succeeded" and first.result is not None
+
+    async def remembered() -> bool:
+        at = await pool.fetchval("SELECT replied_at FROM jobs WHERE id = $1", first.job_id)
+        return at is not None
+
+    await wait_for(remembered, timeout=30)
+    # The state such a crash leaves: final, its reply on the topic, not remembered.
+    await pool.execute("UPDATE jobs SET replied_at = NULL WHERE id = $1", first.job_id)
+    ends = await _ends(stack)
+    again = JobCompletion(
+        job_id=first.job_id,
+        conversation_id=first.conversation_id,
+        model="tiny",
+        status="succeeded",
+        output=first.result.choices[0].message.content,
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            stack.settings.topics.completions, again.encode(), key=first.conversation_id.encode()
+        )
+    finally:
+        await producer.stop()
+    later = await client.chat(
+        model="tiny",
+        conversation_id=first.conversation_id,
+        messages=[{"role": "user", "content": "and now"}],
+        max_tokens=8,
+        timeout=60,
+    )
+    assert later.status == "succeeded"
+    replies = await _replies_until(stack, ends, later.job_id, timeout=30)
+    assert [r.job_id for r in replies if r.job_id in (first.job_id, later.job_id)] == [later.job_id]
+    await wait_for(remembered, timeout=30)  # and the redelivery remembered it

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
+from datetime import timedelta
 from uuid import UUID
 
 import asyncpg
 import orjson
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
-from kontext.connections import FetchTempo
+from kontext.connections import FetchTempo, create_consumer
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
@@ -39,6 +41,10 @@ from workers.services import ConsumerService, Resources, Service, service
 log = logging.getLogger(__name__)
 
 MARK_IDLE_S = 0.2
+REPLY_CLOCK_SLACK = timedelta(seconds=5)
+"""How far before a job's completion (Postgres's clock) its reply's timestamp (the
+recorder's clock) may lie."""
+REPLY_SCAN_TIMEOUT_S = 30.0
 """How long replies wait to be remembered by the next batch's statement before
 they are remembered on their own (the recorder is idle)."""
 
@@ -76,10 +82,15 @@ class Recorder:
                 if done.job_id not in known:
                     reason = f"JobCompletion for unknown job {done.job_id}"
                     sends.append(await self.dead_letters.send(record, reason))
+            # Finalised by an earlier recorder, their replies perhaps published already.
+            unsure = [o for o in outcomes if not o.fresh and not o.replied]
+            on_topic = await self._already_replied(unsure) if unsure else set()
             for outcome in outcomes:
                 if outcome.replied:
                     continue
                 replied.append(outcome.job_id)
+                if outcome.job_id in on_topic:
+                    continue
                 reply = JobReply(
                     job_id=outcome.job_id,
                     conversation_id=outcome.conversation_id,
@@ -104,6 +115,46 @@ class Recorder:
         self.unmarked += replied
         if self.unmarked and (self._marking is None or self._marking.done()):
             self._marking = asyncio.create_task(self._mark_when_idle())
+
+    async def _already_replied(self, outcomes: Sequence[ledger.Outcome]) -> set[UUID]:
+        """Which of these jobs' replies are on the reply topic. A recorder that published
+        a batch's replies and died before committing its offsets (or remembering the
+        replies) leaves them final and unreplied; its batch comes again. The topic is read
+        from the earliest of their completions to its end: seconds of replies, on a path
+        taken only after such a death or a rebalance."""
+        since = min(o.completed_at or utcnow() for o in outcomes) - REPLY_CLOCK_SLACK
+        wanted = {str(o.job_id).encode() for o in outcomes}
+        consumer = create_consumer(self.settings, group_id=None)
+        found: set[UUID] = set()
+        await consumer.start()
+        try:
+            topic = self.settings.topics.replies
+            parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            consumer.assign(parts)
+            starts = await consumer.offsets_for_times(
+                {tp: int(since.timestamp() * 1000) for tp in parts}
+            )
+            ends = await consumer.end_offsets(parts)
+            left: dict[TopicPartition, int] = {}
+            for tp, start in starts.items():
+                if start is not None and start.offset < ends[tp]:
+                    consumer.seek(tp, start.offset)
+                    left[tp] = ends[tp]
+            deadline = time.monotonic() + REPLY_SCAN_TIMEOUT_S
+            while left and time.monotonic() < deadline:
+                fetched = await consumer.getmany(*left, timeout_ms=200)
+                for tp, messages in fetched.items():
+                    for message in messages:
+                        job_id = dict(message.headers).get(JOB_ID_HEADER)
+                        if job_id in wanted:
+                            found.add(UUID(job_id.decode()))
+                        if message.offset + 1 >= left.get(tp, 0):
+                            left.pop(tp, None)
+        finally:
+            await consumer.stop()
+        if found:
+            log.info("recorder: %d replies already published, not sent again", len(found))
+        return found
 
     async def _mark_when_idle(self) -> None:
         """The next batch's statement remembers the replies published now; should no

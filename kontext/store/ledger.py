@@ -282,6 +282,8 @@ class Outcome:
     replied: bool
     priority: str = "interactive"
     """The job's lane (``interactive`` or ``background``)."""
+    completed_at: datetime | None = None
+    """When the job turned final (by this batch when ``fresh``)."""
 
 
 @dataclass(frozen=True)
@@ -407,12 +409,13 @@ SELECT 'outcome' AS part, j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh
     CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
     CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
     j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]) AS replied, NULL::jsonb AS request,
-    coalesce(j.request->>'priority', 'interactive') AS priority
+    coalesce(j.request->>'priority', 'interactive') AS priority,
+    CASE WHEN fresh.id IS NULL THEN j.completed_at ELSE now() END AS completed_at
 FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
 WHERE j.id = ANY($1::uuid[])
 UNION ALL
 SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
-    j.request, NULL
+    j.request, NULL, NULL
 FROM jobs j JOIN next_up ON next_up.id = j.id
 WHERE j.status = 'queued'
 """
@@ -498,6 +501,7 @@ async def record(
             fresh=row["fresh"],
             replied=row["replied"],
             priority=row["priority"],
+            completed_at=row["completed_at"],
         )
         for row in rows
         if row["part"] == "outcome"
