@@ -6,9 +6,10 @@ limits held. Replies go out only after that, so a client that reads its reply
 and sends the next turn always finds the previous one in memory. A job is
 replied to once: the ledger remembers a published reply (in the next batch's
 statement, or when the recorder stops), and a duplicate completion (a job
-re-driven, or redelivered after a worker died) publishes none. A recorder that
-dies before remembering may reply again to a redelivered completion: at least
-once, never zero. A completion for an unknown job, or one Postgres cannot
+re-driven, or redelivered after a worker died) publishes none. When a recorder
+dies after publishing but before remembering, the next one finds those replies on
+the reply topic and does not send them again (one it cannot find there, it sends:
+at least once, never zero). A completion for an unknown job, or one Postgres cannot
 store, is dead-lettered. Recording a turn also lets the conversation's next
 waiting turn through: its request is published again for the enricher.
 """
@@ -41,12 +42,13 @@ from workers.services import ConsumerService, Resources, Service, service
 log = logging.getLogger(__name__)
 
 MARK_IDLE_S = 0.2
+"""How long replies wait to be remembered by the next batch's statement before
+they are remembered on their own (the recorder is idle)."""
 REPLY_CLOCK_SLACK = timedelta(seconds=5)
 """How far before a job's completion (Postgres's clock) its reply's timestamp (the
 recorder's clock) may lie."""
 REPLY_SCAN_TIMEOUT_S = 30.0
-"""How long replies wait to be remembered by the next batch's statement before
-they are remembered on their own (the recorder is idle)."""
+"""The longest a redelivered batch reads the reply topic for replies already sent."""
 
 UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, orjson.JSONEncodeError)
 """Values Postgres or the jsonb codec refuse: retrying the same batch never helps."""
