@@ -58,6 +58,48 @@ async def _ends(stack: Stack) -> dict[int, int]:
     return ends
 
 
+def _completion(job: JobReply, output: str) -> JobCompletion:
+    """A completion for the finished ``job``, as a redelivery (or a forger) would bring it."""
+    return JobCompletion(
+        job_id=job.job_id,
+        conversation_id=job.conversation_id,
+        model="tiny",
+        status="succeeded",
+        output=output,
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
+    )
+
+
+async def _send(stack: Stack, key: str, records: list[tuple[str, bytes]]) -> None:
+    """Publish (topic, value) records keyed by conversation ``key``, in order."""
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap)
+    await producer.start()
+    try:
+        for topic, value in records:
+            await producer.send_and_wait(topic, value, key=key.encode())
+    finally:
+        await producer.stop()
+
+
+async def _replied_before_next_turn(
+    stack: Stack, client: KontextClient, first: JobReply, ends: dict[int, int], content: str
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """Send the conversation's next turn (on the same partition, so it is answered only
+    after what was sent before it); its job id, and the job ids of the replies to
+    ``first`` and to it since ``ends``, in order."""
+    later = await client.chat(
+        model="tiny",
+        conversation_id=first.conversation_id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=8,
+        timeout=60,
+    )
+    assert later.status == "succeeded"
+    replies = await _replies_until(stack, ends, later.job_id, timeout=30)
+    return later.job_id, [r.job_id for r in replies if r.job_id in (first.job_id, later.job_id)]
+
+
 async def test_duplicate_request_and_completion_change_nothing(
     stack: Stack, client: KontextClient, pool: asyncpg.Pool
 ) -> None:
@@ -74,38 +116,17 @@ async def test_duplicate_request_and_completion_change_nothing(
     assert job is not None and job["attempts"] == 1
 
     ends = await _ends(stack)
-    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap)
-    await producer.start()
-    key = first.conversation_id.encode()
-    try:
-        # The same request again, as a redelivery would bring it.
-        await producer.send_and_wait(topics.requests, orjson.dumps(job["request"]), key=key)
-        # And a second, different answer for the finished job.
-        forged = JobCompletion(
-            job_id=first.job_id,
-            conversation_id=first.conversation_id,
-            model="tiny",
-            status="succeeded",
-            output="a different answer",
-            finish_reason="stop",
-            usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
-        )
-        await producer.send_and_wait(topics.completions, forged.encode(), key=key)
-    finally:
-        await producer.stop()
-
-    # A later turn on the same partition is answered only after both duplicates went by.
-    later = await client.chat(
-        model="tiny",
-        conversation_id=first.conversation_id,
-        messages=[{"role": "user", "content": "and again"}],
-        max_tokens=8,
-        timeout=60,
+    # The same request again, as a redelivery would bring it, and a second, different
+    # answer for the finished job.
+    forged = _completion(first, "a different answer")
+    await _send(
+        stack,
+        first.conversation_id,
+        [(topics.requests, orjson.dumps(job["request"])), (topics.completions, forged.encode())],
     )
-    assert later.status == "succeeded"
     # The job was answered once: the duplicates before the later turn brought no reply.
-    replies = await _replies_until(stack, ends, later.job_id, timeout=30)
-    assert [r.job_id for r in replies if r.job_id in (first.job_id, later.job_id)] == [later.job_id]
+    later, replied = await _replied_before_next_turn(stack, client, first, ends, "and again")
+    assert replied == [later]
     after = await pool.fetchrow("SELECT attempts, result FROM jobs WHERE id = $1", first.job_id)
     assert after is not None
     assert after["attempts"] == 1  # the redelivered request was not run again
@@ -136,31 +157,8 @@ async def test_a_reply_published_before_a_crash_is_not_published_again(
     # The state such a crash leaves: final, its reply on the topic, not remembered.
     await pool.execute("UPDATE jobs SET replied_at = NULL WHERE id = $1", first.job_id)
     ends = await _ends(stack)
-    again = JobCompletion(
-        job_id=first.job_id,
-        conversation_id=first.conversation_id,
-        model="tiny",
-        status="succeeded",
-        output=first.result.choices[0].message.content,
-        finish_reason="stop",
-        usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap)
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            stack.settings.topics.completions, again.encode(), key=first.conversation_id.encode()
-        )
-    finally:
-        await producer.stop()
-    later = await client.chat(
-        model="tiny",
-        conversation_id=first.conversation_id,
-        messages=[{"role": "user", "content": "and now"}],
-        max_tokens=8,
-        timeout=60,
-    )
-    assert later.status == "succeeded"
-    replies = await _replies_until(stack, ends, later.job_id, timeout=30)
-    assert [r.job_id for r in replies if r.job_id in (first.job_id, later.job_id)] == [later.job_id]
+    again = _completion(first, first.result.choices[0].message.content)
+    await _send(stack, first.conversation_id, [(stack.settings.topics.completions, again.encode())])
+    later, replied = await _replied_before_next_turn(stack, client, first, ends, "and now")
+    assert replied == [later]
     await wait_for(remembered, timeout=30)  # and the redelivery remembered it
