@@ -110,9 +110,34 @@ class JobView(BaseModel):
     error: ErrorInfo | None = None
 
 
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "insufficient_quota",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    504: "timeout_error",
+}
+"""OpenAI's error ``type`` for a status (5xx not listed: ``server_error``)."""
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
 class ApiError(BaseModel):
+    """An error in OpenAI's shape (``message``, ``type``, ``param``, ``code``), so
+    OpenAI clients raise their own exception types; plus Kontext's details."""
+
     code: str
     message: str
+    type: str | None = None
+    param: str | None = None
     details: list[dict[str, Any]] | None = None
     served_models: list[str] | None = None
 

@@ -26,7 +26,7 @@ from producers.api.auth import KeyCache
 from producers.api.dashboard import routes as dashboard
 from producers.api.limits import BodySizeLimit
 from producers.api.metrics import RequestMetrics
-from producers.api.policies import ApiPolicies, install_refusals
+from producers.api.policies import ApiPolicies
 from producers.api.state import ApiState
 from producers.api.waiters import JobWaiters
 
@@ -62,7 +62,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Kontext", version="0.1.0", lifespan=lifespan)
     errors.install(app)
-    install_refusals(app)
     app.include_router(jobs.router)
     app.include_router(conversations.router)
     app.include_router(webhooks.router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from asyncpg.exceptions import (
     InterfaceError,
@@ -15,9 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from producers.refusals import answer_for
 from producers.submit import SubmissionRejected
-from schemas.api import ApiError, ErrorBody
+from schemas.api import ApiError, ErrorBody, error_type
 from workers.intake import EnqueueFailed
+from workers.policies.base import Refused
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 def error_response(
     status: int, error: ApiError, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    if error.type is None:
+        error = error.model_copy(update={"type": error_type(status)})
     body = ErrorBody(error=error).model_dump(mode="json", exclude_none=True)
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -49,24 +54,14 @@ async def _validation(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, ApiError(code="invalid_request", message=summary, details=errors))
 
 
-async def _rejected(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, SubmissionRejected)
-    status = {
-        "unknown_model": 400,
-        "idempotency_key_reused": 409,
-        "conversation_not_found": 404,
-    }.get(exc.code, 422)
-    return error_response(
-        status, ApiError(code=exc.code, message=exc.message, served_models=exc.served_models)
-    )
-
-
-async def _enqueue_failed(_: Request, exc: Exception) -> JSONResponse:
-    return error_response(
-        503,
-        ApiError(code="queue_unavailable", message="the job could not be queued; try again"),
-        headers={"Retry-After": "5"},
-    )
+async def _refused(_: Request, exc: Exception) -> JSONResponse:
+    """A refused submission (the deployment, a policy, the queue): ``producers.refusals``."""
+    answer = answer_for(exc)
+    assert answer is not None
+    headers = None
+    if answer.retry_after_s is not None:
+        headers = {"Retry-After": str(max(1, math.ceil(answer.retry_after_s)))}
+    return error_response(answer.status, answer.error, headers=headers)
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -104,8 +99,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
-    app.add_exception_handler(SubmissionRejected, _rejected)
-    app.add_exception_handler(EnqueueFailed, _enqueue_failed)
+    for refusal in (SubmissionRejected, Refused, EnqueueFailed):
+        app.add_exception_handler(refusal, _refused)
     app.add_exception_handler(HTTPException, _http)
     # A connection lost or left mid-operation while the database restarts is as
     # unavailable as a refused one.

@@ -57,6 +57,7 @@ class BodySizeLimit:
                 "error": {
                     "code": "body_too_large",
                     "message": f"the body exceeds {max_bytes} bytes",
+                    "type": "invalid_request_error",
                 }
             },
             status_code=413,

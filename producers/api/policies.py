@@ -3,24 +3,17 @@
 ``LimitFollower`` keeps this replica's copy of the limiter's published
 per-tenant state (the limits topic, read whole by every replica), so refusing
 a tenant whose window is full costs no database or broker round trip on the
-request path. A ``Refused`` submission answers with the refusal's status,
-``{"error": {"code", "message"}}`` and, when known, ``Retry-After``.
+request path. A ``Refused`` submission answers with the refusal's status, the error body
+and, when known, ``Retry-After`` (``producers.refusals``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from kontext.settings import Settings
-from producers.api.errors import error_response
-from schemas.api import ApiError
 from schemas.limits import TenantLimitStatus
 from workers.follower import TopicFollower
-from workers.policies.base import Refused
 from workers.policies.chain import PolicyChain
 from workers.policies.compose import ChainParts, build_chain
 
@@ -52,18 +45,3 @@ class ApiPolicies:
         await self.chain.close()
         if self.follower is not None:
             await self.follower.close()
-
-
-async def _refused(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, Refused)
-    refusal = exc.refusal
-    headers = None
-    if refusal.retry_after_s is not None:
-        headers = {"Retry-After": str(max(1, math.ceil(refusal.retry_after_s)))}
-    return error_response(
-        refusal.status, ApiError(code=refusal.code, message=refusal.message), headers=headers
-    )
-
-
-def install_refusals(app: FastAPI) -> None:
-    app.add_exception_handler(Refused, _refused)
