@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.events import WebhookSecret
@@ -80,6 +80,11 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+    api_url: str | None = None
+    """Where the CLI's client commands and the Python client find the API
+    (``KONTEXT_API_URL``; ``kontext up`` writes it to its stack file)."""
+    api_key: SecretStr | None = None
+    """The key those clients send (``KONTEXT_API_KEY``; the stack file holds the dev key)."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_messages: int = Field(default=256, ge=1)
     max_tokens_limit: int = Field(default=1024, ge=1)

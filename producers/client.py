@@ -10,6 +10,8 @@ async with KontextClient("http://127.0.0.1:8000", "127.0.0.1:9092", api_key="kx_
     print(reply.result.choices[0].message.content)
 
 The API key defaults to the ``KONTEXT_API_KEY`` environment variable.
+``KontextClient.from_environment()`` takes everything from the environment, or from
+the running ``kontext up`` (its stack file) for what the environment leaves unset.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import aiohttp
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from kontext import stackfile
 from kontext.connections import FetchTempo
 from schemas.api import JobAccepted, JobView
 from schemas.events import JobReply
@@ -84,6 +87,19 @@ class KontextClient:
         self._recent: OrderedDict[UUID, bytes] = OrderedDict()
         """Replies read before anyone waited for them (raw, decoded when claimed)."""
         self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_environment(cls, **options: Any) -> KontextClient:
+        """A client of ``KONTEXT_API_URL`` with ``KONTEXT_API_KEY``, reading replies from
+        ``KAFKA_BOOTSTRAP_SERVERS`` under ``KONTEXT_TOPIC_PREFIX``; what is unset comes
+        from the running ``kontext up``'s stack file. ``options`` as for the constructor."""
+        settings = stackfile.settings()
+        if not settings.api_url:
+            raise RuntimeError(stackfile.missing("KONTEXT_API_URL"))
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        return cls(
+            settings.api_url, settings.bootstrap, topics=settings.topics, api_key=key, **options
+        )
 
     async def __aenter__(self) -> KontextClient:
         await self.start()

@@ -82,10 +82,15 @@ def run_work(
 
 
 async def serve(
-    settings: Settings, services: Sequence[str], stop: asyncio.Event, api_url: str | None = None
+    settings: Settings,
+    services: Sequence[str],
+    stop: asyncio.Event,
+    api_url: str | None = None,
+    on_ready: Callable[[str | None], None] | None = None,
 ) -> None:
     """Run ``services`` until ``stop``; print the ready line once they all are (with the
-    API's address: this process's, or ``api_url`` where another process serves it)."""
+    API's address: this process's, or ``api_url`` where another process serves it), then
+    call ``on_ready`` with that address."""
     runtime = Runtime(settings)
 
     def ready(rt: Runtime) -> None:
@@ -97,6 +102,8 @@ async def serve(
             f"models {', '.join(settings.engines)}; Kafka {settings.kafka_bootstrap_servers}",
             flush=True,
         )
+        if on_ready is not None:
+            on_ready(url)
 
     try:
         await runtime.start(services)

@@ -8,7 +8,10 @@ from typing import Annotated
 
 import typer
 
+from kontext import stackfile
 from kontext.app.process import console, run_until_signal
+
+DEFAULT_API = "http://127.0.0.1:8000"
 
 
 def backfill(
@@ -18,7 +21,14 @@ def backfill(
         Path | None,
         typer.Option(help="Error file (bad lines and failed requests). Default: OUT.errors.jsonl"),
     ] = None,
-    api: Annotated[str, typer.Option(help="Kontext API URL.")] = "http://127.0.0.1:8000",
+    api: Annotated[
+        str | None,
+        typer.Option(
+            help="Kontext API URL. Default: KONTEXT_API_URL, else the running `kontext up`'s "
+            f"(its stack file), else {DEFAULT_API}.",
+            show_default=False,
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -28,6 +38,11 @@ def backfill(
 ) -> None:
     """Run a batch file through a Kontext API at low priority, with progress; rerun to resume."""
     from producers.backfill import Backfill
+
+    found = stackfile.settings()
+    api = api or found.api_url or DEFAULT_API
+    if api_key is None and found.api_key is not None:
+        api_key = found.api_key.get_secret_value()
 
     runner = Backfill(
         api, source, out, errors or out.with_suffix(".errors.jsonl"), console, api_key=api_key

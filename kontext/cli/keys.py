@@ -1,4 +1,5 @@
-"""``kontext keys create|list|revoke``: manage tenants' API keys in DATABASE_URL."""
+"""``kontext keys create|list|revoke``: manage tenants' API keys in DATABASE_URL
+(or the running ``kontext up``'s database)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kontext.settings import Settings
+from kontext import stackfile
 from kontext.store import keys
 
 app = typer.Typer(help="API keys: create one (and its tenant), list them, revoke one.")
@@ -18,9 +19,9 @@ err = Console(stderr=True)
 
 
 def _dsn() -> str:
-    settings = Settings()
+    settings = stackfile.settings()
     if not settings.database_url:
-        err.print("[red]DATABASE_URL is not set")
+        err.print(f"[red]{stackfile.missing('DATABASE_URL')}")
         raise typer.Exit(2)
     return settings.dsn
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from kontext import stackfile
 from kontext.app.children import spawned
 from kontext.app.embedded import embedded
 from kontext.app.process import (
@@ -68,10 +69,25 @@ def up(
             await prepare(settings)
             key = await keys.mint(settings.dsn)
             print(f"Dev API key (tenant default): {key}", flush=True)
-            async with spawned(settings, [g for g in groups if g]) as children:
-                await children.guard(serve(settings, here, stop, api_url=children.api_url))
 
-        run_until_signal(main)
+            def announce(url: str | None) -> None:
+                written = stackfile.write(settings, url, key)
+                print(
+                    f"Kafka: {settings.bootstrap}\nPostgres: {settings.dsn}\n"
+                    f"Other commands here (kontext keys, kontext backfill, the Python client) "
+                    f"find this stack in {written}",
+                    flush=True,
+                )
+
+            async with spawned(settings, [g for g in groups if g]) as children:
+                await children.guard(
+                    serve(settings, here, stop, api_url=children.api_url, on_ready=announce)
+                )
+
+        try:
+            run_until_signal(main)
+        finally:
+            stackfile.remove(settings)
 
 
 def worker(

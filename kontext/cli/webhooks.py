@@ -8,6 +8,7 @@ from uuid import UUID
 
 import typer
 
+from kontext import stackfile
 from kontext.app.process import console
 from kontext.settings import Settings
 
@@ -15,9 +16,9 @@ app = typer.Typer(help="Webhook deliveries: list them, redeliver one.")
 
 
 def _database_settings() -> Settings:
-    settings = Settings()
+    settings = stackfile.settings()
     if not settings.database_url:
-        console.print("[red]DATABASE_URL is not set")
+        console.print(f"[red]{stackfile.missing('DATABASE_URL')}")
         raise typer.Exit(2)
     return settings
 
