@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=256, ge=1)
     max_tokens_limit: int = Field(default=1024, ge=1)
     default_max_tokens: int = Field(default=64, ge=1)
+    chat_wait_s: float = Field(default=300.0, gt=0)
+    """Longest ``POST /v1/chat/completions`` waits for its job (``X-Kontext-Wait`` may
+    shorten it); then it answers 504 with the job id, and the job carries on. Below the
+    OpenAI SDK's 600 s timeout, so a client sees the 504 rather than its own timeout."""
 
     batch_max_size: int = Field(default=16, ge=1)
     """Most requests in one engine call (an inference micro-batch)."""
@@ -191,8 +195,8 @@ class Settings(BaseSettings):
     """A standalone worker serves Prometheus metrics on this port (the API at /metrics)."""
     metrics_host: str = "127.0.0.1"
 
-    backfill_max_bytes: int = Field(default=100_000_000, ge=1024)
-    """Largest ``POST /v1/batches`` body (other requests keep ``max_body_bytes``)."""
+    files_max_bytes: int = Field(default=100_000_000, ge=1024)
+    """Largest file ``POST /v1/files`` takes (a batch input file); larger is a 413."""
     backfill_max_lines: int = Field(default=50_000, ge=1)
     backfill_chunk_size: int = Field(default=500, ge=1)
     """Batch lines admitted per ledger insert (one statement) and per pipelined publish."""

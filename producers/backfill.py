@@ -1,9 +1,12 @@
-"""``kontext backfill``: run an OpenAI Batch input file through a Kontext API over HTTP.
+"""``kontext backfill``: run an OpenAI Batch input file through a Kontext API over HTTP,
+with its OpenAI Files and Batches endpoints: upload the file, create the batch, follow
+it, download its output and error files.
 
 Resumable by construction. Custom_ids that already have a succeeded line in the
 output file are not submitted again; the rest is submitted with an idempotency
 key derived from its content (``backfill:<sha256>``), so a rerun after an
-interruption attaches to the same batch instead of creating a second one. The
+interruption attaches to the same batch instead of creating a second one (the file
+uploaded again is then deleted). The
 output and error files are written only once the batch has ended, each to a
 temporary file renamed into place: an interrupted run leaves them as they were.
 """
@@ -34,11 +37,13 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from schemas.batches import ENDED, BatchView
+from schemas.batches import ENDED, ENDPOINT, BatchView
 
 T = TypeVar("T")
 
 POLL_S = 0.5
+LONG = httpx.Timeout(30.0, read=600.0)
+"""For an upload, and for a batch's creation: it validates and queues every line."""
 INTERRUPTED = 130
 
 
@@ -121,8 +126,44 @@ def _write(path: Path, lines: Iterable[bytes]) -> int:
 
 
 def _settled(batch: BatchView) -> int:
-    bad = len(batch.errors)
+    bad = len(batch.bad_lines)
     return batch.request_counts.completed + batch.request_counts.failed - bad
+
+
+async def upload(
+    http: httpx.AsyncClient, content: bytes, filename: str = "input.jsonl"
+) -> httpx.Response:
+    """``POST /v1/files``: ``content`` as a batch input file."""
+    return await http.post(
+        "/v1/files",
+        files={"file": (filename, content, "application/jsonl")},
+        data={"purpose": "batch"},
+        timeout=LONG,
+    )
+
+
+async def create_batch(
+    http: httpx.AsyncClient,
+    content: bytes,
+    *,
+    idempotency_key: str | None = None,
+    filename: str = "input.jsonl",
+    **options: Any,
+) -> httpx.Response:
+    """Upload ``content`` (OpenAI Batch JSONL) and create a batch from it (``options``:
+    more fields of ``POST /v1/batches``, e.g. ``metadata``, ``webhook``); the batch
+    answer, or the upload's when the upload was refused."""
+    uploaded = await upload(http, content, filename)
+    if uploaded.status_code >= 400:
+        return uploaded
+    body = {
+        "input_file_id": uploaded.json()["id"],
+        "endpoint": ENDPOINT,
+        "completion_window": "24h",
+        **options,
+    }
+    headers = {"idempotency-key": idempotency_key} if idempotency_key else {}
+    return await http.post("/v1/batches", json=body, headers=headers, timeout=LONG)
 
 
 class Backfill:
@@ -155,10 +196,7 @@ class Backfill:
             return 0
         if todo.done:
             self.console.print(f"{len(todo.done)} custom_ids already succeeded in {self.out}")
-        timeout = httpx.Timeout(30.0, read=600.0)
-        async with httpx.AsyncClient(
-            base_url=self.api, timeout=timeout, headers=self.headers
-        ) as http:
+        async with httpx.AsyncClient(base_url=self.api, timeout=LONG, headers=self.headers) as http:
             batch = await _until(stop, self._submit(http, todo))
             if batch is None:
                 self.console.print("interrupted while submitting; rerun the same command")
@@ -177,31 +215,38 @@ class Backfill:
         return 0 if batch.status == "completed" else 1
 
     async def _submit(self, http: httpx.AsyncClient, todo: Plan) -> BatchView | str:
+        uploaded = await upload(http, todo.text.encode(), self.source.name)
+        if uploaded.status_code >= 400:
+            return uploaded.text
+        file_id = uploaded.json()["id"]
         response = await http.post(
             "/v1/batches",
-            content=todo.text.encode(),
-            headers={"content-type": "application/jsonl", "idempotency-key": todo.key},
+            json={"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h"},
+            headers={"idempotency-key": todo.key},
         )
         if response.status_code >= 400:
+            await http.delete(f"/v1/files/{file_id}")
             return response.text
         batch = BatchView.model_validate_json(response.content)
+        if batch.input_file_id != file_id:  # resumed: the batch has its own copy
+            await http.delete(f"/v1/files/{file_id}")
         state = "resumed" if response.status_code == 200 else "submitted"
-        good = batch.request_counts.total - len(batch.errors)
+        bad = len(batch.bad_lines)
         self.console.print(
             f"batch {batch.id} {state}: {batch.request_counts.total} lines, "
-            f"{good} requests, {len(batch.errors)} bad lines"
+            f"{batch.request_counts.total - bad} requests, {bad} bad lines"
         )
         return batch
 
     def _report_bad_lines(self, batch: BatchView, todo: Plan) -> None:
-        for bad in batch.errors:
-            line = todo.origin[bad.line - 1]
+        for bad in batch.bad_lines:
+            line = todo.origin[bad.line - 1] if bad.line is not None else "?"
             self.console.print(f"[yellow]line {line}[/]: {bad.code}: {bad.message}")
 
     async def _follow(
         self, http: httpx.AsyncClient, batch: BatchView, stop: asyncio.Event
     ) -> BatchView:
-        good = batch.request_counts.total - len(batch.errors)
+        good = batch.request_counts.total - len(batch.bad_lines)
         columns = (
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -222,28 +267,30 @@ class Backfill:
                 progress.update(task, completed=_settled(batch), description=batch.status)
         return batch
 
-    async def _lines(self, http: httpx.AsyncClient, path: str) -> list[bytes]:
-        response = await http.get(path)
+    async def _lines(self, http: httpx.AsyncClient, file_id: str | None) -> list[bytes]:
+        """The lines of one of the batch's files (none when it has no such file)."""
+        if file_id is None:
+            return []
+        response = await http.get(f"/v1/files/{file_id}/content")
         response.raise_for_status()
         return [line for line in response.content.splitlines() if line.strip()]
 
     async def _save(self, http: httpx.AsyncClient, batch: BatchView, todo: Plan) -> None:
         results = dict(todo.done)
-        for raw in await self._lines(http, f"/v1/batches/{batch.id}/output"):
+        for raw in await self._lines(http, batch.output_file_id):
             custom_id = _custom_id(raw)
             if custom_id is not None:
                 results[custom_id] = raw
         ordered = [results.pop(c) for c in dict.fromkeys(todo.order) if c in results]
         written = _write(self.out, [*ordered, *results.values()])
         failures = [
-            self._renumber(raw, todo)
-            for raw in await self._lines(http, f"/v1/batches/{batch.id}/errors")
+            self._renumber(raw, todo) for raw in await self._lines(http, batch.error_file_id)
         ]
         _write(self.errors, failures)
         counts = batch.request_counts
         self.console.print(
             f"batch {batch.id} {batch.status}: {counts.completed} succeeded, "
-            f"{counts.failed - len(batch.errors)} failed, {len(batch.errors)} bad lines; "
+            f"{counts.failed - len(batch.bad_lines)} failed, {len(batch.bad_lines)} bad lines; "
             f"{self.out}: {written} lines, {self.errors}: {len(failures)} lines"
         )
 

@@ -25,6 +25,7 @@ from producers.batch_lines import ParsedInput, parse
 from producers.submit import SubmissionRejected, check_webhook
 from schemas.batches import BatchCreate, LineError
 from schemas.events import ErrorInfo, JobRequest
+from workers import batch_files
 from workers.intake import EnqueueFailed, publish
 from workers.policies.chain import PolicyChain
 
@@ -102,17 +103,19 @@ async def submit_batch(
     pool: asyncpg.Pool,
     producer: AIOKafkaProducer,
     create: BatchCreate,
+    text: str,
     *,
+    input_file_id: UUID | None = None,
     tenant_id: str = "default",
     key_id: UUID | None = None,
     chain: PolicyChain | None = None,
 ) -> tuple[batches.BatchRow, bool]:
-    """Validate, record and publish a tenant's batch. Returns it and whether it is new (a
-    known idempotency key of the tenant returns the earlier batch, its intake completed
-    if it was cut short)."""
+    """Validate, record and publish a tenant's batch whose input file holds ``text``.
+    Returns it and whether it is new (a known idempotency key of the tenant returns the
+    earlier batch, its intake completed if it was cut short)."""
     began = time.perf_counter()
-    parsed = parse(settings, create.input)
-    await refuse_foreign_conversations(pool, tenant_id, parsed, create.input)
+    parsed = parse(settings, text)
+    await refuse_foreign_conversations(pool, tenant_id, parsed, text)
     owner = {"tenant_id": tenant_id, "key_id": key_id}
     intake = chain.rewrite_request if chain is not None else (lambda request: request)
     good = [
@@ -135,11 +138,12 @@ async def submit_batch(
             input_sha256=parsed.sha256,
             total=parsed.total,
             errors=parsed.errors,
-            metadata=create.metadata,
+            metadata=create.metadata or {},
             webhook=create.webhook.model_dump() if create.webhook else None,
             idempotency_key=create.idempotency_key,
             tenant_id=tenant_id,
             key_id=key_id,
+            input_file_id=input_file_id,
         ),
     )
     if row.input_sha256 != parsed.sha256:
@@ -150,7 +154,11 @@ async def submit_batch(
     if row.status != "validating":
         return row, created
     new = await _publish(settings, pool, producer, row.id, good)
-    await batches.start(pool, row.id)
+    async with pool.acquire() as conn, conn.transaction():
+        await batches.start(conn, row.id)
+        started = await batches.get(conn, row.id)
+        if started is not None and started.status == "failed":  # every line was bad
+            await batch_files.write(conn, started)
     log.info(
         "batch %s: %d lines, %d bad, %d jobs published in %.2fs",
         row.id,

@@ -11,7 +11,7 @@ from kontext.settings import Settings
 from kontext.ssrf import UrlGuard, UrlRefused
 from kontext.store import ledger
 from schemas.api import JobSubmission
-from schemas.events import JobRequest, WebhookTarget
+from schemas.events import JobRequest, ReplyRoute, WebhookTarget
 from workers.intake import enqueue
 from workers.policies.base import Refused
 from workers.policies.chain import PolicyChain
@@ -35,9 +35,11 @@ def to_request(
     *,
     tenant_id: str = "default",
     key_id: uuid.UUID | None = None,
+    reply_to: ReplyRoute | None = None,
 ) -> JobRequest:
     """The event for a tenant's submission, or SubmissionRejected. A model alias
-    (``KONTEXT_MODEL_ALIASES``) is resolved to the model it names."""
+    (``KONTEXT_MODEL_ALIASES``) is resolved to the model it names; ``reply_to`` is
+    where a submission from the submissions topic is answered."""
     model = settings.model_aliases.get(submission.model, submission.model)
     if model not in settings.engines:
         raise SubmissionRejected(
@@ -66,6 +68,7 @@ def to_request(
         include_prompt=submission.include_prompt,
         metadata=submission.metadata,
         webhook=submission.webhook.published() if submission.webhook else None,
+        reply_to=reply_to,
     )
 
 
@@ -94,10 +97,13 @@ async def submit(
     tenant_id: str = "default",
     key_id: uuid.UUID | None = None,
     chain: PolicyChain | None = None,
+    reply_to: ReplyRoute | None = None,
 ) -> tuple[ledger.JobRow, bool]:
     """Validate a tenant's submission against this deployment and the policy chain's
     ``check_submit`` (which raises Refused), then enqueue it."""
-    request = to_request(settings, submission, tenant_id=tenant_id, key_id=key_id)
+    request = to_request(
+        settings, submission, tenant_id=tenant_id, key_id=key_id, reply_to=reply_to
+    )
     if chain is not None:
         request = chain.rewrite_request(request)
         refusal = await chain.check_submit(request)

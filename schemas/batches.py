@@ -1,11 +1,9 @@
-"""HTTP bodies of the batches API, and the lines of its output and error files
-(the OpenAI Batch formats)."""
+"""HTTP bodies of the batches API (OpenAI's Batch objects), and the lines of a batch's
+output and error files (the OpenAI Batch formats)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
-from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,25 +24,43 @@ ENDPOINT = "/v1/chat/completions"
 
 
 class BatchCreate(BaseModel):
-    """``POST /v1/batches`` as JSON: the input file's text and the batch's options."""
+    """``POST /v1/batches``: an uploaded input file (purpose ``batch``) and the batch's
+    options, as OpenAI takes them; ``webhook`` and ``idempotency_key`` are Kontext's."""
 
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    input: str = Field(min_length=1, description="OpenAI Batch input: one JSON request per line")
-    endpoint: Literal["/v1/chat/completions"] = "/v1/chat/completions"
-    completion_window: Literal["24h"] = "24h"
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    input_file_id: str = Field(min_length=1, max_length=64, description="A file-... id")
+    endpoint: Literal["/v1/chat/completions"]
+    completion_window: Literal["24h"]
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    output_expires_after: dict[str, Any] | None = Field(
+        default=None, description="Accepted and ignored: output files stay until deleted"
+    )
     webhook: WebhookTarget | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 class LineError(BaseModel):
-    """Why one input line was refused (1-based ``line``)."""
+    """Why one input line was refused (1-based ``line``), as the batch records it."""
 
     code: str
     message: str
     line: int
     custom_id: str | None = None
+
+
+class BatchError(BaseModel):
+    """One refused input line in a batch's ``errors`` (OpenAI's BatchError)."""
+
+    code: str
+    message: str
+    param: str | None = None
+    line: int | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
 
 
 class RequestCounts(BaseModel):
@@ -54,25 +70,45 @@ class RequestCounts(BaseModel):
 
 
 class BatchView(BaseModel):
-    """``GET /v1/batches/{id}``: an OpenAI Batch object, with the bad lines in ``errors``."""
+    """``GET /v1/batches/{id}``: an OpenAI Batch object; timestamps in Unix seconds.
 
-    id: UUID
+    ``errors`` lists the bad input lines (null when there are none); the output and
+    error files are set once the batch has ended (null when it has no line for one)."""
+
+    id: str
     object: Literal["batch"] = "batch"
     endpoint: str
-    status: BatchStatus
+    input_file_id: str | None
     completion_window: str
+    status: BatchStatus
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: BatchErrors | None = None
     request_counts: RequestCounts
     metadata: dict[str, Any]
-    errors: list[LineError]
-    created_at: datetime
-    expires_at: datetime
-    in_progress_at: datetime | None = None
-    finalizing_at: datetime | None = None
-    completed_at: datetime | None = None
-    failed_at: datetime | None = None
-    expired_at: datetime | None = None
-    cancelling_at: datetime | None = None
-    cancelled_at: datetime | None = None
+    created_at: int
+    expires_at: int
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+
+    @property
+    def bad_lines(self) -> list[BatchError]:
+        return self.errors.data if self.errors is not None else []
+
+
+class BatchList(BaseModel):
+    """``GET /v1/batches``: a page of batches, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[BatchView]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class OutputResponse(BaseModel):

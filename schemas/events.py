@@ -163,6 +163,16 @@ class JobWebhook(BaseModel):
     url: str = Field(min_length=1, max_length=2048)
 
 
+class ReplyRoute(BaseModel):
+    """Where a job submitted on the submissions topic is answered: the reply topic its
+    submitter named, and the correlation id its reply carries back as a header."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    topic: str
+    correlation_id: str
+
+
 class JobRequest(Event):
     """An admitted job on the requests topic (keyed by conversation id)."""
 
@@ -182,6 +192,9 @@ class JobRequest(Event):
     include_prompt: bool = False
     metadata: dict[str, Any] = Field(default_factory=dict)
     webhook: JobWebhook | None = None
+    reply_to: ReplyRoute | None = None
+    """Set for a job from the submissions topic: its reply goes there (the ledger keeps
+    it in the job's request, so a re-driven job is answered there too)."""
     submitted_at: datetime = Field(default_factory=utcnow)
 
 

@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Table,
     Text,
@@ -178,6 +179,10 @@ batches = Table(
     Column("cancelling_at", DateTime(timezone=True)),
     Column("cancelled_at", DateTime(timezone=True)),
     Column("notified_at", DateTime(timezone=True)),  # its webhook delivery was created
+    # Its files (no foreign key: a deleted file leaves the batch as it was, as OpenAI does).
+    Column("input_file_id", UUID(as_uuid=True)),
+    Column("output_file_id", UUID(as_uuid=True)),  # set when it ends, if a line succeeded
+    Column("error_file_id", UUID(as_uuid=True)),  # set when it ends, if a line failed
     CheckConstraint(
         "status IN ('validating', 'failed', 'in_progress', 'finalizing', 'completed', "
         "'expired', 'cancelling', 'cancelled')",
@@ -185,6 +190,20 @@ batches = Table(
     ),
     UniqueConstraint("tenant_id", "idempotency_key", name="batches_tenant_idempotency_key"),
     Index("batches_status", "status"),
+)
+
+files = Table(
+    "files",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),  # shown as file-<32 hex>
+    _tenant(),
+    Column("purpose", Text, nullable=False),  # batch (uploaded) or batch_output (written)
+    Column("filename", Text, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("content", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("purpose IN ('batch', 'batch_output')", name="files_purpose_valid"),
+    Index("files_tenant_created", "tenant_id", "created_at"),
 )
 
 conversations = Table(

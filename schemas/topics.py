@@ -54,6 +54,12 @@ class Topics:
         return f"{self.prefix}.replies"
 
     @property
+    def submissions(self) -> str:
+        """Jobs from any Kafka client (a ``POST /v1/jobs`` body, key and reply address in
+        headers: ``schemas.submissions``), read by the submissions gateway."""
+        return f"{self.prefix}.submissions"
+
+    @property
     def limits(self) -> str:
         """Tenants' limit state (TenantLimitStatus) as the enrichers decided it, followed
         by every API replica."""
@@ -75,6 +81,7 @@ class Topics:
 
     def all(self, models: list[str]) -> list[str]:
         return [
+            self.submissions,
             *(self.requests_lane(lane) for lane in LANES),
             *(self.inference(m, lane) for m in models for lane in LANES),
             self.completions,

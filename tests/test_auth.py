@@ -25,6 +25,7 @@ import pytest
 from kontext.store import keys
 from producers.api.app import create_app
 from producers.api.auth import operator_only
+from producers.backfill import create_batch
 from tests.conftest import Stack, wait_for
 
 PUBLIC = {
@@ -38,6 +39,10 @@ PUBLIC = {
     "/dashboard/static/{name}": "the page's script and style",
 }
 """Routes that answer without a key, and why."""
+SHARED = {
+    "/v1/models/{model_id}": "the deployment's models, the same for every tenant",
+}
+"""Routes with a path parameter that name no tenant's resource, and why."""
 
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/jobs/{job_id}/review"): {"action": "approve"},
@@ -125,11 +130,7 @@ async def owned(stack: Stack, tenants: dict[str, str], pool: asyncpg.Pool) -> Ow
             "url": "/v1/chat/completions",
             "body": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
         }
-        batch = await http.post(
-            "/v1/batches",
-            content=orjson.dumps(line) + b"\n",
-            headers={"content-type": "application/jsonl", "idempotency-key": idempotency},
-        )
+        batch = await create_batch(http, orjson.dumps(line) + b"\n", idempotency_key=idempotency)
         assert batch.status_code == 202, batch.text
         batch_id = batch.json()["id"]
 
@@ -149,10 +150,12 @@ async def owned(stack: Stack, tenants: dict[str, str], pool: asyncpg.Pool) -> Ow
             "job_id": job_id,
             "conversation_id": conversation,
             "batch_id": batch_id,
+            "file_id": batch.json()["input_file_id"],
             "delivery_id": delivery["data"][0]["id"],
             "endpoint_id": endpoint.json()["id"],
             "partition": "0",
             "offset": "0",
+            "model_id": "tiny",
         },
         job_id=job_id,
         batch_id=batch_id,
@@ -203,6 +206,7 @@ async def test_another_tenants_resources_answer_404_everywhere(
     hidden = [
         owned.job_id,
         owned.batch_id,
+        owned.params["file_id"],
         owned.params["delivery_id"],
         owned.params["endpoint_id"],
     ]
@@ -214,6 +218,8 @@ async def test_another_tenants_resources_answer_404_everywhere(
             response = await other.request(method, path, json=BODIES.get((method, template)))
             if operator:
                 assert response.status_code == 403, (method, template, response.text)
+            elif template in SHARED:
+                assert response.status_code == 200, (method, template, response.text)
             elif "{" in template:
                 assert response.status_code == 404, (method, template, response.text)
                 assert response.json()["error"]["code"] == "not_found"
@@ -252,13 +258,9 @@ async def test_another_tenants_resources_answer_404_everywhere(
                 "conversation_id": owned.params["conversation_id"],
             },
         }
-        batch = await other.post(
-            "/v1/batches",
-            content=orjson.dumps(line) + b"\n",
-            headers={"content-type": "application/jsonl"},
-        )
+        batch = await create_batch(other, orjson.dumps(line) + b"\n")
         assert batch.status_code == 202, batch.text
-        assert [(e["line"], e["code"]) for e in batch.json()["errors"]] == [
+        assert [(e["line"], e["code"]) for e in batch.json()["errors"]["data"]] == [
             (1, "conversation_not_found")
         ]
     # B's attempts changed nothing of A's.

@@ -1,5 +1,6 @@
-"""Batch backfills end to end: the ``kontext backfill`` CLI and ``/v1/batches`` against
-the real stack (``tiny`` engine, one output token per request)."""
+"""Batch backfills end to end: the ``kontext backfill`` CLI, and ``/v1/files`` with
+``/v1/batches`` over plain HTTP, against the real stack (``tiny`` engine, one output
+token per request)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
-from producers.backfill import plan
+from producers.backfill import create_batch, plan
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.receiver import Receiver, serving
 
@@ -191,10 +192,8 @@ async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def _post(http: httpx.AsyncClient, text: str, key: str | None = None) -> httpx.Response:
-    headers = {"content-type": "application/jsonl"}
-    if key:
-        headers["idempotency-key"] = key
-    return await http.post("/v1/batches", content=text.encode(), headers=headers)
+    """Upload ``text`` as an input file and create a batch from it."""
+    return await create_batch(http, text.encode(), idempotency_key=key)
 
 
 async def _wait_status(
@@ -210,8 +209,11 @@ async def _wait_status(
     return found
 
 
-async def _jsonl_lines(http: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
-    response = await http.get(path)
+async def _jsonl_lines(http: httpx.AsyncClient, file_id: str | None) -> list[dict[str, Any]]:
+    """The lines of one of an ended batch's files (none when it has no such file)."""
+    if file_id is None:
+        return []
+    response = await http.get(f"/v1/files/{file_id}/content")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/jsonl")
     return [orjson.loads(raw) for raw in response.content.splitlines()]
@@ -245,7 +247,7 @@ async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     batch = response.json()
     assert batch["object"] == "batch"
     assert batch["request_counts"]["total"] == 12
-    reported = {(e["line"], e["code"]) for e in batch["errors"]}
+    reported = {(e["line"], e["code"]) for e in batch["errors"]["data"]}
     assert reported == {
         (2, "invalid_json"),
         (4, "invalid_method"),
@@ -261,9 +263,9 @@ async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     done = await _wait_status(http, batch["id"], ("completed",))
     assert done["request_counts"] == {"total": 12, "completed": 2, "failed": 10}
     assert done["in_progress_at"] and done["finalizing_at"] and done["completed_at"]
-    output = await _jsonl_lines(http, f"/v1/batches/{batch['id']}/output")
+    output = await _jsonl_lines(http, done["output_file_id"])
     assert sorted(line["custom_id"] for line in output) == ["good-1", "good-2"]
-    errors = await _jsonl_lines(http, f"/v1/batches/{batch['id']}/errors")
+    errors = await _jsonl_lines(http, done["error_file_id"])
     assert {(e["error"]["line"], e["error"]["code"]) for e in errors} == reported
     assert all(e["response"] is None for e in errors)
 
@@ -309,8 +311,8 @@ async def test_cancel_stops_the_batch_and_accounts_for_every_line(
     assert counts["total"] == len(ids) and counts["failed"] > 0
     assert counts["completed"] + counts["failed"] == len(ids)
 
-    output = await _jsonl_lines(http, f"/v1/batches/{batch_id}/output")
-    errors = await _jsonl_lines(http, f"/v1/batches/{batch_id}/errors")
+    output = await _jsonl_lines(http, done["output_file_id"])
+    errors = await _jsonl_lines(http, done["error_file_id"])
     assert len(output) == counts["completed"] and len(errors) == counts["failed"]
     assert sorted(line["custom_id"] for line in output + errors) == sorted(ids)
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
@@ -360,13 +362,11 @@ async def test_batch_completed_webhook_reaches_a_real_receiver(
     http: httpx.AsyncClient, receiver: Receiver
 ) -> None:
     name = f"batch-{uuid.uuid4().hex[:8]}"
-    response = await http.post(
-        "/v1/batches",
-        json={
-            "input": _jsonl([_line(f"w-{i}") for i in range(20)]),
-            "metadata": {"purpose": "webhook test"},
-            "webhook": {"url": receiver.hook(name)},
-        },
+    response = await create_batch(
+        http,
+        _jsonl([_line(f"w-{i}") for i in range(20)]).encode(),
+        metadata={"purpose": "webhook test"},
+        webhook={"url": receiver.hook(name)},
     )
     assert response.status_code == 202, response.text
     batch_id = response.json()["id"]
@@ -378,6 +378,7 @@ async def test_batch_completed_webhook_reaches_a_real_receiver(
     assert data["id"] == batch_id and data["status"] == "completed"
     assert data["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
     assert data["metadata"] == {"purpose": "webhook test"}
+    assert data["output_file_id"] and data["error_file_id"] is None  # its files come along
     view = (await http.get(f"/v1/batches/{batch_id}")).json()
     assert {k: v for k, v in view.items() if k != "errors"} == data
 

@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 from playwright import async_api as playwright_api
 
 from kontext.store import keys
+from producers.backfill import create_batch
 from tests.conftest import Stack, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -125,11 +126,7 @@ async def test_dashboard_shows_what_the_api_answers(
             },
         )
         assert hooked.status_code == 202, hooked.text
-        created = await http.post(
-            "/v1/batches",
-            content=_batch_input(1500 if SCREENSHOT else 6),
-            headers={"content-type": "application/jsonl"},
-        )
+        created = await create_batch(http, _batch_input(1500 if SCREENSHOT else 6).encode())
         assert created.status_code == 202, created.text
         batch_id = created.json()["id"]
 

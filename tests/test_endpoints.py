@@ -15,6 +15,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from kontext.store import keys
+from producers.backfill import create_batch
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.receiver import Receiver, serving
 
@@ -80,11 +81,7 @@ async def test_endpoints_hear_their_tenants_events_signed_with_their_own_secret(
         }
         for i in range(3)
     ]
-    batch = await tenant.post(
-        "/v1/batches",
-        content=b"\n".join(orjson.dumps(line) for line in lines),
-        headers={"content-type": "application/jsonl"},
-    )
+    batch = await create_batch(tenant, b"\n".join(orjson.dumps(line) for line in lines))
     assert batch.status_code == 202, batch.text
     await wait_for(lambda: receiver.calls[batches_hook], timeout=60)
     [ended] = receiver.calls[batches_hook]

@@ -12,6 +12,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from kontext import metrics
+from producers.backfill import create_batch
 from tests.conftest import Stack, wait_for
 from tests.scrape import Scrape, scrape
 
@@ -105,11 +106,7 @@ async def test_end_to_end_latency_is_split_by_lane(stack: Stack, http: httpx.Asy
         "url": "/v1/chat/completions",
         "body": {"model": MODEL, "messages": [{"role": "user", "content": "lane"}]},
     }
-    created = await http.post(
-        "/v1/batches",
-        content=orjson.dumps(line),
-        headers={"content-type": "application/jsonl"},
-    )
+    created = await create_batch(http, orjson.dumps(line))
     assert created.status_code == 202, created.text
     batch_id = created.json()["id"]
 

@@ -4,32 +4,35 @@ Every ``backfill_sweep_interval_s`` (1 s) it recounts every open batch from its
 jobs in one statement (so a line answered, failed, cancelled or expired is
 counted once, whatever path it took), expires overdue batches, and moves a
 batch with no job left to run to ``finalizing``, then ``completed``. A batch
-that ended gets one delivery of its end event for its webhook and one per
-subscribed endpoint of its tenant, which the webhooks service attempts.
+that ended gets its output and error files (``workers/batch_files.py``) and one
+delivery of its end event for its webhook and one per subscribed endpoint of its
+tenant, which the webhooks service attempts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from uuid import UUID
 
 import asyncpg
 
 from kontext.settings import Settings
 from kontext.store import batches, deliveries
 from schemas.events import utcnow
+from workers import batch_files
 from workers.periodic import every
 from workers.services import Resources, Service, service
 
 log = logging.getLogger(__name__)
 
+SWEEP_LOCK = 0x6B_62_61_74_63_68  # "kbatch": the advisory lock a sweep holds
+
 
 def end_event(row: batches.BatchRow) -> deliveries.BatchEvent:
     """``batch.completed`` (or ``.failed``, ``.cancelled``, ``.expired``); the data is the
-    batch as ``GET /v1/batches/{id}`` shows it, without the bad-line list. ``url`` is
-    the batch's own webhook, if any (the tenant's endpoints get the event too)."""
+    batch as ``GET /v1/batches/{id}`` shows it (its files included), without the bad-line
+    list. ``url`` is the batch's own webhook, if any (the tenant's endpoints get the
+    event too)."""
     event = f"batch.{row.status}"
     data = row.view().model_dump(mode="json", exclude={"errors"})
     return deliveries.BatchEvent(
@@ -41,14 +44,14 @@ def end_event(row: batches.BatchRow) -> deliveries.BatchEvent:
     )
 
 
-async def close(pool: asyncpg.Pool, finalizing: Sequence[UUID] | None, delay: float) -> None:
-    """Complete finalizing batches (these, or all) and queue the end events of ended ones."""
-    async with pool.acquire() as conn, conn.transaction():
-        await batches.complete(conn, finalizing)
-        ended = await batches.unnotified(conn)
-        if ended:
-            await deliveries.create_for_batches(conn, [end_event(r) for r in ended], delay)
-            await batches.mark_notified(conn, [r.id for r in ended])
+async def close(conn: asyncpg.Connection, delay: float) -> None:
+    """Complete finalizing batches, write the output and error files of ended ones and
+    queue their end events (``conn`` in a transaction)."""
+    await batches.complete(conn)
+    ended = [await batch_files.write(conn, row) for row in await batches.unnotified(conn)]
+    if ended:
+        await deliveries.create_for_batches(conn, [end_event(r) for r in ended], delay)
+        await batches.mark_notified(conn, [r.id for r in ended])
 
 
 class Sweeper:
@@ -67,10 +70,14 @@ class Sweeper:
         self.started = False
 
     async def sweep(self) -> None:
-        async with self.pool.acquire() as conn:
+        """One transaction, so a batch is never seen ended without its files; one sweeper
+        of the deployment at a time (another skips its turn)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK):
+                return
             expired = await batches.expire(conn)
             await batches.refresh(conn, batch_ids=expired)
-        await close(self.pool, None, self.first_delay_s)
+            await close(conn, self.first_delay_s)
 
     async def run(self) -> None:
         self.started = True

@@ -101,7 +101,9 @@ async def drain(
         if tempo is not None:
             tempo.observe(consumer, bool(fetched))
         for messages in fetched.values():
-            batch.extend(Record(m.topic, m.partition, m.offset, m.key, m.value) for m in messages)
+            batch.extend(
+                Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers) for m in messages
+            )
         if batch and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
     return batch
@@ -116,7 +118,7 @@ async def _fetch(
     if tempo is not None:
         tempo.observe(consumer, bool(fetched))
     return [
-        Record(m.topic, m.partition, m.offset, m.key, m.value)
+        Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers)
         for messages in fetched.values()
         for m in messages
     ]

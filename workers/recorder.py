@@ -11,7 +11,9 @@ dies after publishing but before remembering, the next one finds those replies o
 the reply topic and does not send them again (one it cannot find there, it sends:
 at least once, never zero). A completion for an unknown job, or one Postgres cannot
 store, is dead-lettered. Recording a turn also lets the conversation's next
-waiting turn through: its request is published again for the enricher.
+waiting turn through: its request is published again for the enricher. A job from
+the submissions topic is answered on the reply topic its submitter named, with its
+correlation id as a header.
 """
 
 from __future__ import annotations
@@ -26,12 +28,23 @@ from uuid import UUID
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from kontext.connections import FetchTempo, create_consumer
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobReply, JobRequest, utcnow
+from schemas.events import (
+    ChatCompletion,
+    ErrorInfo,
+    FinalStatus,
+    JobCompletion,
+    JobReply,
+    JobRequest,
+    ReplyHead,
+    utcnow,
+)
+from schemas.submissions import CORRELATION_ID_HEADER
 from schemas.topics import JOB_ID_HEADER, Group
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
@@ -48,7 +61,9 @@ REPLY_CLOCK_SLACK = timedelta(seconds=5)
 """How far before a job's completion (Postgres's clock) its reply's timestamp (the
 recorder's clock) may lie."""
 REPLY_SCAN_TIMEOUT_S = 30.0
-"""The longest a redelivered batch reads the reply topic for replies already sent."""
+"""The longest a redelivered batch reads the reply topics for replies already sent."""
+ROUTE_TIMEOUT_S = 5.0
+"""The longest a reply waits for its submitter's reply topic to be found."""
 
 UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, orjson.JSONEncodeError)
 """Values Postgres or the jsonb codec refuse: retrying the same batch never helps."""
@@ -93,23 +108,7 @@ class Recorder:
                 replied.append(outcome.job_id)
                 if outcome.job_id in on_topic:
                     continue
-                reply = JobReply(
-                    job_id=outcome.job_id,
-                    conversation_id=outcome.conversation_id,
-                    status="succeeded" if outcome.status == "succeeded" else "failed",
-                    result=ChatCompletion.model_validate(outcome.result)
-                    if outcome.result
-                    else None,
-                    error=ErrorInfo.model_validate(outcome.error) if outcome.error else None,
-                )
-                sends.append(
-                    await self.producer.send(
-                        self.settings.topics.replies,
-                        reply.encode(),
-                        key=outcome.conversation_id.encode(),
-                        headers=[(JOB_ID_HEADER, str(outcome.job_id).encode())],
-                    )
-                )
+                sends += await self._reply(outcome)
             # The next turns of their conversations, held back until these were recorded.
             sends += await publish(self.settings, self.producer, recorded.redrive)
         if sends:
@@ -118,20 +117,69 @@ class Recorder:
         if self.unmarked and (self._marking is None or self._marking.done()):
             self._marking = asyncio.create_task(self._mark_when_idle())
 
+    async def _reply(self, outcome: ledger.Outcome) -> list[asyncio.Future[object]]:
+        """Queue the sends of a job's reply: to the reply topic, or for a job from the
+        submissions topic to the topic it named, with its correlation id. The memory
+        worker reads the deployment's reply topic: a reply sent elsewhere leaves it the
+        job's head (id, conversation, status), none of its result."""
+        replies = self.settings.topics.replies
+        topic, headers = replies, [(JOB_ID_HEADER, str(outcome.job_id).encode())]
+        route = outcome.reply_to
+        if route is not None:
+            headers.append((CORRELATION_ID_HEADER, route.correlation_id.encode()))
+            if route.topic == replies or await self._writable(route.topic):
+                topic = route.topic
+        status: FinalStatus = "succeeded" if outcome.status == "succeeded" else "failed"
+        reply = JobReply(
+            job_id=outcome.job_id,
+            conversation_id=outcome.conversation_id,
+            status=status,
+            result=ChatCompletion.model_validate(outcome.result) if outcome.result else None,
+            error=ErrorInfo.model_validate(outcome.error) if outcome.error else None,
+        )
+        key = outcome.conversation_id.encode()
+        sends = [await self.producer.send(topic, reply.encode(), key=key, headers=headers)]
+        if topic != replies:
+            head = ReplyHead(
+                job_id=outcome.job_id, conversation_id=outcome.conversation_id, status=status
+            )
+            sends.append(
+                await self.producer.send(replies, head.encode(), key=key, headers=headers[:1])
+            )
+        return sends
+
+    async def _writable(self, topic: str) -> bool:
+        """Whether ``topic`` exists to reply on (the submissions gateway checked it; it
+        may have been deleted since): a missing one is logged, never retried for ever."""
+        try:
+            await asyncio.wait_for(self.producer.partitions_for(topic), ROUTE_TIMEOUT_S)
+            return True
+        except (TimeoutError, KafkaError) as exc:
+            log.warning(
+                "recorder: reply topic %s unavailable (%r); replying on the default", topic, exc
+            )
+            return False
+
     async def _already_replied(self, outcomes: Sequence[ledger.Outcome]) -> set[UUID]:
-        """Which of these jobs' replies are on the reply topic. A recorder that published
-        a batch's replies and died before committing its offsets (or remembering the
-        replies) leaves them final and unreplied; its batch comes again. The topic is read
-        from the earliest of their completions to its end: seconds of replies, on a path
-        taken only after such a death or a rebalance."""
+        """Which of these jobs' replies are on their reply topics. A recorder that
+        published a batch's replies and died before committing its offsets (or
+        remembering the replies) leaves them final and unreplied; its batch comes again.
+        Each topic is read from the earliest of their completions to its end: seconds of
+        replies, on a path taken only after such a death or a rebalance."""
         since = min(o.completed_at or utcnow() for o in outcomes) - REPLY_CLOCK_SLACK
         wanted = {str(o.job_id).encode() for o in outcomes}
+        topics = {
+            o.reply_to.topic if o.reply_to else self.settings.topics.replies for o in outcomes
+        }
         consumer = create_consumer(self.settings, group_id=None)
         found: set[UUID] = set()
         await consumer.start()
         try:
-            topic = self.settings.topics.replies
-            parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            parts = [
+                TopicPartition(topic, p)
+                for topic in sorted(topics)
+                for p in consumer.partitions_for_topic(topic) or ()
+            ]
             consumer.assign(parts)
             starts = await consumer.offsets_for_times(
                 {tp: int(since.timestamp() * 1000) for tp in parts}

@@ -16,6 +16,7 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 class BatchHandler(Protocol):

@@ -19,6 +19,7 @@ from kontext import metrics, migrate
 from kontext.app import health
 from kontext.connections import create_consumer, create_pool, create_producer, ensure_topics
 from kontext.settings import Settings
+from producers import submissions
 from producers.api.server import ApiService
 from schemas.topics import Group
 from workers import catalog
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SERVICES = ("api", *catalog.WORKERS)
-"""Every service, in the order a process starts and stops them (intake first)."""
+SERVICES = ("api", submissions.NAME, *catalog.WORKERS)
+"""Every service, in the order a process starts and stops them (intakes first)."""
 READY_TIMEOUT_S = 60.0
 
 

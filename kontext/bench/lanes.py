@@ -21,6 +21,7 @@ import orjson
 
 from kontext.bench.scrape import scrape
 from kontext.metrics import QUEUE_WAIT
+from producers.backfill import create_batch
 
 STAGES = ("enrich", "inference")
 """The stages whose interactive queue wait the table breaks out."""
@@ -185,12 +186,7 @@ async def run(
     other processes."""
     await probe(http, model, 3, max_tokens)  # warm-up, not measured
     idle = await measured(http, "without backfill", model, probes, max_tokens, metrics_urls)
-    created = await http.post(
-        "/v1/batches",
-        content=backfill_input(model, lines, max_tokens),
-        headers={"Content-Type": "application/jsonl"},
-        timeout=120,
-    )
+    created = await create_batch(http, backfill_input(model, lines, max_tokens))
     created.raise_for_status()
     batch_id = created.json()["id"]
     try:

@@ -15,12 +15,21 @@ from uuid import UUID, uuid4
 
 import asyncpg
 
-from schemas.batches import BatchStatus, BatchView, LineError, RequestCounts
+from schemas.batches import (
+    BatchError,
+    BatchErrors,
+    BatchStatus,
+    BatchView,
+    LineError,
+    RequestCounts,
+)
 from schemas.events import ErrorInfo, JobRequest
+from schemas.files import file_id
 
 _COLUMNS = """id, status, endpoint, completion_window, input_sha256, metadata, webhook, total,
     completed, failed, errors, created_at, expires_at, in_progress_at, finalizing_at,
-    completed_at, failed_at, expired_at, cancelling_at, cancelled_at"""
+    completed_at, failed_at, expired_at, cancelling_at, cancelled_at, input_file_id,
+    output_file_id, error_file_id, tenant_id"""
 
 CANCELLED = ErrorInfo(code="batch_cancelled", message="the batch was cancelled")
 EXPIRED = ErrorInfo(code="batch_expired", message="the batch expired before this request ran")
@@ -48,31 +57,52 @@ class BatchRow:
     expired_at: datetime | None
     cancelling_at: datetime | None
     cancelled_at: datetime | None
+    input_file_id: UUID | None = None
+    output_file_id: UUID | None = None
+    error_file_id: UUID | None = None
+    tenant_id: str = "default"
+
+    @property
+    def bad_lines(self) -> list[LineError]:
+        return [LineError.model_validate(e) for e in self.errors]
 
     def view(self) -> BatchView:
-        """The batch as the API shows it (never its webhook secret)."""
+        """The batch as the API shows it, an OpenAI Batch object (never its webhook
+        secret); bad input lines count as failed requests."""
+        bad = [BatchError(code=e.code, message=e.message, line=e.line) for e in self.bad_lines]
         return BatchView(
-            id=self.id,
+            id=str(self.id),
             endpoint=self.endpoint,
+            input_file_id=_file(self.input_file_id),
             status=self.status,
             completion_window=self.completion_window,
+            output_file_id=_file(self.output_file_id),
+            error_file_id=_file(self.error_file_id),
+            errors=BatchErrors(data=bad) if bad else None,
             request_counts=RequestCounts(
                 total=self.total,
                 completed=self.completed,
                 failed=self.failed + len(self.errors),
             ),
             metadata=self.metadata,
-            errors=[LineError.model_validate(e) for e in self.errors],
-            created_at=self.created_at,
-            expires_at=self.expires_at,
-            in_progress_at=self.in_progress_at,
-            finalizing_at=self.finalizing_at,
-            completed_at=self.completed_at,
-            failed_at=self.failed_at,
-            expired_at=self.expired_at,
-            cancelling_at=self.cancelling_at,
-            cancelled_at=self.cancelled_at,
+            created_at=int(self.created_at.timestamp()),
+            expires_at=int(self.expires_at.timestamp()),
+            in_progress_at=_unix(self.in_progress_at),
+            finalizing_at=_unix(self.finalizing_at),
+            completed_at=_unix(self.completed_at),
+            failed_at=_unix(self.failed_at),
+            expired_at=_unix(self.expired_at),
+            cancelling_at=_unix(self.cancelling_at),
+            cancelled_at=_unix(self.cancelled_at),
         )
+
+
+def _unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def _file(uuid: UUID | None) -> str | None:
+    return file_id(uuid) if uuid is not None else None
 
 
 def _row(record: asyncpg.Record) -> BatchRow:
@@ -92,6 +122,7 @@ class NewBatch:
     idempotency_key: str | None
     tenant_id: str = "default"
     key_id: UUID | None = None
+    input_file_id: UUID | None = None
 
 
 async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
@@ -103,9 +134,10 @@ async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
         created = await conn.fetchrow(
             f"""
             INSERT INTO batches (id, status, endpoint, completion_window, idempotency_key,
-                input_sha256, metadata, webhook, total, errors, expires_at, tenant_id, key_id)
+                input_sha256, metadata, webhook, total, errors, expires_at, tenant_id, key_id,
+                input_file_id)
             VALUES ($1, 'validating', $2, $3, $4, $5, $6, $7, $8, $9,
-                now() + make_interval(secs => $10), $11, $12)
+                now() + make_interval(secs => $10), $11, $12, $13)
             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
             RETURNING {_COLUMNS}
             """,
@@ -121,6 +153,7 @@ async def create(pool: asyncpg.Pool, new: NewBatch) -> tuple[BatchRow, bool]:
             new.completion_window_s,
             new.tenant_id,
             new.key_id,
+            new.input_file_id,
         )
         if created is not None:
             return _row(created), True
@@ -144,6 +177,26 @@ async def get(
         tenant_id,
     )
     return _row(row) if row is not None else None
+
+
+async def page(
+    pool: asyncpg.Pool, tenant_id: str, *, limit: int = 20, after: UUID | None = None
+) -> tuple[list[BatchRow], bool]:
+    """The tenant's batches, newest first, past the batch ``after`` when given; at most
+    ``limit`` of them and whether more follow."""
+    rows = await pool.fetch(
+        f"""
+        SELECT {_COLUMNS} FROM batches
+        WHERE tenant_id = $1 AND ($2::uuid IS NULL OR (created_at, id) <
+            (SELECT created_at, id FROM batches WHERE id = $2 AND tenant_id = $1))
+        ORDER BY created_at DESC, id DESC
+        LIMIT $3
+        """,
+        tenant_id,
+        after,
+        limit + 1,
+    )
+    return [_row(r) for r in rows[:limit]], len(rows) > limit
 
 
 async def admit(
@@ -214,7 +267,7 @@ async def fail_jobs(pool: asyncpg.Pool, job_ids: Sequence[UUID], error: ErrorInf
     )
 
 
-async def start(pool: asyncpg.Pool, batch_id: UUID) -> None:
+async def start(pool: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> None:
     """Every good line is a published job: ``in_progress``, or ``failed`` when none was good."""
     await pool.execute(
         """
@@ -352,6 +405,18 @@ async def unnotified(conn: asyncpg.Connection, limit: int = 100) -> list[BatchRo
     return [_row(row) for row in rows]
 
 
+async def set_files(
+    conn: asyncpg.Connection, batch_id: UUID, output: UUID | None, error: UUID | None
+) -> None:
+    """Record an ended batch's output and error files."""
+    await conn.execute(
+        "UPDATE batches SET output_file_id = $2, error_file_id = $3 WHERE id = $1",
+        batch_id,
+        output,
+        error,
+    )
+
+
 async def mark_notified(conn: asyncpg.Connection, batch_ids: Sequence[UUID]) -> None:
     await conn.execute(
         "UPDATE batches SET notified_at = now() WHERE id = ANY($1::uuid[])", list(batch_ids)
@@ -370,27 +435,27 @@ class JobLine:
 
 
 async def job_lines(
-    pool: asyncpg.Pool, batch_id: UUID, *, succeeded: bool, chunk: int = 500
+    conn: asyncpg.Connection, batch_id: UUID, *, succeeded: bool, chunk: int = 500
 ) -> AsyncIterator[list[JobLine]]:
-    """The batch's succeeded jobs (or its failed ones), ``chunk`` at a time, by custom_id."""
-    async with pool.acquire() as conn, conn.transaction():
-        cursor = conn.cursor(
-            """
-            SELECT id, custom_id, status, result, error FROM jobs
-            WHERE batch_id = $1 AND status = $2
-            ORDER BY custom_id
-            """,
-            batch_id,
-            "succeeded" if succeeded else "failed",
-            prefetch=chunk,
+    """The batch's succeeded jobs (or its failed ones), ``chunk`` at a time, by custom_id
+    (``conn`` must be in a transaction)."""
+    cursor = conn.cursor(
+        """
+        SELECT id, custom_id, status, result, error FROM jobs
+        WHERE batch_id = $1 AND status = $2
+        ORDER BY custom_id
+        """,
+        batch_id,
+        "succeeded" if succeeded else "failed",
+        prefetch=chunk,
+    )
+    lines: list[JobLine] = []
+    async for row in cursor:
+        lines.append(
+            JobLine(row["id"], row["custom_id"], row["status"], row["result"], row["error"])
         )
-        lines: list[JobLine] = []
-        async for row in cursor:
-            lines.append(
-                JobLine(row["id"], row["custom_id"], row["status"], row["result"], row["error"])
-            )
-            if len(lines) == chunk:
-                yield lines
-                lines = []
-        if lines:
+        if len(lines) == chunk:
             yield lines
+            lines = []
+    if lines:
+        yield lines

@@ -19,7 +19,7 @@ import asyncpg
 from kontext.store.deliveries import CHANNEL as DELIVERIES_CHANNEL
 from kontext.store.deliveries import SUBSCRIBED
 from schemas.api import JobStatus
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest
+from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, ReplyRoute
 from schemas.usage import NIL_KEY
 
 
@@ -284,6 +284,8 @@ class Outcome:
     """The job's lane (``interactive`` or ``background``)."""
     completed_at: datetime | None = None
     """When the job turned final (by this batch when ``fresh``)."""
+    reply_to: ReplyRoute | None = None
+    """Where its reply goes, for a job from the submissions topic (its request's)."""
 
 
 @dataclass(frozen=True)
@@ -410,12 +412,13 @@ SELECT 'outcome' AS part, j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh
     CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
     j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]) AS replied, NULL::jsonb AS request,
     coalesce(j.request->>'priority', 'interactive') AS priority,
-    CASE WHEN fresh.id IS NULL THEN j.completed_at ELSE now() END AS completed_at
+    CASE WHEN fresh.id IS NULL THEN j.completed_at ELSE now() END AS completed_at,
+    j.request->'reply_to' AS reply_to
 FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
 WHERE j.id = ANY($1::uuid[])
 UNION ALL
 SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
-    j.request, NULL, NULL
+    j.request, NULL, NULL, NULL
 FROM jobs j JOIN next_up ON next_up.id = j.id
 WHERE j.status = 'queued'
 """
@@ -502,6 +505,7 @@ async def record(
             replied=row["replied"],
             priority=row["priority"],
             completed_at=row["completed_at"],
+            reply_to=ReplyRoute.model_validate(row["reply_to"]) if row["reply_to"] else None,
         )
         for row in rows
         if row["part"] == "outcome"

@@ -12,23 +12,26 @@ from kontext.settings import Settings
 from kontext.store import ledger
 from producers.api import (
     batches,
+    chat,
     conversations,
     endpoints,
     errors,
+    files,
     health,
     jobs,
     metrics,
+    models,
     reviews,
     usage,
     webhooks,
 )
-from producers.api.auth import KeyCache
 from producers.api.dashboard import routes as dashboard
 from producers.api.limits import BodySizeLimit
 from producers.api.metrics import RequestMetrics
-from producers.api.policies import ApiPolicies
 from producers.api.state import ApiState
 from producers.api.waiters import JobWaiters
+from producers.key_cache import KeyCache
+from producers.policies import IntakePolicies
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -41,7 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         waiters.start()
         app.state.keys = KeyCache(settings.dsn, settings.auth_cache_ttl_s)
         app.state.keys.start()
-        policies = ApiPolicies(settings)
+        policies = IntakePolicies(settings)
         await policies.start()
         app.state.api = ApiState(
             settings=settings,
@@ -63,9 +66,12 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Kontext", version="0.1.0", lifespan=lifespan)
     errors.install(app)
     app.include_router(jobs.router)
+    app.include_router(chat.router)
+    app.include_router(models.router)
     app.include_router(conversations.router)
     app.include_router(webhooks.router)
     app.include_router(endpoints.router)
+    app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(usage.router)
 
@@ -77,7 +83,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
-        larger={"/v1/batches": settings.backfill_max_bytes},
+        larger={"/v1/files": files.body_limit(settings.files_max_bytes)},
     )
     app.add_middleware(RequestMetrics)  # outermost: counts every answer, 413s too
     return app

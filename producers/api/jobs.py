@@ -55,7 +55,9 @@ async def create_job(
     )
 
 
-async def _read(api: ApiState, job_id: UUID, tenant_id: str, wait: float) -> ledger.JobRow | None:
+async def read_job(
+    api: ApiState, job_id: UUID, tenant_id: str, wait: float
+) -> ledger.JobRow | None:
     """The tenant's job, once final or after ``wait`` seconds, whichever comes first."""
     if wait <= 0:
         return await ledger.get(api.pool, job_id, tenant_id)
@@ -90,7 +92,7 @@ async def get_job(
     With ``wait``, answers as soon as the job is final, or after ``wait`` seconds
     with whatever status it has then (a long poll).
     """
-    job = await _read(api, job_id, principal.tenant_id, wait)
+    job = await read_job(api, job_id, principal.tenant_id, wait)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
     return JobView(

@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import BaseModel, ValidationError
 
 from kontext.settings import Settings
+from producers import submissions
 from schemas.events import DeadLetter
 from schemas.limits import WorkerHeartbeat
 from workers import catalog
@@ -218,7 +219,7 @@ class KafkaView:
             return views
 
     async def _read_lag(self) -> list[GroupView]:
-        known = catalog.groups(self.settings)
+        known = [*submissions.groups(self.settings), *catalog.groups(self.settings)]
         topics = sorted({t for g in known for t in g.topics})
         partitions = {
             t: [TopicPartition(t, p) for p in await self._partitions_of(t)] for t in topics

@@ -1,10 +1,11 @@
-"""The API's side of the policy chain: the ``check_submit`` hook's inputs and errors.
+"""The intakes' side of the policy chain (the HTTP API and the submissions gateway):
+the ``check_submit`` hook's inputs.
 
 ``LimitFollower`` keeps this replica's copy of the limiter's published
 per-tenant state (the limits topic, read whole by every replica), so refusing
 a tenant whose window is full costs no database or broker round trip on the
-request path. A ``Refused`` submission answers with the refusal's status, the error body
-and, when known, ``Retry-After`` (``producers.refusals``).
+request path. A ``Refused`` submission is answered with the refusal's status, the
+error body and, when known, ``Retry-After`` (``producers.refusals``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class LimitFollower(TopicFollower[str, TenantLimitStatus]):
         return self.latest.get(tenant_id)
 
 
-class ApiPolicies:
-    """The chain this API process runs, and what feeds it."""
+class IntakePolicies:
+    """The chain an intake process runs, and what feeds it."""
 
     def __init__(self, settings: Settings) -> None:
         self.follower = LimitFollower(settings) if settings.policy_limits else None
