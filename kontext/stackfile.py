@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from kontext.settings import Settings
 
@@ -39,6 +40,15 @@ def write(settings: Settings, api_url: str | None, api_key: str) -> Path:
         out.writelines(f"{name}={value}\n" for name, value in values.items() if value)
     partial.replace(target)
     return target
+
+
+def without_password(url: str) -> str:
+    """``url`` with its password (if any) shown as ``***``: for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def remove(settings: Settings) -> None:

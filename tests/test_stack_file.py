@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kontext import stackfile
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from producers.client import KontextClient
 from tests.conftest import Stack, run_cli, stack_env, start_stack
@@ -45,7 +46,7 @@ def test_up_prints_and_writes_where_its_stack_is(beside: tuple[Stack, Path]) -> 
     output = "".join(stack.output)
     settings = stack.settings
     assert f"Kafka: {settings.bootstrap}" in output
-    assert f"Postgres: {settings.dsn}" in output
+    assert f"Postgres: {stackfile.without_password(settings.dsn)}" in output
     path = here / ".kontext" / "stack.env"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert _values(path) == {
@@ -68,6 +69,13 @@ def test_keys_create_beside_the_stack_needs_no_database_url(beside: tuple[Stack,
         f"{stack.api_url}/v1/jobs/{uuid.uuid4()}", headers={"Authorization": f"Bearer {key}"}
     )
     assert answer.status_code == 404
+
+
+def test_a_printed_url_hides_its_password() -> None:
+    shown = stackfile.without_password("postgresql://kontext:s3cret@db.internal:5432/kontext")
+    assert shown == "postgresql://kontext:***@db.internal:5432/kontext"
+    plain = "postgresql://postgres@127.0.0.1:5432/postgres"
+    assert stackfile.without_password(plain) == plain
 
 
 def test_without_a_stack_the_error_says_what_to_do(tmp_path: Path) -> None:

@@ -73,7 +73,8 @@ def up(
             def announce(url: str | None) -> None:
                 written = stackfile.write(settings, url, key)
                 print(
-                    f"Kafka: {settings.bootstrap}\nPostgres: {settings.dsn}\n"
+                    f"Kafka: {settings.bootstrap}\n"
+                    f"Postgres: {stackfile.without_password(settings.dsn)}\n"
                     f"Other commands here (kontext keys, kontext backfill, the Python client) "
                     f"find this stack in {written}",
                     flush=True,
