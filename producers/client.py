@@ -9,6 +9,9 @@ async with KontextClient("http://127.0.0.1:8000", "127.0.0.1:9092", api_key="kx_
     reply = await client.result(job.id, timeout=60)
     print(reply.result.choices[0].message.content)
 
+``chat_over_kafka`` submits on the submissions topic instead of over HTTP (the
+Kafka-native path) and awaits the answer by its correlation id.
+
 The API key defaults to the ``KONTEXT_API_KEY`` environment variable.
 ``KontextClient.from_environment()`` takes everything from the environment, or from
 the running ``kontext up`` (its stack file) for what the environment leaves unset.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from types import TracebackType
@@ -27,12 +31,17 @@ from uuid import UUID
 
 import aiohttp
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from kontext import stackfile
 from kontext.connections import FetchTempo
 from schemas.api import JobAccepted, JobView
 from schemas.events import JobReply
+from schemas.submissions import (
+    AUTHORIZATION_HEADER,
+    CORRELATION_ID_HEADER,
+    SubmissionRefused,
+)
 from schemas.topics import JOB_ID_HEADER, Topics
 
 RECENT_REPLIES = 10_000
@@ -70,12 +79,15 @@ class KontextClient:
         of every reply); ``idle_fetch_max_wait_ms``: the most it waits
         once replies stop (a tenth of the quiet time, up to this)."""
         key = api_key or os.environ.get("KONTEXT_API_KEY")
+        self._key = key
+        self._bootstrap = bootstrap_servers
         self._api_url = api_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._timeout = aiohttp.ClientTimeout(total=http_timeout)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
-        self._topic = (topics or Topics()).replies
+        self._topics = topics or Topics()
+        self._topic = self._topics.replies
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             enable_auto_commit=False,
@@ -86,6 +98,9 @@ class KontextClient:
         self._waiters: dict[UUID, asyncio.Future[JobReply]] = {}
         self._recent: OrderedDict[UUID, bytes] = OrderedDict()
         """Replies read before anyone waited for them (raw, decoded when claimed)."""
+        self._answers: dict[str, asyncio.Future[JobReply]] = {}
+        """Kafka-native submissions waiting, by correlation id."""
+        self._producer: AIOKafkaProducer | None = None
         self._reader: asyncio.Task[None] | None = None
 
     @classmethod
@@ -139,6 +154,8 @@ class KontextClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
         await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
         if self._session is not None:
             await self._session.close()
 
@@ -148,8 +165,30 @@ class KontextClient:
             self._tempo.observe(self._consumer, bool(batches))
             for messages in batches.values():
                 for message in messages:
-                    if message.value is not None:
+                    if message.value is None:
+                        continue
+                    correlation = _header(message.headers, CORRELATION_ID_HEADER)
+                    if correlation is not None and correlation in self._answers:
+                        self._answer(correlation, message.value)
+                    else:
                         self._deliver(message.value, _job_id(message.headers, message.value))
+
+    def _answer(self, correlation: str, raw: bytes) -> None:
+        """Resolve the Kafka-native submission ``correlation``: its reply, or its refusal
+        (a KontextError with the API's status and code)."""
+        waiter = self._answers.pop(correlation)
+        if waiter.done():
+            return
+        try:
+            body = orjson.loads(raw)
+            if isinstance(body, dict) and "job_id" not in body and "error" in body:
+                refused = SubmissionRefused.model_validate(body)
+                error = refused.error
+                waiter.set_exception(KontextError(refused.status, error.code, error.message))
+            else:
+                waiter.set_result(JobReply.decode(raw))
+        except ValueError as exc:
+            waiter.set_exception(exc)
 
     def _deliver(self, raw: bytes, job_id: UUID | None) -> None:
         if job_id is None:
@@ -235,6 +274,40 @@ class KontextClient:
         before the job existed, so it waits for the reply without asking the API."""
         job = await self.submit(**body)
         return await self._await(job.id, timeout, ask_first=False)
+
+    async def chat_over_kafka(
+        self, timeout: float = 60.0, correlation_id: str | None = None, **body: Any
+    ) -> JobReply:
+        """Submit on the submissions topic (a ``POST /v1/jobs`` body, this client's key
+        in the ``authorization`` header) and wait for the answer with its correlation
+        id (default: a new one; the same id again never runs a second job). A refusal
+        raises KontextError with the status and code the API would have answered."""
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, linger_ms=1)
+            await self._producer.start()
+        correlation = correlation_id or uuid.uuid4().hex
+        waiter = self._answers.setdefault(correlation, asyncio.get_running_loop().create_future())
+        headers = [(CORRELATION_ID_HEADER, correlation.encode())]
+        if self._key:
+            headers.append((AUTHORIZATION_HEADER, f"Bearer {self._key}".encode()))
+        conversation = body.get("conversation_id")
+        try:
+            await self._producer.send_and_wait(
+                self._topics.submissions,
+                orjson.dumps(body),
+                key=conversation.encode() if isinstance(conversation, str) else None,
+                headers=headers,
+            )
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        finally:
+            self._answers.pop(correlation, None)
+
+
+def _header(headers: Sequence[tuple[str, bytes]], name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode(errors="replace")
+    return None
 
 
 def _job_id(headers: Sequence[tuple[str, bytes]], raw: bytes) -> UUID | None:

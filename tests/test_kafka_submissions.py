@@ -20,6 +20,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from kontext.store import keys
+from producers.client import KontextClient, KontextError
 from schemas.events import DeadLetter, JobReply
 from schemas.submissions import SubmissionRefused
 from tests.conftest import Stack, wait_for
@@ -519,3 +520,38 @@ async def test_one_conversations_turns_run_in_the_topics_order(
 
 async def _all_said(said: Any, count: int) -> bool:
     return len(await said()) == count
+
+
+async def test_the_python_client_submits_over_kafka(stack: Stack, tenants: Tenants) -> None:
+    """``KontextClient.chat_over_kafka``: a turn answered by correlation id, the next
+    turn of its conversation remembering it, and a refusal raised as the API's error."""
+    conversation = f"kafka-client-{uuid.uuid4().hex[:8]}"
+    settings = stack.settings
+    async with KontextClient(
+        stack.api_url, settings.bootstrap, topics=settings.topics, api_key=tenants.a
+    ) as client:
+        first = await client.chat_over_kafka(
+            timeout=TIMEOUT_S,
+            model="tiny",
+            conversation_id=conversation,
+            messages=[{"role": "user", "content": "My name is Ada."}],
+            max_tokens=4,
+        )
+        again = await client.chat_over_kafka(
+            timeout=TIMEOUT_S,
+            model="tiny",
+            conversation_id=conversation,
+            messages=[{"role": "user", "content": "What is my name?"}],
+            max_tokens=4,
+            include_prompt=True,
+        )
+        with pytest.raises(KontextError) as refused:
+            await client.chat_over_kafka(
+                timeout=TIMEOUT_S,
+                model="no-such-model",
+                messages=[{"role": "user", "content": "hi"}],
+            )
+    assert first.status == "succeeded" and first.conversation_id == conversation
+    assert again.result is not None and again.result.context is not None
+    assert "My name is Ada." in (again.result.context.prompt or "")
+    assert (refused.value.status, refused.value.code) == (400, "unknown_model")
