@@ -194,6 +194,15 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     """A standalone worker serves Prometheus metrics on this port (the API at /metrics)."""
     metrics_host: str = "127.0.0.1"
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    """Where spans go over OTLP/HTTP (e.g. ``http://jaeger:4318``); unset: no tracing.
+    The standard ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG`` choose sampling."""
+    otel_service_name: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_SERVICE_NAME")
+    )
+    """The service name on this process's spans (default ``kontext-<service>``)."""
 
     files_max_bytes: int = Field(default=100_000_000, ge=1024)
     """Largest file ``POST /v1/files`` takes (a batch input file); larger is a 413."""

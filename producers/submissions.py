@@ -33,7 +33,9 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry import trace
 
+from kontext import tracing
 from kontext.connections import FetchTempo
 from kontext.settings import Settings
 from kontext.store import keys, ledger
@@ -189,6 +191,23 @@ class SubmissionGateway:
         turns: dict[str, asyncio.Lock] = {}
 
         async def in_order(record: Record, sent: Envelope) -> Outbound | str | None:
+            if not tracing.enabled():
+                return await ordered(record, sent)
+            # The submitter's ``traceparent`` header, if any, continues into the job.
+            span = tracing.start(
+                "submissions receive",
+                tracing.extract(record.headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": record.topic,
+                    "messaging.kafka.offset": record.offset,
+                },
+            )
+            with trace.use_span(span, end_on_exit=True):
+                return await ordered(record, sent)
+
+        async def ordered(record: Record, sent: Envelope) -> Outbound | str | None:
             # One conversation's submissions are taken one after another, in the
             # order of the topic; other conversations' alongside.
             conversation = _conversation_of(record.value)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 
 from aiokafka import AIOKafkaProducer
+from opentelemetry import trace
 
+from kontext import tracing
 from kontext.settings import Settings
 from kontext.ssrf import UrlGuard, UrlRefused
 from kontext.store import ledger
@@ -112,12 +115,33 @@ async def submit(
     await check_webhook(settings, submission.webhook)
     secret = submission.webhook.secret if submission.webhook else None
     try:
-        return await enqueue(
-            settings, admitter, producer, request, submission.idempotency_key, secret
-        )
+        with _intake_span(request):
+            return await enqueue(
+                settings, admitter, producer, request, submission.idempotency_key, secret
+            )
     except ledger.ConversationNotOwned:
         # Another tenant's conversation: answered like one that does not exist.
         raise SubmissionRejected(
             "conversation_not_found",
             f"no conversation {request.conversation_id}; choose another conversation_id",
         ) from None
+
+
+def _intake_span(request: JobRequest) -> contextlib.AbstractContextManager[object]:
+    """The job's ``submit`` span, current while it is recorded and published (its
+    ``traceparent`` goes with the request); nothing while tracing is off."""
+    if not tracing.enabled():
+        return contextlib.nullcontext()
+    span = tracing.start(
+        "submit",
+        None,
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "kontext.job_id": str(request.job_id),
+            "kontext.conversation_id": request.conversation_id,
+            "kontext.tenant_id": request.tenant_id,
+            "kontext.model": request.model,
+            "kontext.priority": request.priority,
+        },
+    )
+    return trace.use_span(span, end_on_exit=True)

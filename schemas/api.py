@@ -97,6 +97,30 @@ class JobAccepted(BaseModel):
 JobStatus = Literal["queued", "running", "needs_review", "succeeded", "failed"]
 
 
+class JobTimeline(BaseModel):
+    """When a job reached each stage (None: not reached, or not for this job), from the
+    ledger: ``GET /v1/jobs/{id}?timeline=true`` and the dashboard's waterfall."""
+
+    accepted: datetime = Field(description="recorded in the ledger by an intake")
+    admitted: datetime | None = Field(
+        default=None, description="claimed by the enricher (limits and order gate passed)"
+    )
+    enriched: datetime | None = Field(
+        default=None, description="its prompt assembled from memory and sent on"
+    )
+    batched: datetime | None = Field(
+        default=None, description="its micro-batch's engine call began"
+    )
+    generated: datetime | None = Field(default=None, description="that engine call returned")
+    recorded: datetime | None = Field(default=None, description="finalised by the recorder")
+    replied: datetime | None = Field(
+        default=None, description="its reply published (as the ledger remembers it)"
+    )
+    delivered: datetime | None = Field(
+        default=None, description="its first webhook delivery succeeded"
+    )
+
+
 class JobView(BaseModel):
     """``GET /v1/jobs/{id}``: status, and the chat.completion once succeeded."""
 
@@ -108,6 +132,9 @@ class JobView(BaseModel):
     completed_at: datetime | None = None
     result: ChatCompletion | None = None
     error: ErrorInfo | None = None
+    timeline: JobTimeline | None = Field(
+        default=None, description="when it reached each stage, with ?timeline=true"
+    )
 
 
 ERROR_TYPES = {

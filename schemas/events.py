@@ -227,6 +227,12 @@ class JobCompletion(Event):
     """When the job was submitted (for the end-to-end latency metric)."""
     mean_logprob: float | None = None
     """The engine's mean token log-probability of ``output``, when it reports one."""
+    enriched_at: datetime | None = None
+    """When the enricher sent the job on (its timeline; None when it never was)."""
+    batched_at: datetime | None = None
+    """When the engine call of the job's micro-batch began."""
+    generated_at: datetime | None = None
+    """When that engine call returned."""
 
     @classmethod
     def failure(

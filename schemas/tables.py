@@ -138,6 +138,12 @@ jobs = Table(
     # The recall query's embedding, from the enricher's claim until the recorder stores
     # it with the user's turn.
     Column("query_embedding", Vector(EMBEDDING_DIM)),
+    # Its timeline (0018): claimed by the enricher, sent on with its prompt, its batch's
+    # engine call began and returned (stored by the recorder's statement).
+    Column("claimed_at", DateTime(timezone=True)),
+    Column("enriched_at", DateTime(timezone=True)),
+    Column("batched_at", DateTime(timezone=True)),
+    Column("generated_at", DateTime(timezone=True)),
     CheckConstraint(
         "status IN ('queued', 'running', 'needs_review', 'succeeded', 'failed')",
         name="jobs_status_valid",
@@ -317,6 +323,8 @@ webhook_deliveries = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("delivered_at", DateTime(timezone=True)),
+    # The W3C traceparent of its job's ``record`` span, when traced: attempts are its spans.
+    Column("traceparent", Text),
     CheckConstraint(
         "status IN ('pending', 'delivered', 'dead')", name="webhook_deliveries_status_valid"
     ),

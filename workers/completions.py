@@ -5,30 +5,58 @@ to the completions topic, keyed by conversation, from one place."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
 
+from kontext import tracing
 from kontext.settings import Settings
 from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, TurnRecord, Usage
 from workers.engines.base import Generation
 
 
 async def publish(
-    settings: Settings, producer: AIOKafkaProducer, completions: Sequence[JobCompletion]
+    settings: Settings,
+    producer: AIOKafkaProducer,
+    completions: Sequence[JobCompletion],
+    headers: Mapping[UUID, tracing.Headers] | None = None,
 ) -> list[asyncio.Future[object]]:
-    """Queue the completions for the recorder; await the futures for delivery."""
+    """Queue the completions for the recorder, each with its job's trace context from
+    ``headers`` (when traced); await the futures for delivery."""
     topic = settings.topics.completions
+    if not headers:
+        return [
+            await producer.send(topic, done.encode(), key=done.conversation_id.encode())
+            for done in completions
+        ]
     return [
-        await producer.send(topic, done.encode(), key=done.conversation_id.encode())
+        await producer.send(
+            topic,
+            done.encode(),
+            key=done.conversation_id.encode(),
+            headers=headers.get(done.job_id) or None,
+        )
         for done in completions
     ]
 
 
-def completion_for(item: EnrichedRequest, output: Generation | ErrorInfo) -> JobCompletion:
-    """The completion to publish for ``item``: succeeded with the answer, or failed."""
+def completion_for(
+    item: EnrichedRequest,
+    output: Generation | ErrorInfo,
+    batched_at: datetime | None = None,
+    generated_at: datetime | None = None,
+) -> JobCompletion:
+    """The completion to publish for ``item``: succeeded with the answer, or failed;
+    stamped with when it was enriched and when its batch's engine call began and ended
+    (the job's timeline)."""
     if isinstance(output, ErrorInfo):
-        return JobCompletion.failure(item.request, output, item.context)
+        failed = JobCompletion.failure(item.request, output, item.context)
+        failed.enriched_at = item.enriched_at
+        failed.batched_at = batched_at
+        failed.generated_at = generated_at
+        return failed
     request = item.request
     usage = Usage(
         prompt_tokens=output.prompt_tokens,
@@ -52,4 +80,7 @@ def completion_for(item: EnrichedRequest, output: Generation | ErrorInfo) -> Job
         usage=usage,
         new_turns=[*item.new_turns, answer],
         mean_logprob=output.mean_logprob,
+        enriched_at=item.enriched_at,
+        batched_at=batched_at,
+        generated_at=generated_at,
     )

@@ -23,7 +23,9 @@ from uuid import UUID
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
+from opentelemetry import trace
 
+from kontext import tracing
 from kontext.connections import FetchTempo
 from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
@@ -99,21 +101,38 @@ class Enricher:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         requests: dict[UUID, JobRequest] = {}
-        for _, request in await self.dead_letters.decode(
+        traced = tracing.enabled()
+        parents: dict[UUID, Sequence[tuple[str, bytes]]] = {}
+        for record, request in await self.dead_letters.decode(
             records, JobRequest.decode, "JobRequest", sends
         ):
             requests.setdefault(request.job_id, request)
+            if traced:
+                parents.setdefault(request.job_id, record.headers)
         if requests:
             started = time.perf_counter()
+            began = tracing.now_ns() if traced else 0
             found = await self._enrich(list(requests.values()))
+            spans = _admit_spans(requests, parents, found, began) if traced else {}
             for job_id, refusal in found.refused.items():
                 error = ErrorInfo(code=refusal.code, message=refusal.message)
+                headers = None
+                if (admit_span := spans.get(job_id)) is not None:
+                    headers = {job_id: tracing.headers_for(admit_span)}
                 sends += await completions.publish(
-                    self.settings, self.producer, [JobCompletion.failure(requests[job_id], error)]
+                    self.settings,
+                    self.producer,
+                    [JobCompletion.failure(requests[job_id], error)],
+                    headers,
                 )
             sends += await self._publish_statuses(found.tenants)
             for job_id, context in found.contexts.items():
-                sends.append(await self._forward(requests[job_id], context))
+                enriching = None
+                if (admit_span := spans.get(job_id)) is not None:
+                    enriching = tracing.start("enrich", trace.set_span_in_context(admit_span))
+                sends.append(await self._forward(requests[job_id], context, enriching))
+                if enriching is not None:
+                    enriching.end()
             admitted = [
                 (requests[job_id].submitted_at, requests[job_id].priority)
                 for job_id in found.contexts
@@ -170,9 +189,13 @@ class Enricher:
         return sends
 
     async def _forward(
-        self, request: JobRequest, context: memory.MemoryContext
+        self,
+        request: JobRequest,
+        context: memory.MemoryContext,
+        span: trace.Span | None = None,
     ) -> asyncio.Future[object]:
-        """Publish the request with its prompt."""
+        """Publish the request with its prompt; ``span`` (the job's ``enrich`` span, when
+        traced) gets what went into the prompt, and goes with it as its parent."""
         topics = self.settings.topics
         key = request.conversation_id.encode()
         asked = request.model
@@ -188,8 +211,12 @@ class Enricher:
         except (LookupError, PromptTooLong) as exc:
             code = "unknown_model" if isinstance(exc, LookupError) else "prompt_too_long"
             error = ErrorInfo(code=code, message=str(exc).strip("'\""))
+            traced = None
+            if span is not None:
+                tracing.fail(span, code, error.message)
+                traced = {request.job_id: tracing.headers_for(span)}
             [failed] = await completions.publish(
-                self.settings, self.producer, [JobCompletion.failure(request, error)]
+                self.settings, self.producer, [JobCompletion.failure(request, error)], traced
             )
             return failed
         enriched = EnrichedRequest(
@@ -200,10 +227,70 @@ class Enricher:
             else assembled.context.model_copy(update={"routed_from": asked}),
             new_turns=assembled.new_turns,
         )
+        headers: tracing.Headers | None = None
+        if span is not None:
+            _describe(span, enriched)
+            headers = tracing.headers_for(span)
         future: asyncio.Future[object] = await self.producer.send(
-            topics.inference(request.model, request.priority), enriched.encode(), key=key
+            topics.inference(request.model, request.priority),
+            enriched.encode(),
+            key=key,
+            headers=headers,
         )
         return future
+
+
+def _admit_spans(
+    requests: Mapping[UUID, JobRequest],
+    parents: Mapping[UUID, Sequence[tuple[str, bytes]]],
+    found: enrichment.Enrichment,
+    began: int,
+) -> dict[UUID, trace.Span]:
+    """Each job's ``admit`` span, ended: the batch's round trip (limits, order gate,
+    memory), under the span its request's ``traceparent`` names."""
+    spans = {}
+    for job_id, request in requests.items():
+        span = tracing.start(
+            "admit",
+            tracing.extract(parents.get(job_id)),
+            start_time=began,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "kontext.job_id": str(job_id),
+                "kontext.tenant_id": request.tenant_id,
+                "kontext.batch_size": len(requests),
+            },
+        )
+        context = found.contexts.get(job_id)
+        refusal = found.refused.get(job_id)
+        if refusal is not None:
+            tracing.fail(span, refusal.code, refusal.message)
+        elif context is not None:
+            span.set_attribute("kontext.admit.recent_turns", len(context.recent))
+            span.set_attribute("kontext.admit.recalled", len(context.recalled))
+            span.set_attribute("kontext.admit.summaries", len(context.summaries))
+        else:
+            # Final already, or waiting behind its conversation's turn in flight.
+            span.set_attribute("kontext.admit.held", True)
+        span.end()
+        spans[job_id] = span
+    return spans
+
+
+def _describe(span: trace.Span, enriched: EnrichedRequest) -> None:
+    """What went into a job's prompt, as its ``enrich`` span's attributes."""
+    info = enriched.context
+    span.set_attribute("kontext.job_id", str(enriched.request.job_id))
+    span.set_attribute("kontext.model", enriched.request.model)
+    span.set_attribute("kontext.prompt_tokens", info.prompt_tokens)
+    if info.budget_tokens is not None:
+        span.set_attribute("kontext.budget_tokens", info.budget_tokens)
+    span.set_attribute("kontext.turns_used", len(info.turns))
+    span.set_attribute("kontext.summaries_used", len(info.summaries))
+    span.set_attribute("kontext.memories_recalled", len(info.memories))
+    span.set_attribute("kontext.truncated", info.truncated)
+    if info.routed_from is not None:
+        span.set_attribute("kontext.routed_from", info.routed_from)
 
 
 def groups(settings: Settings) -> list[Group]:

@@ -19,12 +19,15 @@ from uuid import UUID
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from pydantic import ValidationError
 
+from kontext import tracing
 from kontext.connections import FetchTempo
 from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY, ENGINE_REQUESTS, TOKENS, observe_waits
 from kontext.settings import Settings
-from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest
+from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest, utcnow
 from schemas.topics import LANES, Group
 from workers import completions
 from workers.completions import completion_for
@@ -87,8 +90,12 @@ class InferenceWorker:
         decoded = await self.dead_letters.decode(
             records, EnrichedRequest.decode, "EnrichedRequest", sends
         )
-        for _, item in decoded:
+        traced = tracing.enabled()
+        parents: dict[UUID, Sequence[tuple[str, bytes]]] = {}
+        for record, item in decoded:
             batch.setdefault(item.request.job_id, item)
+            if traced:
+                parents.setdefault(item.request.job_id, record.headers)
         if len(decoded) < len(records):
             sends += await completions.publish(
                 self.settings, self.producer, unrunnable(records, decoded)
@@ -97,20 +104,93 @@ class InferenceWorker:
         observe_waits("inference", [(item.enriched_at, item.request.priority) for item in items])
         answered = await self.policies.before_engine(items) if items else {}
         to_run = [item for item in items if item.request.job_id not in answered]
+        batched_at = generated_at = None
+        outputs: list[Generation | ErrorInfo] = []
+        began = ended = 0
         if to_run:
             BATCH_SIZE.labels(self.engine.name).observe(len(to_run))
-        outputs = await self._generate(to_run) if to_run else []
+            batched_at = utcnow()
+            began = tracing.now_ns() if traced else 0
+            outputs = await self._generate(to_run)
+            ended = tracing.now_ns() if traced else 0
+            generated_at = utcnow()
         ran = [
-            (item, self.policies.rewrite_completion(completion_for(item, output)))
+            (
+                item,
+                self.policies.rewrite_completion(
+                    completion_for(item, output, batched_at, generated_at)
+                ),
+            )
             for item, output in zip(to_run, outputs, strict=True)
         ]
         held = await self.policies.after_engine(ran) if ran else set()
         done = dict(answered)
         done.update((item.request.job_id, completion) for item, completion in ran)
         published = [done[i.request.job_id] for i in items if i.request.job_id not in held]
-        sends += await completions.publish(self.settings, self.producer, published)
+        headers = self._trace(items, to_run, parents, done, held, began, ended) if traced else None
+        sends += await completions.publish(self.settings, self.producer, published, headers)
         if sends:
             await asyncio.gather(*sends)
+
+    def _trace(
+        self,
+        items: Sequence[EnrichedRequest],
+        to_run: Sequence[EnrichedRequest],
+        parents: dict[UUID, Sequence[tuple[str, bytes]]],
+        done: dict[UUID, JobCompletion],
+        held: set[UUID],
+        began: int,
+        ended: int,
+    ) -> dict[UUID, tracing.Headers]:
+        """The batch's spans: one ``inference batch`` span for the engine call (a trace
+        of its own, linked to the span of each job it carried), and per job an
+        ``inference`` span in the job's trace (linked to the batch span), whose context
+        goes with the job's completion. Returns those completions' headers."""
+        model = self.engine.name
+        batch_span: trace.Span | None = None
+        if to_run:
+            links = [
+                trace.Link(found, {"kontext.job_id": str(item.request.job_id)})
+                for item in to_run
+                if (found := tracing.span_context(parents.get(item.request.job_id))) is not None
+            ]
+            batch_span = tracing.start(
+                "inference batch",
+                otel_context.Context(),
+                start_time=began,
+                links=links,
+                attributes={"kontext.model": model, "kontext.batch_size": len(to_run)},
+            )
+            batch_span.end(end_time=ended)
+        ran = {item.request.job_id for item in to_run}
+        batch_link = [trace.Link(batch_span.get_span_context())] if batch_span else []
+        headers: dict[UUID, tracing.Headers] = {}
+        for item in items:
+            job_id = item.request.job_id
+            engine = job_id in ran
+            span = tracing.start(
+                "inference",
+                tracing.extract(parents.get(job_id)),
+                start_time=began if engine else None,
+                kind=trace.SpanKind.CONSUMER,
+                links=batch_link if engine else None,
+                attributes={
+                    "kontext.job_id": str(job_id),
+                    "kontext.model": model,
+                    "kontext.batch_size": len(to_run),
+                    "kontext.cached": not engine,
+                    "kontext.held_for_review": job_id in held,
+                },
+            )
+            completion = done.get(job_id)
+            if completion is not None and completion.usage is not None:
+                span.set_attribute("kontext.prompt_tokens", completion.usage.prompt_tokens)
+                span.set_attribute("kontext.completion_tokens", completion.usage.completion_tokens)
+            if completion is not None and completion.error is not None:
+                tracing.fail(span, completion.error.code, completion.error.message)
+            span.end(end_time=ended if engine else None)
+            headers[job_id] = tracing.headers_for(span)
+        return headers
 
     async def _generate(self, items: Sequence[EnrichedRequest]) -> list[Generation | ErrorInfo]:
         """One engine call for the batch; if it fails, each item alone, so one bad

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from kontext import tracing
 from kontext.settings import Settings
 from kontext.store import ledger
 from schemas.events import ErrorInfo, JobRequest
@@ -34,14 +35,20 @@ async def publish(
     settings: Settings, producer: AIOKafkaProducer, requests: Sequence[JobRequest]
 ) -> list[asyncio.Future[object]]:
     """Queue the sends that put ``requests`` into the pipeline: each to its lane's
-    requests topic, keyed by conversation (its turns stay in order on one partition).
-    Await the futures for delivery."""
+    requests topic, keyed by conversation (its turns stay in order on one partition),
+    with the current trace context (the intake's span) when tracing is on. Await the
+    futures for delivery."""
     topics = settings.topics
+    headers: tracing.Headers | None = None
+    if tracing.enabled():
+        headers = []
+        tracing.inject(headers)
     return [
         await producer.send(
             topics.requests_lane(request.priority),
             request.encode(),
             key=request.conversation_id.encode(),
+            headers=headers or None,
         )
         for request in requests
     ]

@@ -22,14 +22,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
 
+from kontext import tracing
 from kontext.connections import FetchTempo, create_consumer
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
@@ -77,8 +79,8 @@ class Recorder:
         self.pool = pool
         self.producer = producer
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
-        self.unmarked: list[UUID] = []
-        """Jobs whose replies were published, not yet remembered in the ledger."""
+        self.unmarked: dict[UUID, datetime] = {}
+        """Jobs whose replies were published (and when), not yet remembered in the ledger."""
         self._marking: asyncio.Task[None] | None = None
         self._writing = asyncio.Lock()
         """One statement at a time: a batch's and a flush's marks would lock the same
@@ -91,8 +93,11 @@ class Recorder:
             records, JobCompletion.decode, "JobCompletion", sends
         )
         if pairs:
-            recorded, stored = await self._record(pairs, sends)
+            spans = _record_spans(pairs) if tracing.enabled() else {}
+            recorded, stored = await self._record(pairs, sends, spans)
             outcomes = recorded.outcomes
+            if spans:
+                _end_record_spans(spans, outcomes)
             _observe_e2e(outcomes, [done for _, done in stored])
             known = {o.job_id for o in outcomes}
             for record, done in stored:
@@ -108,20 +113,26 @@ class Recorder:
                 replied.append(outcome.job_id)
                 if outcome.job_id in on_topic:
                     continue
-                sends += await self._reply(outcome)
+                sends += await self._reply(outcome, spans.get(outcome.job_id))
             # The next turns of their conversations, held back until these were recorded.
             sends += await publish(self.settings, self.producer, recorded.redrive)
         if sends:
             await asyncio.gather(*sends)
-        self.unmarked += replied
+        if replied:
+            sent = utcnow()
+            for job_id in replied:
+                self.unmarked.setdefault(job_id, sent)
         if self.unmarked and (self._marking is None or self._marking.done()):
             self._marking = asyncio.create_task(self._mark_when_idle())
 
-    async def _reply(self, outcome: ledger.Outcome) -> list[asyncio.Future[object]]:
+    async def _reply(
+        self, outcome: ledger.Outcome, recorded: trace.Span | None = None
+    ) -> list[asyncio.Future[object]]:
         """Queue the sends of a job's reply: to the reply topic, or for a job from the
         submissions topic to the topic it named, with its correlation id. The memory
         worker reads the deployment's reply topic: a reply sent elsewhere leaves it the
-        job's head (id, conversation, status), none of its result."""
+        job's head (id, conversation, status), none of its result. Under the job's
+        ``record`` span (when traced), a ``reply`` span goes with the reply."""
         replies = self.settings.topics.replies
         topic, headers = replies, [(JOB_ID_HEADER, str(outcome.job_id).encode())]
         route = outcome.reply_to
@@ -129,6 +140,19 @@ class Recorder:
             headers.append((CORRELATION_ID_HEADER, route.correlation_id.encode()))
             if route.topic == replies or await self._writable(route.topic):
                 topic = route.topic
+        span: trace.Span | None = None
+        if recorded is not None:
+            span = tracing.start(
+                "reply",
+                trace.set_span_in_context(recorded),
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "kontext.job_id": str(outcome.job_id),
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": topic,
+                },
+            )
+            headers += tracing.headers_for(span)
         status: FinalStatus = "succeeded" if outcome.status == "succeeded" else "failed"
         reply = JobReply(
             job_id=outcome.job_id,
@@ -146,6 +170,8 @@ class Recorder:
             sends.append(
                 await self.producer.send(replies, head.encode(), key=key, headers=headers[:1])
             )
+        if span is not None:
+            span.end()
         return sends
 
     async def _writable(self, topic: str) -> bool:
@@ -222,23 +248,35 @@ class Recorder:
                 return
             async with self.pool.acquire() as conn:
                 await ledger.mark_replied(conn, self.unmarked)
-            self.unmarked = []
+            self.unmarked = {}
 
     async def _record(
-        self, pairs: Sequence[tuple[Record, JobCompletion]], sends: list[asyncio.Future[object]]
+        self,
+        pairs: Sequence[tuple[Record, JobCompletion]],
+        sends: list[asyncio.Future[object]],
+        spans: dict[UUID, trace.Span] | None = None,
     ) -> tuple[ledger.Recorded, list[tuple[Record, JobCompletion]]]:
         """Record the batch in one statement; returns it and the completions stored.
+        Each job's ``record`` span in ``spans`` (when traced) is stored with its webhook
+        deliveries, whose attempts become spans under it.
 
         If Postgres refuses its data (a value it cannot hold, which no retry fixes),
         record each completion alone and dead-letter the ones it refuses, so one bad
         completion never stalls the partition."""
         first_delay = self.settings.webhook_retry_schedule_s[0]
+        traceparents: dict[UUID, str] | None = None
+        if spans:
+            traceparents = {
+                job_id: parent
+                for job_id, span in spans.items()
+                if (parent := tracing.traceparent_of(span)) is not None
+            }
         try:
             async with self._writing, self.pool.acquire() as conn:
                 recorded = await ledger.record(
-                    conn, [done for _, done in pairs], self.unmarked, first_delay
+                    conn, [done for _, done in pairs], self.unmarked, first_delay, traceparents
                 )
-                self.unmarked = []
+                self.unmarked = {}
             return recorded, list(pairs)
         except UNSTORABLE:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
@@ -248,8 +286,10 @@ class Recorder:
         for record, done in pairs:
             try:
                 async with self._writing, self.pool.acquire() as conn:
-                    alone = await ledger.record(conn, [done], self.unmarked, first_delay)
-                    self.unmarked = []
+                    alone = await ledger.record(
+                        conn, [done], self.unmarked, first_delay, traceparents
+                    )
+                    self.unmarked = {}
             except UNSTORABLE as exc:
                 reason = f"JobCompletion cannot be stored: {exc}"
                 sends.append(await self.dead_letters.send(record, reason))
@@ -258,6 +298,36 @@ class Recorder:
             redrive += alone.redrive
             stored.append((record, done))
         return ledger.Recorded(outcomes=outcomes, redrive=redrive), stored
+
+
+def _record_spans(pairs: Sequence[tuple[Record, JobCompletion]]) -> dict[UUID, trace.Span]:
+    """Each job's ``record`` span (the batch's statement), under the span its
+    completion's ``traceparent`` names."""
+    spans: dict[UUID, trace.Span] = {}
+    for record, done in pairs:
+        if done.job_id not in spans:
+            spans[done.job_id] = tracing.start(
+                "record",
+                tracing.extract(record.headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "kontext.job_id": str(done.job_id),
+                    "kontext.status": done.status,
+                    "kontext.batch_size": len(pairs),
+                },
+            )
+    return spans
+
+
+def _end_record_spans(spans: dict[UUID, trace.Span], outcomes: Sequence[ledger.Outcome]) -> None:
+    """End the ``record`` spans once the statement ran: whether it finalised each job
+    (a duplicate completion finds it final already)."""
+    for outcome in outcomes:
+        span = spans.get(outcome.job_id)
+        if span is not None:
+            span.set_attribute("kontext.finalised", outcome.fresh)
+    for span in spans.values():
+        span.end()
 
 
 def _observe_e2e(outcomes: Sequence[ledger.Outcome], stored: Sequence[JobCompletion]) -> None:

@@ -14,7 +14,9 @@ from collections.abc import Iterable, Sequence
 import httpcore
 import httpx
 import orjson
+from opentelemetry import trace
 
+from kontext import tracing
 from kontext.ssrf import UrlGuard, UrlRefused
 from kontext.store.deliveries import Attempt, Delivery
 from schemas.events import utcnow
@@ -104,19 +106,39 @@ class Sender:
         await self.client.aclose()
 
     async def attempt(self, delivery: Delivery) -> Attempt:
-        """POST the delivery once; any answer but 2xx, or none, is a failed attempt."""
+        """POST the delivery once; any answer but 2xx, or none, is a failed attempt. When
+        its job was traced, the attempt is a ``webhook delivery`` span of its trace, and
+        the request carries that span's ``traceparent``."""
         attempted_at = utcnow()
         began = time.perf_counter()
         status_code: int | None = None
         error: str | None = None
+        span: trace.Span | None = None
+        if delivery.traceparent is not None and tracing.enabled():
+            span = tracing.start(
+                "webhook delivery",
+                tracing.from_traceparent(delivery.traceparent),
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "kontext.delivery_id": str(delivery.id),
+                    "kontext.attempt": delivery.attempt,
+                    "http.request.method": "POST",
+                },
+            )
         try:
-            status_code, error = await self._post(delivery)
+            status_code, error = await self._post(delivery, span)
         except UrlRefused as exc:
             error = str(exc)
         except TimeoutError:
             error = f"timed out after {self.timeout_s:g}s"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if span is not None:
+            if status_code is not None:
+                span.set_attribute("http.response.status_code", status_code)
+            if error is not None:
+                tracing.fail(span, "delivery_failed", error)
+            span.end()
         return Attempt(
             delivery_id=delivery.id,
             attempt=delivery.attempt,
@@ -127,12 +149,16 @@ class Sender:
             retry_in_s=None if error is None else self.policy.delay_after(delivery.cycle_attempt),
         )
 
-    async def _post(self, delivery: Delivery) -> tuple[int | None, str | None]:
+    async def _post(
+        self, delivery: Delivery, span: trace.Span | None = None
+    ) -> tuple[int | None, str | None]:
         secrets = [delivery.secret] if delivery.secret else self.secrets
         if not secrets:
             return None, "no signing secret: set KONTEXT_WEBHOOK_SECRET"
         body = orjson.dumps(delivery.payload)
         headers = signing.headers(secrets, str(delivery.id), int(time.time()), body)
+        if span is not None:
+            headers.update((k, v.decode()) for k, v in tracing.headers_for(span))
         async with asyncio.timeout(self.timeout_s):
             async with self.client.stream(
                 "POST", delivery.url, content=body, headers=headers

@@ -15,7 +15,7 @@ from typing import TypeVar
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from kontext import metrics, migrate
+from kontext import metrics, migrate, tracing
 from kontext.app import health
 from kontext.connections import create_consumer, create_pool, create_producer, ensure_topics
 from kontext.settings import Settings
@@ -79,6 +79,7 @@ class Runtime:
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown services {unknown}; known: {', '.join(SERVICES)}")
+        tracing.configure(settings, names)
         await ensure_topics(settings, settings.topics.all(settings.engines))
         if (port := metrics.serve(settings.metrics_port, settings.metrics_host)) is not None:
             log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, port)
@@ -172,6 +173,7 @@ class Runtime:
             await self._pool.close()
         for engine in self.engines:
             await engine.close()
+        tracing.shutdown()
 
 
 async def run_while(

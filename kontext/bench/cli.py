@@ -150,18 +150,28 @@ def bench_command(
         bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
     ] = False,
     separate_inference: SeparateInference = False,
+    trace: Annotated[
+        bool,
+        typer.Option(
+            "--trace",
+            help="Trace every job (100% sampled) to a local OTLP/HTTP receiver in this "
+            "process; compare CPU ms per turn with a run without (tracing off).",
+        ),
+    ] = False,
 ) -> None:
     """Steve Min TPS: C conversations x T turns through the pipeline, with baselines.
 
     The stack runs in child processes (the API in one, the workers in another), the
     load generator in this one; the figures include CPU milliseconds per turn summed
-    over every process, broker and Postgres included."""
+    over every process, broker and Postgres included. Each job's timeline is always
+    kept; ``--trace`` exports every span too."""
     import json
-    from contextlib import redirect_stdout
+    from contextlib import AsyncExitStack, redirect_stdout
 
     from rich.progress import Progress
 
     from kontext.app.children import spawned
+    from kontext.bench import otlp
     from kontext.bench import turns as benchmark
     from kontext.bench.cpu import CpuMeter, stack_roots
     from kontext.connections import create_pool
@@ -195,7 +205,10 @@ def bench_command(
             "KONTEXT_SUMMARIZER": summarizer,
             "KONTEXT_CACHE_TTL_S": "0",
             "KONTEXT_EMBEDDER": embedder,
+            # Tracing off unless --trace (whatever this shell exports).
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "",
         }
+        tracing_label = "tracing 100% sampled (local OTLP receiver)" if trace else "tracing off"
         base = settings_for([engine], 0).model_copy(
             update={"summarizer": summarizer, "cache_ttl_s": 0.0, "embedder": embedder}
         )
@@ -226,11 +239,21 @@ def bench_command(
                                     metrics_url,
                                     meter,
                                 )
-                                result["layout"] = " | ".join(", ".join(g) for g in layout)
+                                result["layout"] = (
+                                    " | ".join(", ".join(g) for g in layout) + f"; {tracing_label}"
+                                )
                                 results.append(result)
 
                 try:
-                    async with spawned(settings, layout, overrides) as children:
+                    async with AsyncExitStack() as exits:
+                        env = dict(overrides)
+                        if trace:
+                            receiver = await exits.enter_async_context(otlp.sink())
+                            env.update(
+                                OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+                                OTEL_TRACES_SAMPLER="parentbased_always_on",
+                            )
+                        children = await exits.enter_async_context(spawned(settings, layout, env))
                         inference = children.running("inference")
                         assert inference is not None and children.api_url is not None
                         roots = stack_roots()
@@ -248,6 +271,7 @@ def bench_command(
             f"kontext bench --engine {engine} --conversations {conversations} "
             f"--turns {turns} --max-tokens {max_tokens} --embedder {embedder}"
             + (" --separate-inference" if separate_inference else "")
+            + (" --trace" if trace else "")
         )
         if not results:
             console.print("[red]the benchmark stopped before it measured anything")

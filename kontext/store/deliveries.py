@@ -20,7 +20,7 @@ import asyncpg
 
 from schemas.webhooks import DeliveryStatus, DeliveryView
 
-_CLAIMED = "id, job_id, url, secret, payload, attempts, cycle_attempts"
+_CLAIMED = "id, job_id, url, secret, payload, attempts, cycle_attempts, traceparent"
 SUBSCRIBED = (
     "({type} = ANY(w.events) OR split_part({type}, '.', 1) || '.*' = ANY(w.events)"
     " OR '*' = ANY(w.events))"
@@ -41,6 +41,8 @@ class Delivery:
     payload: dict[str, Any] = field(repr=False)
     attempt: int
     cycle_attempt: int
+    traceparent: str | None = None
+    """Its job's ``record`` span, when the job was traced: each attempt is a span under it."""
 
 
 def _claimed(record: asyncpg.Record) -> Delivery:
@@ -52,6 +54,7 @@ def _claimed(record: asyncpg.Record) -> Delivery:
         payload=record["payload"],
         attempt=record["attempts"],
         cycle_attempt=record["cycle_attempts"],
+        traceparent=record["traceparent"],
     )
 
 

@@ -8,7 +8,7 @@ delivery from Kafka never answers a job twice.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -18,7 +18,7 @@ import asyncpg
 
 from kontext.store.deliveries import CHANNEL as DELIVERIES_CHANNEL
 from kontext.store.deliveries import SUBSCRIBED
-from schemas.api import JobStatus
+from schemas.api import JobStatus, JobTimeline
 from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, ReplyRoute
 from schemas.usage import NIL_KEY
 
@@ -247,6 +247,23 @@ async def get(pool: asyncpg.Pool, job_id: UUID, tenant_id: str | None = None) ->
     return _row(row) if row is not None else None
 
 
+async def timeline(pool: asyncpg.Pool, job_id: UUID) -> JobTimeline | None:
+    """When the job reached each stage: what the statements that wrote its row stamped,
+    and its first successful webhook delivery (read on request, never on the hot path)."""
+    row = await pool.fetchrow(
+        """
+        SELECT j.created_at AS accepted, j.claimed_at AS admitted, j.enriched_at AS enriched,
+            j.batched_at AS batched, j.generated_at AS generated, j.completed_at AS recorded,
+            j.replied_at AS replied,
+            (SELECT min(d.delivered_at) FROM webhook_deliveries d
+             WHERE d.job_id = j.id) AS delivered
+        FROM jobs j WHERE j.id = $1
+        """,
+        job_id,
+    )
+    return JobTimeline(**dict(row)) if row is not None else None
+
+
 async def ended(pool: asyncpg.Pool, job_ids: Sequence[UUID]) -> set[UUID]:
     """Those of ``job_ids`` already final (succeeded or failed)."""
     rows = await pool.fetch(
@@ -297,26 +314,32 @@ class Recorded:
 
 RECORD = f"""
 WITH input AS (
+    -- traceparent is empty when untraced: unnest pads it with NULLs.
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::bigint[],
-                         $6::bigint[])
-        AS u(id, status, result, error, prompt_tokens, completion_tokens)
+                         $6::bigint[], $15::timestamptz[], $16::timestamptz[],
+                         $17::timestamptz[], $18::text[])
+        AS u(id, status, result, error, prompt_tokens, completion_tokens, enriched_at,
+             batched_at, generated_at, traceparent)
 ), prior AS (
     -- Read before this statement's updates: the query embedding the claim kept.
     SELECT id, query_embedding FROM jobs WHERE id = ANY($1::uuid[])
 ), fresh AS (
     UPDATE jobs SET status = input.status, result = input.result, error = input.error,
         completed_at = now(), updated_at = now(), usage_recorded_at = now(),
-        query_embedding = NULL
+        query_embedding = NULL, enriched_at = input.enriched_at,
+        batched_at = input.batched_at, generated_at = input.generated_at
     FROM input
     WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
     RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
         jobs.kind, jobs.request->>'user' AS user_id, jobs.tenant_id, jobs.key_id, jobs.model,
         jobs.created_at, jobs.completed_at, jobs.batch_id, jobs.request->'webhook' AS webhook,
-        jobs.webhook_secret, input.prompt_tokens, input.completion_tokens
+        jobs.webhook_secret, input.prompt_tokens, input.completion_tokens, input.traceparent
 ), replied AS (
-    -- The previous batch's replies, published since: remembered now (one statement).
-    UPDATE jobs SET replied_at = now()
-    WHERE jobs.id = ANY($13::uuid[]) AND jobs.replied_at IS NULL
+    -- The previous batch's replies, published since: remembered now (one statement),
+    -- with when each was published (the job's timeline).
+    UPDATE jobs SET replied_at = coalesce(r.at, now())
+    FROM unnest($13::uuid[], $19::timestamptz[]) AS r(id, at)
+    WHERE jobs.id = r.id AND jobs.replied_at IS NULL
 ), usage_added AS (
     -- Each job's tokens, once: only a job this statement finalised counts.
     INSERT INTO usage AS u (tenant_id, key_id, model, period, requests, prompt_tokens,
@@ -336,7 +359,8 @@ WITH input AS (
     -- endpoint of its tenant subscribed to the event (chat jobs, not a batch's lines,
     -- whose batch's end event covers them, nor summaries). The dispatcher is woken.
     INSERT INTO webhook_deliveries (id, job_id, endpoint_id, event_type, url, secret,
-        payload, attempts, cycle_attempts, next_attempt_at, leased_until, tenant_id)
+        payload, attempts, cycle_attempts, next_attempt_at, leased_until, tenant_id,
+        traceparent)
     SELECT gen_random_uuid(), f.id, t.endpoint_id, e.type, t.url, t.secret,
         jsonb_build_object(
             'type', e.type,
@@ -345,7 +369,7 @@ WITH input AS (
                 'id', f.id, 'status', f.status, 'conversation_id', f.conversation_id,
                 'model', f.model, 'created_at', f.created_at,
                 'completed_at', f.completed_at, 'result', f.result, 'error', f.error)),
-        0, 0, now() + make_interval(secs => $14), NULL, f.tenant_id
+        0, 0, now() + make_interval(secs => $14), NULL, f.tenant_id, f.traceparent
     FROM fresh f
     CROSS JOIN LATERAL (SELECT CASE f.status WHEN 'succeeded' THEN 'job.completed'
                                              ELSE 'job.failed' END AS type) e
@@ -427,14 +451,17 @@ WHERE j.status = 'queued'
 async def record(
     conn: asyncpg.Connection,
     completions: Sequence[JobCompletion],
-    replied: Sequence[UUID] = (),
+    replied: Mapping[UUID, datetime] | None = None,
     webhook_first_delay_s: float = 0.0,
+    traceparents: Mapping[UUID, str] | None = None,
 ) -> Recorded:
     """Finalise jobs, store their turns and open conversation order gates, in one
     statement; in the same statement, each finalised job's usage is counted and its
     webhook deliveries are created, and ``replied`` (jobs whose replies were published
-    since the last recording) are remembered as replied. A job turning final settles
-    what its tenant's limits held for it (a trigger, migration 0013).
+    since the last recording, with when) are remembered as replied. A job turning final settles
+    what its tenant's limits held for it (a trigger, migration 0013). Each job's
+    timeline stamps (enriched, batched, generated) are stored from its completion;
+    ``traceparents`` (each job's ``record`` span, when traced) go with its deliveries.
 
     Only jobs not yet final are updated and get turns; a duplicate completion
     leaves the ledger as it was and comes back with the stored result.
@@ -451,6 +478,9 @@ async def record(
     turn_tokens: list[int] = []
     turn_order: list[int] = []
     turn_queries: list[bool] = []
+    enriched: list[datetime | None] = []
+    batched: list[datetime | None] = []
+    generated: list[datetime | None] = []
     seen: set[UUID] = set()
     for done in completions:
         if done.job_id in seen:
@@ -466,6 +496,9 @@ async def record(
         errors.append(done.error.model_dump(mode="json") if done.error else None)
         prompt_tokens.append(done.usage.prompt_tokens if done.usage else 0)
         completion_tokens.append(done.usage.completion_tokens if done.usage else 0)
+        enriched.append(done.enriched_at)
+        batched.append(done.batched_at)
+        generated.append(done.generated_at)
         if done.status == "succeeded":
             users = [n for n, turn in enumerate(done.new_turns) if turn.role == "user"]
             for n, turn in enumerate(done.new_turns):
@@ -491,8 +524,13 @@ async def record(
         turn_tokens,
         turn_order,
         turn_queries,
-        list(replied),
+        list(replied or ()),
         webhook_first_delay_s,
+        enriched,
+        batched,
+        generated,
+        [traceparents.get(job_id) for job_id in ids] if traceparents else [],
+        list((replied or {}).values()),
     )
     outcomes = [
         Outcome(
@@ -516,9 +554,16 @@ async def record(
     return Recorded(outcomes=outcomes, redrive=redrive)
 
 
-async def mark_replied(conn: asyncpg.Connection, job_ids: Sequence[UUID]) -> None:
-    """Remember that these jobs' replies are published: they are not published again."""
+async def mark_replied(conn: asyncpg.Connection, replied: Mapping[UUID, datetime]) -> None:
+    """Remember that these jobs' replies are published (at the times given): they are
+    not published again."""
+    ids = sorted(replied)
     await conn.execute(
-        "UPDATE jobs SET replied_at = now() WHERE id = ANY($1::uuid[]) AND replied_at IS NULL",
-        sorted(job_ids),
+        """
+        UPDATE jobs SET replied_at = r.at
+        FROM unnest($1::uuid[], $2::timestamptz[]) AS r(id, at)
+        WHERE jobs.id = r.id AND jobs.replied_at IS NULL
+        """,
+        ids,
+        [replied[job_id] for job_id in ids],
     )

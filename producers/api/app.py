@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from kontext import tracing
 from kontext.connections import create_pool, create_producer
 from kontext.settings import Settings
 from kontext.store import ledger
@@ -86,4 +87,15 @@ def create_app(settings: Settings) -> FastAPI:
         larger={"/v1/files": files.body_limit(settings.files_max_bytes)},
     )
     app.add_middleware(RequestMetrics)  # outermost: counts every answer, 413s too
+    if tracing.enabled():
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        # A server span per request, continuing a client's ``traceparent``.
+        FastAPIInstrumentor.instrument_app(
+            app, excluded_urls=TRACING_EXCLUDED, exclude_spans=["receive", "send"]
+        )
     return app
+
+
+TRACING_EXCLUDED = "/healthz,/readyz,/metrics,/dashboard"
+"""Requests without a span: probes, scrapes and the dashboard's polling."""

@@ -86,15 +86,21 @@ async def get_job(
     wait: Annotated[
         float, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a final status")
     ] = 0,
+    timeline: Annotated[
+        bool, Query(description="include when the job reached each stage (``timeline``)")
+    ] = False,
 ) -> JobView:
     """The job's status; once succeeded, ``result`` is an OpenAI chat.completion.
 
     With ``wait``, answers as soon as the job is final, or after ``wait`` seconds
-    with whatever status it has then (a long poll).
+    with whatever status it has then (a long poll). With ``timeline``, ``timeline``
+    says when it was accepted, admitted, enriched, batched, generated, recorded,
+    replied and delivered (null: not reached).
     """
     job = await read_job(api, job_id, principal.tenant_id, wait)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
+    stages = await ledger.timeline(api.pool, job.id) if timeline else None
     return JobView(
         id=job.id,
         status=job.status,
@@ -104,4 +110,5 @@ async def get_job(
         completed_at=job.completed_at,
         result=ChatCompletion.model_validate(job.result) if job.result else None,
         error=ErrorInfo.model_validate(job.error) if job.error else None,
+        timeline=stages,
     )

@@ -302,6 +302,75 @@ async function showConversation() {
   box.replaceChildren(...parts);
 }
 
+// One job's timeline as a waterfall: a row per stage it reached, its bar spanning the
+// wait since the stage before (webhook delivery: since it was recorded).
+const STAGES = [
+  ["accepted", "accepted", "recorded in the ledger"],
+  ["admitted", "admitted", "queued, then claimed by the enricher"],
+  ["enriched", "enriched", "prompt assembled from memory"],
+  ["batched", "batched", "waited for its micro-batch"],
+  ["generated", "generated", "the engine call"],
+  ["recorded", "recorded", "finalised by the recorder"],
+  ["replied", "replied", "reply published"],
+  ["delivered", "delivered", "webhook delivered"],
+];
+let chosenJob = null;
+let jobStamp = "";
+
+document.getElementById("open-job").addEventListener("submit", (event) => {
+  event.preventDefault();
+  chosenJob = document.getElementById("job-id").value.trim() || null;
+  jobStamp = "";
+  showJob();
+});
+
+async function showJob() {
+  if (!chosenJob) return;
+  const box = document.getElementById("waterfall");
+  let job;
+  try {
+    job = await call(`/v1/jobs/${encodeURIComponent(chosenJob)}?timeline=true`);
+  } catch (error) {
+    jobStamp = "";
+    box.replaceChildren(el("p", { class: "error" }, error.message));
+    return;
+  }
+  const stamp = JSON.stringify(job.timeline);
+  if (stamp === jobStamp) return;
+  jobStamp = stamp;
+  const t = job.timeline;
+  const at = (name) => (t[name] ? Date.parse(t[name]) : null);
+  const t0 = at("accepted");
+  const reached = STAGES.filter(([name]) => t[name]);
+  const end = Math.max(...reached.map(([name]) => at(name)));
+  const total = Math.max(end - t0, 1);
+  const rows = [];
+  let previous = t0;
+  for (const [name, label, what] of STAGES) {
+    if (!t[name]) {
+      rows.push(el("tr", { "data-stage": name, "data-reached": "false" },
+        el("th", {}, label), el("td", { class: "muted" }, "–"), el("td", { class: "muted" }, what),
+        el("td", { class: "muted" }, "not reached")));
+      continue;
+    }
+    const from = name === "delivered" && t.recorded ? at("recorded") : previous;
+    const to = at(name);
+    const bar = el("div", { class: "wf-bar" }, el("span", {
+      style: `left:${(100 * (from - t0)) / total}%;width:${Math.max((100 * (to - from)) / total, 0.4)}%`,
+    }));
+    rows.push(el("tr", { "data-stage": name, "data-reached": "true", "data-at": t[name] },
+      el("th", {}, label),
+      el("td", { "data-field": "offset-ms" }, `+${fmt(to - t0, 0)} ms`),
+      el("td", {}, what, el("span", { class: "muted" }, ` · ${fmt(to - from, 0)} ms`)),
+      el("td", { class: "wf" }, bar)));
+    if (name !== "delivered") previous = to;
+  }
+  box.replaceChildren(
+    el("p", { class: "muted" }, `job ${job.id} · ${job.status} · ${job.model} · `,
+      `${fmt(end - t0, 0)} ms from accepted to its last stage`),
+    el("table", { class: "waterfall", "data-job": job.id }, el("tbody", {}, rows)));
+}
+
 async function refresh() {
   const error = document.getElementById("error");
   try {
@@ -326,6 +395,7 @@ async function refresh() {
       error.textContent = data.kafka_error;
     }
     await showConversation();
+    await showJob();
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.body.dataset.refreshed = String(Number(document.body.dataset.refreshed || 0) + 1);
   } catch (err) {
