@@ -150,6 +150,13 @@ def bench_command(
         bool, typer.Option("--json", help="Print one JSON object on stdout; logs on stderr.")
     ] = False,
     separate_inference: SeparateInference = False,
+    via: Annotated[
+        str,
+        typer.Option(
+            help="How the load generator submits: http (POST /v1/jobs) or kafka (the "
+            "submissions topic, answered by correlation id).",
+        ),
+    ] = "http",
     trace: Annotated[
         bool,
         typer.Option(
@@ -193,6 +200,9 @@ def bench_command(
         raise typer.Exit(2)
     if embedder not in ("minilm", "hash"):
         console.print(f"[red]unknown embedder {embedder!r}; known: minilm, hash")
+        raise typer.Exit(2)
+    if via not in ("http", "kafka"):
+        console.print(f"[red]--via takes http or kafka, not {via!r}")
         raise typer.Exit(2)
     stdout = sys.stdout
     setup_logging(False)
@@ -238,9 +248,11 @@ def bench_command(
                                     progress,
                                     metrics_url,
                                     meter,
+                                    over_kafka=via == "kafka",
                                 )
                                 result["layout"] = (
-                                    " | ".join(", ".join(g) for g in layout) + f"; {tracing_label}"
+                                    " | ".join(", ".join(g) for g in layout)
+                                    + f"; {tracing_label}; submitted over {via}"
                                 )
                                 results.append(result)
 
@@ -271,6 +283,7 @@ def bench_command(
             f"kontext bench --engine {engine} --conversations {conversations} "
             f"--turns {turns} --max-tokens {max_tokens} --embedder {embedder}"
             + (" --separate-inference" if separate_inference else "")
+            + (" --via kafka" if via == "kafka" else "")
             + (" --trace" if trace else "")
         )
         if not results:

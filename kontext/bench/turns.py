@@ -177,9 +177,12 @@ async def pipeline(
     work: Sequence[Script],
     max_tokens: int,
     advance: Advance,
+    over_kafka: bool = False,
 ) -> Phase:
-    """Every conversation at once through the pipeline, each turn after the last reply."""
+    """Every conversation at once through the pipeline, each turn after the last reply;
+    submitted over HTTP, or with ``over_kafka`` on the submissions topic."""
     run = uuid.uuid4().hex[:8]
+    chat = client.chat_over_kafka if over_kafka else client.chat
 
     async def converse(index: int, script: Script) -> list[Outcome]:
         conversation = f"bench-{run}-{index}"
@@ -188,7 +191,7 @@ async def pipeline(
             asks = script.fact if number == len(script.messages) else None
             began = time.perf_counter()
             try:
-                reply = await client.chat(
+                reply = await chat(
                     timeout=TURN_TIMEOUT_S,
                     model=model,
                     conversation_id=conversation,
@@ -385,6 +388,7 @@ async def measure(
     progress: Progress,
     metrics_url: str,
     meter: CpuMeter,
+    over_kafka: bool = False,
 ) -> dict[str, Any]:
     """The baselines (on ``engine``, called directly), then the pipeline, on the same
     conversations; one result object. ``metrics_url``: the inference worker's metrics;
@@ -415,7 +419,12 @@ async def measure(
     load = os.getloadavg()[0]
     cpu_before = meter.read()
     phase = await pipeline(
-        client, model, work, max_tokens, _tracker(progress, f"pipeline, {label}", turns)
+        client,
+        model,
+        work,
+        max_tokens,
+        _tracker(progress, f"pipeline, {label}", turns),
+        over_kafka=over_kafka,
     )
     cpu_used = meter.read().since(cpu_before)
     after = await snapshot()
