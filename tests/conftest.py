@@ -204,6 +204,20 @@ def stack(broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path) -> 
     assert code == 0, "".join(running.output[-40:])
 
 
+async def own_database(database: EmbeddedPostgres) -> str:
+    """A new, migrated database on the session's server: a stack on it shares no rows
+    (webhook deliveries, jobs) with the other stacks of the session. Its URL."""
+    name = f"own_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(database.url)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = database.url.rsplit("/", 1)[0] + f"/{name}"
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
 @pytest.fixture(scope="session")
 async def pool(database: EmbeddedPostgres) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(Settings(database_url=database.url))

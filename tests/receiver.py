@@ -46,18 +46,25 @@ class Receiver:
 
 
 @asynccontextmanager
-async def serving() -> AsyncIterator[Receiver]:
-    """A receiver listening on a free local port until the block ends."""
-    receiver = Receiver()
-    app = web.Application()
-    app.router.add_post("/hooks/{name}", receiver.handle)
+async def listening(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on a free local port until the block ends; yields its URL."""
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     host, port = runner.addresses[0][:2]
-    receiver.url = f"http://{host}:{port}"
     try:
-        yield receiver
+        yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+@asynccontextmanager
+async def serving() -> AsyncIterator[Receiver]:
+    """A receiver listening on a free local port until the block ends."""
+    receiver = Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks/{name}", receiver.handle)
+    async with listening(app) as url:
+        receiver.url = url
+        yield receiver

@@ -78,27 +78,37 @@ def test_the_one_at_a_time_baseline_takes_an_even_sample() -> None:
     assert benchmark.even_sample(prompts[:10], 64) == prompts[:10]
 
 
-@pytest.mark.parametrize("separate", [False, True], ids=["two-processes", "separate-inference"])
-def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool) -> None:
+@pytest.mark.parametrize(
+    ("separate", "via"),
+    [(False, "http"), (True, "http"), (False, "kafka")],
+    ids=["two-processes", "separate-inference", "over-kafka"],
+)
+def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool, via: str) -> None:
     """The stack runs in child processes (the API, the workers; with --separate-inference
-    the inference worker in a third), the bench is the load generator; batch sizes come
-    from the inference worker's metrics endpoint, CPU time from every process."""
+    the inference worker in a third), the bench is the load generator (submitting over
+    HTTP, or on the submissions topic); batch sizes come from the inference worker's
+    metrics endpoint, CPU time from every process."""
     args = ["bench", "--engine", "null", "--conversations", "2", "--turns", "3", "--json"]
     args += ["--separate-inference"] if separate else []
+    args += ["--via", via]
     done = run_cli(args, tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["engine"] == "null"
-    workers = "enricher, recorder, memory, webhooks, batches, reconciler"
+    workers = "submissions, enricher, recorder, memory, webhooks, batches, reconciler"
     assert result["layout"] == (
         f"api | {workers} | inference"
         if separate
-        else "api | enricher, inference, recorder, memory, webhooks, batches, reconciler"
+        else "api | submissions, enricher, inference, recorder, memory, webhooks, batches, "
+        "reconciler"
     )
+    assert (result["tracing"], result["submitted_over"]) == ("tracing off", via)
     cpu = result["cpu_ms_per_turn"]
     processes = {*result["layout"].split(" | "), "load generator", "broker", "postgres"}
     assert set(cpu["by_process"]) == processes
-    assert all(ms > 0 for ms in cpu["by_process"].values())
+    # Every process works for the turns, but the API when they come over Kafka.
+    idle = {"api"} if via == "kafka" else set()
+    assert all(ms > 0 for name, ms in cpu["by_process"].items() if name not in idle)
     assert cpu["total"] == pytest.approx(sum(cpu["by_process"].values()), abs=0.01)
     assert (result["conversations"], result["turns"]) == (2, 3)
     assert result["turns_total"] == result["turns_verified"] == 6

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
-import asyncpg
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -13,15 +11,11 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from kontext.app.embedded import EmbeddedPostgres
 from kontext.migrate import upgrade
 from schemas.tables import metadata
+from tests.conftest import own_database
 
 
 async def test_migrated_database_matches_the_table_definitions(database: EmbeddedPostgres) -> None:
-    name = f"m{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(database.url)
-    await admin.execute(f"CREATE DATABASE {name}")
-    await admin.close()
-    url = database.url.rsplit("/", 1)[0] + f"/{name}"
-    await asyncio.to_thread(upgrade, url)
+    url = await own_database(database)
     await asyncio.to_thread(upgrade, url)  # applying twice is a no-op
 
     engine = create_async_engine(url.replace("postgresql://", "postgresql+asyncpg://"))

@@ -34,8 +34,8 @@ from playwright import async_api as playwright_api
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.store import keys
-from tests.conftest import Stack, stack_env, start_stack, wait_for
-from tests.receiver import Receiver, serving
+from tests.conftest import Stack, own_database, stack_env, start_stack, wait_for
+from tests.receiver import Receiver, listening, serving
 
 TIMEOUT_S = 90.0
 CHROMIUM = Path("/usr/bin/chromium")
@@ -126,16 +126,9 @@ async def collecting() -> AsyncIterator[Collector]:
     collector = Collector()
     app = web.Application()
     app.router.add_post("/v1/traces", collector.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    collector.url = f"http://{host}:{port}"
-    try:
+    async with listening(app) as url:
+        collector.url = url
         yield collector
-    finally:
-        await runner.cleanup()
 
 
 @dataclass
@@ -152,12 +145,16 @@ class Traced:
 
 @pytest.fixture(scope="module")
 async def traced(
-    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path, pool: asyncpg.Pool
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
 ) -> AsyncIterator[Traced]:
-    """A stack of its own that exports every span to a local OTLP receiver."""
+    """A stack of its own that exports every span to a local OTLP receiver, on a
+    database of its own (another stack's webhook dispatcher would deliver its jobs'
+    webhooks otherwise, untraced)."""
+    url = await own_database(database)
     async with collecting() as collector, serving() as hooks:
         env = stack_env(broker, database, prefix=f"tr{uuid.uuid4().hex[:8]}")
         env.update(
+            DATABASE_URL=url,
             OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
             OTEL_TRACES_SAMPLER="parentbased_always_on",
             OTEL_BSP_SCHEDULE_DELAY="100",
@@ -165,7 +162,11 @@ async def traced(
         stack = await asyncio.to_thread(
             start_stack, ["up", "--engine", "tiny", "--port", "0"], env, workdir
         )
-        key = (await keys.create(pool, f"traced-{uuid.uuid4().hex[:8]}")).key
+        conn = await asyncpg.connect(url)
+        try:
+            key = (await keys.create(conn, f"traced-{uuid.uuid4().hex[:8]}")).key
+        finally:
+            await conn.close()
         try:
             yield Traced(stack, collector, hooks, key)
         finally:
@@ -226,7 +227,14 @@ async def test_one_chat_job_is_one_trace_across_every_stage(traced: Traced) -> N
         names = {s.name for s in collector.trace(trace_id)}
         return {*JOB_STAGES, "webhook delivery"} <= names and bool(_batches_of(collector, trace_id))
 
-    await wait_for(complete, timeout=TIMEOUT_S)
+    try:
+        await wait_for(complete, timeout=TIMEOUT_S)
+    except AssertionError:
+        seen = sorted({s.name for s in collector.trace(trace_id)})
+        raise AssertionError(
+            f"spans of the job's trace: {seen}; batch spans linking it: "
+            f"{len(_batches_of(collector, trace_id))}"
+        ) from None
     # The API's request span continues the client's trace; the job's stages follow it.
     [request] = [s for s in collector.trace(trace_id) if s.kind == ProtoSpan.SPAN_KIND_SERVER]
     assert request.parent_id == client_span

@@ -250,10 +250,9 @@ def bench_command(
                                     meter,
                                     over_kafka=via == "kafka",
                                 )
-                                result["layout"] = (
-                                    " | ".join(", ".join(g) for g in layout)
-                                    + f"; {tracing_label}; submitted over {via}"
-                                )
+                                result["layout"] = " | ".join(", ".join(g) for g in layout)
+                                result["tracing"] = tracing_label
+                                result["submitted_over"] = via
                                 results.append(result)
 
                 try:

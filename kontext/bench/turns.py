@@ -585,7 +585,9 @@ def publish(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
         f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, embedder "
         f"`{settings.embedder}`; processes: {results[0]['layout']}, the load generator in "
-        f"its own; load average {results[0]['load_average_at_start']} at the start; "
+        f"its own, submitting over {results[0].get('submitted_over', 'http')}; "
+        f"{results[0].get('tracing', 'tracing off')}; "
+        f"load average {results[0]['load_average_at_start']} at the start; "
         f"{turns} turns per conversation replaying "
         f"chitchat-dataset 0.9.0 lines, a fact planted in turn 1 and asked for in turn "
         f"{turns}; max_tokens {results[0]['max_tokens']}, batch max "
