@@ -89,21 +89,21 @@ async def serve(
     on_ready: Callable[[str | None], None] | None = None,
 ) -> None:
     """Run ``services`` until ``stop``; print the ready line once they all are (with the
-    API's address: this process's, or ``api_url`` where another process serves it), then
-    call ``on_ready`` with that address."""
+    API's address: this process's, or ``api_url`` where another process serves it),
+    after calling ``on_ready`` with that address."""
     runtime = Runtime(settings)
 
     def ready(rt: Runtime) -> None:
         port = rt.api_port
         url = f"http://{settings.api_host}:{port}" if port is not None else api_url
         api = f"API {url}" if url is not None else "no API"
+        if on_ready is not None:  # first: once the line says ready, what it did is done
+            on_ready(url)
         print(
             f"Kontext ready: {api}; services {', '.join(services)}; "
             f"models {', '.join(settings.engines)}; Kafka {settings.kafka_bootstrap_servers}",
             flush=True,
         )
-        if on_ready is not None:
-            on_ready(url)
 
     try:
         await runtime.start(services)
