@@ -7,7 +7,9 @@ turn the same exceptions into the same status and error body (OpenAI's shape:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -39,15 +41,16 @@ def _error(status: int, code: str, message: str, **extra: object) -> ApiError:
     )
 
 
-def invalid(exc: ValidationError) -> Answer:
-    """A body that failed validation (422), its fields listed."""
+def invalid(errors: Iterable[Mapping[str, Any]]) -> Answer:
+    """A body that failed validation (422), its fields listed; ``errors`` as pydantic
+    (or FastAPI, whose ``body`` part of a location is dropped) lists them."""
     details = [
         {
-            "field": ".".join(str(p) for p in e["loc"]) or "body",
-            "message": e["msg"],
-            "type": e["type"],
+            "field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+            "message": e.get("msg"),
+            "type": e.get("type"),
         }
-        for e in exc.errors(include_url=False, include_input=False)
+        for e in errors
     ]
     if any(d["type"] == "json_invalid" for d in details):
         return Answer(400, _error(400, "malformed_json", "the body is not valid JSON"))
@@ -71,5 +74,5 @@ def answer_for(exc: BaseException) -> Answer | None:
             503, _error(503, "queue_unavailable", "the job could not be queued; try again"), 5.0
         )
     if isinstance(exc, ValidationError):
-        return invalid(exc)
+        return invalid(exc.errors(include_url=False, include_input=False))
     return None

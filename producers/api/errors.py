@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from producers.refusals import answer_for
+from producers.refusals import answer_for, invalid
 from producers.submit import SubmissionRejected
 from schemas.api import ApiError, ErrorBody, error_type
 from workers.intake import EnqueueFailed
@@ -34,24 +34,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _describe(error: dict[str, object]) -> dict[str, object]:
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]  # type: ignore[attr-defined]
-    return {
-        "field": ".".join(loc) or "body",
-        "message": error.get("msg"),
-        "type": error.get("type"),
-    }
-
-
 async def _validation(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [_describe(dict(e)) for e in exc.errors()]
-    if any(e["type"] == "json_invalid" for e in errors):
-        return error_response(
-            400, ApiError(code="malformed_json", message="the body is not valid JSON")
-        )
-    summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return error_response(422, ApiError(code="invalid_request", message=summary, details=errors))
+    answer = invalid(exc.errors())
+    return error_response(answer.status, answer.error)
 
 
 async def _refused(_: Request, exc: Exception) -> JSONResponse:
