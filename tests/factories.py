@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import orjson
+
 from schemas.events import ChatMessage, JobRequest
 
 
@@ -20,3 +22,26 @@ def job_request(content: str = "hi", **fields: Any) -> JobRequest:
     }
     values.update(fields)
     return JobRequest(**values)
+
+
+def batch_line(custom_id: str, content: str = "ping", **body: Any) -> dict[str, Any]:
+    """One OpenAI Batch input line: a chat request to model ``tiny`` for 1 token;
+    ``body`` overrides or adds request fields."""
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 1,
+            **body,
+        },
+    }
+
+
+def jsonl(lines: list[Any]) -> str:
+    """Lines as a JSONL text: objects serialised, strings kept as they are."""
+    return "".join(
+        (line if isinstance(line, str) else orjson.dumps(line).decode()) + "\n" for line in lines
+    )

@@ -22,6 +22,7 @@ from standardwebhooks import Webhook
 
 from producers.backfill import create_batch, plan
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
+from tests.factories import batch_line, jsonl
 from tests.receiver import Receiver, serving
 
 # 10,000 lines take 110-230 s on the 2-core development machine, by its load.
@@ -29,29 +30,9 @@ BIG = int(os.environ.get("KONTEXT_TEST_BACKFILL_LINES", "10000"))
 BIG_TIMEOUT_S = 420
 
 
-def _line(custom_id: str, content: str = "ping", **body: Any) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": 1,
-            **body,
-        },
-    }
-
-
-def _jsonl(lines: list[Any]) -> str:
-    return "".join(
-        (line if isinstance(line, str) else orjson.dumps(line).decode()) + "\n" for line in lines
-    )
-
-
 def _input(path: Path, count: int, prefix: str) -> list[str]:
     ids = [f"{prefix}-{i}" for i in range(count)]
-    path.write_text(_jsonl([_line(c, f"Say something about item {c}.") for c in ids]))
+    path.write_text(jsonl([batch_line(c, f"Say something about item {c}.") for c in ids]))
     return ids
 
 
@@ -222,23 +203,23 @@ async def _jsonl_lines(http: httpx.AsyncClient, file_id: str | None) -> list[dic
 async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     http: httpx.AsyncClient,
 ) -> None:
-    good = _line("good-1", conversation_id=f"bf-{uuid.uuid4().hex[:8]}", top_p=1.0, seed=7)
-    openai_style = _line("good-2", max_completion_tokens=1, stream=False, user="ada")
+    good = batch_line("good-1", conversation_id=f"bf-{uuid.uuid4().hex[:8]}", top_p=1.0, seed=7)
+    openai_style = batch_line("good-2", max_completion_tokens=1, stream=False, user="ada")
     del openai_style["body"]["max_tokens"]
-    text = _jsonl(
+    text = jsonl(
         [
             good,
             "{not json",
             "",  # blank lines are skipped, and still counted in line numbers
-            {**_line("no-method"), "method": "GET"},
-            {**_line("wrong-url"), "url": "/v1/embeddings"},
-            _line("good-1"),
-            _line("unknown-model", model="gpt-4o"),
-            _line("too-long", max_tokens=100_000),
-            _line("two", n=2),
-            _line("tools", tools=[]),
+            {**batch_line("no-method"), "method": "GET"},
+            {**batch_line("wrong-url"), "url": "/v1/embeddings"},
+            batch_line("good-1"),
+            batch_line("unknown-model", model="gpt-4o"),
+            batch_line("too-long", max_tokens=100_000),
+            batch_line("two", n=2),
+            batch_line("tools", tools=[]),
             {"method": "POST", "url": "/v1/chat/completions", "body": {}},
-            _line("empty", content=" "),
+            batch_line("empty", content=" "),
             openai_style,
         ]
     )
@@ -270,7 +251,7 @@ async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     assert all(e["response"] is None for e in errors)
 
     # A batch whose every line is bad ends failed.
-    response = await _post(http, _jsonl(["[]", _line("x", model="nope")]))
+    response = await _post(http, jsonl(["[]", batch_line("x", model="nope")]))
     assert response.status_code == 202
     failed = response.json()
     assert failed["status"] == "failed" and failed["failed_at"]
@@ -281,7 +262,7 @@ async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(
     http: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     key = f"retry-{uuid.uuid4().hex}"
-    text = _jsonl([_line(f"r-{i}") for i in range(50)])
+    text = jsonl([batch_line(f"r-{i}") for i in range(50)])
     first, again = await asyncio.gather(_post(http, text, key), _post(http, text, key))
     assert {first.status_code, again.status_code} == {200, 202}
     assert first.json()["id"] == again.json()["id"]
@@ -289,16 +270,16 @@ async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(
     await _wait_status(http, str(batch_id), ("completed",))
     assert await pool.fetchval("SELECT count(*) FROM jobs WHERE batch_id = $1", batch_id) == 50
     assert (await _post(http, text, key)).status_code == 200
-    other = await _post(http, _jsonl([_line("other")]), key)
+    other = await _post(http, jsonl([batch_line("other")]), key)
     assert other.status_code == 409, other.text
     assert other.json()["error"]["code"] == "idempotency_key_reused"
 
 
-async def test_cancel_stops_the_batch_and_accounts_for_every_line(
+async def test_cancel_stops_the_batch_and_accounts_for_everybatch_line(
     http: httpx.AsyncClient,
 ) -> None:
     ids = [f"c-{i}" for i in range(3000)]
-    response = await _post(http, _jsonl([_line(c) for c in ids]))
+    response = await _post(http, jsonl([batch_line(c) for c in ids]))
     assert response.status_code == 202
     batch_id = response.json()["id"]
     response = await http.post(f"/v1/batches/{batch_id}/cancel")
@@ -319,7 +300,7 @@ async def test_cancel_stops_the_batch_and_accounts_for_every_line(
 
     again = await http.post(f"/v1/batches/{batch_id}/cancel")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
-    finished = await _post(http, _jsonl([_line("finished")]))
+    finished = await _post(http, jsonl([batch_line("finished")]))
     await _wait_status(http, finished.json()["id"], ("completed",))
     refused = await http.post(f"/v1/batches/{finished.json()['id']}/cancel")
     assert refused.status_code == 409
@@ -328,7 +309,7 @@ async def test_cancel_stops_the_batch_and_accounts_for_every_line(
 
 async def test_an_interactive_job_overtakes_a_queued_backfill(http: httpx.AsyncClient) -> None:
     lines = 2000
-    response = await _post(http, _jsonl([_line(f"q-{i}") for i in range(lines)]))
+    response = await _post(http, jsonl([batch_line(f"q-{i}") for i in range(lines)]))
     assert response.status_code == 202
     batch_id = response.json()["id"]
     try:
@@ -364,7 +345,7 @@ async def test_batch_completed_webhook_reaches_a_real_receiver(
     name = f"batch-{uuid.uuid4().hex[:8]}"
     response = await create_batch(
         http,
-        _jsonl([_line(f"w-{i}") for i in range(20)]).encode(),
+        jsonl([batch_line(f"w-{i}") for i in range(20)]).encode(),
         metadata={"purpose": "webhook test"},
         webhook={"url": receiver.hook(name)},
     )

@@ -21,30 +21,11 @@ from openai.types import Batch
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.store import keys
 from tests.conftest import Stack, stack_env, start_stack
+from tests.factories import batch_line, jsonl
 
 ENDED = ("completed", "failed", "expired", "cancelled")
 SMALL_LIMIT = 4096
 """KONTEXT_FILES_MAX_BYTES of the API process the size test runs against."""
-
-
-def _line(custom_id: str, content: str = "ping", **body: Any) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {
-            "model": "tiny",
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": 1,
-            **body,
-        },
-    }
-
-
-def _jsonl(lines: list[Any]) -> bytes:
-    return b"".join(
-        (line.encode() if isinstance(line, str) else orjson.dumps(line)) + b"\n" for line in lines
-    )
 
 
 def _client(url: str, key: str) -> AsyncOpenAI:
@@ -63,7 +44,8 @@ async def _tenant_client(stack: Stack, pool: asyncpg.Pool) -> AsyncOpenAI:
     return _client(stack.api_url, created.key)
 
 
-async def _batch(client: AsyncOpenAI, content: bytes, **extra: Any) -> Batch:
+async def _batch(client: AsyncOpenAI, text: str, **extra: Any) -> Batch:
+    content = text.encode()
     uploaded = await client.files.create(file=("input.jsonl", content), purpose="batch")
     assert uploaded.purpose == "batch" and uploaded.bytes == len(content)
     return await client.batches.create(
@@ -94,7 +76,7 @@ async def test_a_batch_runs_from_an_uploaded_file_to_its_output_file(
     client: AsyncOpenAI,
 ) -> None:
     ids = [f"ok-{i}" for i in range(20)]
-    content = _jsonl([_line(c, f"Tell me about {c}.") for c in ids])
+    content = jsonl([batch_line(c, f"Tell me about {c}.") for c in ids])
     created = await _batch(client, content, metadata={"job": "nightly"})
     assert created.object == "batch" and created.endpoint == "/v1/chat/completions"
     assert created.completion_window == "24h" and created.metadata == {"job": "nightly"}
@@ -133,13 +115,13 @@ async def test_a_batch_runs_from_an_uploaded_file_to_its_output_file(
 async def test_bad_lines_are_listed_in_errors_and_in_the_error_file(
     client: AsyncOpenAI,
 ) -> None:
-    content = _jsonl(
+    content = jsonl(
         [
-            _line("good-1"),
+            batch_line("good-1"),
             "{not json",
-            {**_line("wrong-url"), "url": "/v1/embeddings"},
-            _line("good-2"),
-            _line("unknown-model", model="gpt-4o"),
+            {**batch_line("wrong-url"), "url": "/v1/embeddings"},
+            batch_line("good-2"),
+            batch_line("unknown-model", model="gpt-4o"),
         ]
     )
     created = await _batch(client, content)
@@ -161,7 +143,7 @@ async def test_bad_lines_are_listed_in_errors_and_in_the_error_file(
     assert {e["custom_id"] for e in errors} == {None, "wrong-url", "unknown-model"}
 
     # A batch whose every line is bad fails at once, with only an error file.
-    failed = await _batch(client, _jsonl(["[]", _line("x", model="nope")]))
+    failed = await _batch(client, jsonl(["[]", batch_line("x", model="nope")]))
     assert failed.status == "failed" and failed.failed_at
     assert failed.output_file_id is None
     assert len(await _lines(client, failed.error_file_id)) == 2
@@ -169,7 +151,7 @@ async def test_bad_lines_are_listed_in_errors_and_in_the_error_file(
 
 async def test_cancel_stops_a_batch_and_every_line_lands_in_a_file(client: AsyncOpenAI) -> None:
     ids = [f"c-{i}" for i in range(1500)]
-    created = await _batch(client, _jsonl([_line(c) for c in ids]))
+    created = await _batch(client, jsonl([batch_line(c) for c in ids]))
     cancelled = await client.batches.cancel(created.id)
     assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at
     done = await _until_ended(client, created.id)
@@ -186,7 +168,7 @@ async def test_cancel_stops_a_batch_and_every_line_lands_in_a_file(client: Async
 
     # Cancelling again is harmless; a batch that completed cannot be cancelled.
     assert (await client.batches.cancel(created.id)).status == "cancelled"
-    finished = await _until_ended(client, (await _batch(client, _jsonl([_line("x")]))).id)
+    finished = await _until_ended(client, (await _batch(client, jsonl([batch_line("x")]))).id)
     with pytest.raises(openai.ConflictError):
         await client.batches.cancel(finished.id)
     with pytest.raises(openai.NotFoundError):
@@ -197,7 +179,7 @@ async def test_batches_are_listed_newest_first_page_by_page(
     stack: Stack, pool: asyncpg.Pool
 ) -> None:
     async with await _tenant_client(stack, pool) as client:
-        made = [(await _batch(client, _jsonl([_line(f"p-{i}")]))).id for i in range(3)]
+        made = [(await _batch(client, jsonl([batch_line(f"p-{i}")]))).id for i in range(3)]
         first = await client.batches.list(limit=2)
         assert [b.id for b in first.data] == made[:0:-1]
         assert first.has_more
@@ -209,7 +191,7 @@ async def test_batches_are_listed_newest_first_page_by_page(
 
 async def test_files_are_listed_retrieved_and_deleted(stack: Stack, pool: asyncpg.Pool) -> None:
     async with await _tenant_client(stack, pool) as client:
-        contents = [_jsonl([_line(f"f-{i}")]) for i in range(3)]
+        contents = [jsonl([batch_line(f"f-{i}")]).encode() for i in range(3)]
         made = [
             await client.files.create(file=(f"in-{i}.jsonl", c), purpose="batch")
             for i, c in enumerate(contents)
@@ -248,7 +230,7 @@ async def test_another_tenant_sees_none_of_a_tenants_files_or_batches(
         await _tenant_client(stack, pool) as mine,
         await _tenant_client(stack, pool) as theirs,
     ):
-        batch = await _batch(mine, _jsonl([_line("mine")]))
+        batch = await _batch(mine, jsonl([batch_line("mine")]))
         file_id = batch.input_file_id
         with pytest.raises(openai.NotFoundError):
             await theirs.files.retrieve(file_id)

@@ -19,10 +19,10 @@ from pydantic import ValidationError
 
 from producers.api.auth import Caller
 from producers.api.errors import error_response
-from producers.api.jobs import read_job
+from producers.api.jobs import read_job, submit_as
 from producers.api.state import ApiState, state
 from producers.refusals import answer_for
-from producers.submit import SubmissionRejected, submit
+from producers.submit import SubmissionRejected
 from schemas.api import CONVERSATION_ID_PATTERN, FINAL_STATUSES, ApiError, ErrorBody
 from schemas.events import ChatCompletion
 from schemas.openai import ChatCompletionRequest, chunks
@@ -131,15 +131,7 @@ async def create_chat_completion(
     except ValidationError as exc:
         return _refused(exc)
     try:
-        job, _ = await submit(
-            api.settings,
-            api.admitter,
-            api.producer,
-            submission,
-            tenant_id=principal.tenant_id,
-            key_id=principal.key_id,
-            chain=api.chain,
-        )
+        job, _ = await submit_as(api, principal, submission)
     except SubmissionRejected as exc:
         if exc.code != "unknown_model":
             return _refused(exc)

@@ -10,7 +10,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, HTTPException, Query, Response
 
 from kontext.store import ledger
-from producers.api.auth import Caller
+from producers.api.auth import Caller, Principal
 from producers.api.state import ApiState, state
 from producers.api.waiters import RECHECK_S
 from producers.submit import submit
@@ -26,6 +26,22 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+async def submit_as(
+    api: ApiState, principal: Principal, submission: JobSubmission
+) -> tuple[ledger.JobRow, bool]:
+    """Submit for the caller's tenant and key through this process's admitter, producer
+    and policy chain (``producers.submit.submit``)."""
+    return await submit(
+        api.settings,
+        api.admitter,
+        api.producer,
+        submission,
+        tenant_id=principal.tenant_id,
+        key_id=principal.key_id,
+        chain=api.chain,
+    )
+
+
 @router.post("", status_code=202, response_model=JobAccepted, responses=ERRORS)
 async def create_job(
     submission: JobSubmission,
@@ -36,15 +52,7 @@ async def create_job(
 
     A ``conversation_id`` another tenant uses answers 404, as if it did not exist.
     """
-    job, created = await submit(
-        api.settings,
-        api.admitter,
-        api.producer,
-        submission,
-        tenant_id=principal.tenant_id,
-        key_id=principal.key_id,
-        chain=api.chain,
-    )
+    job, created = await submit_as(api, principal, submission)
     accepted = JobAccepted(id=job.id, status=job.status, conversation_id=job.conversation_id)
     # The model serialised once, here (a returned model would be validated again).
     return Response(
