@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import Stack
@@ -148,3 +151,44 @@ async def test_unknown_job_is_404(stack: Stack) -> None:
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert malformed.status_code == 422
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", None]
+)
+async def test_a_good_submission_is_accepted_whatever_json_content_type_it_names(
+    stack: Stack, pool: asyncpg.Pool, content_type: str | None
+) -> None:
+    """A body without a content type is read as JSON too (as FastAPI reads one); a
+    body sent in chunks (no Content-Length) is accepted like one sent whole; the same
+    idempotency key again answers 200 with the same job."""
+    body = orjson.dumps({**GOOD, "idempotency_key": f"ct-{content_type}"})
+    headers = {"content-type": content_type} if content_type else {}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:10]
+        yield body[10:]
+
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
+        if content_type is None:  # httpx names none for raw content
+            first = await http.post("/v1/jobs", content=body)
+        else:
+            first = await http.post("/v1/jobs", content=chunks(), headers=headers)
+        again = await http.post("/v1/jobs", content=body, headers=headers)
+    assert first.status_code == 202, first.text
+    job = first.json()
+    assert first.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert first.headers["content-type"] == "application/json"
+    assert job["status"] == "queued"
+    assert again.status_code == 200
+    assert again.json()["id"] == job["id"]
+    assert await pool.fetchval("SELECT count(*) FROM jobs WHERE id = $1", UUID(job["id"])) == 1
+
+
+async def test_a_body_that_is_not_json_by_its_content_type_is_refused(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
+        response = await http.post(
+            "/v1/jobs", content=orjson.dumps(GOOD), headers={"content-type": "text/plain"}
+        )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"

@@ -27,6 +27,7 @@ from producers.api import (
     webhooks,
 )
 from producers.api.dashboard import routes as dashboard
+from producers.api.direct import DirectJobs
 from producers.api.limits import BodySizeLimit
 from producers.api.metrics import RequestMetrics
 from producers.api.state import ApiState
@@ -81,6 +82,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(reviews.router)
     app.include_router(metrics.router)
 
+    # Innermost of ours: a submission is counted and size-limited like any request.
+    app.add_middleware(DirectJobs, application=app)
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.max_body_bytes,
