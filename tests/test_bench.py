@@ -115,6 +115,13 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool, v
     assert (result["fact_recalled"], result["fact_asked"]) == (2, 2)
     assert result["steve_min_tps"] > 0 and result["tokens_per_s"] > 0
     assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    # Where the time went, from the jobs' timeline: every stage was reached.
+    stages = result["stage_p50_ms"]
+    assert list(stages) == [
+        "admitted", "enriched", "batched", "generated", "recorded", "replied"
+    ]  # fmt: skip
+    assert all(ms is not None and ms >= 0 for ms in stages.values()), stages
+    assert "Where a turn's time goes" in (tmp_path / "docs" / "benchmarks.md").read_text()
     batches = result["batch_sizes"]
     assert (
         batches["engine_calls"] >= 1

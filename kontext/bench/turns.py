@@ -147,6 +147,8 @@ class Phase:
 
     outcomes: list[Outcome]
     elapsed_s: float
+    conversations: str = ""
+    """The prefix of its conversations' ids (LIKE pattern), for the ledger's timeline."""
 
     def summary(self) -> dict[str, Any]:
         latencies = [o.latency_s * 1000 for o in self.outcomes]
@@ -225,7 +227,33 @@ async def pipeline(
     started = time.perf_counter()
     done = await asyncio.gather(*(converse(i, s) for i, s in enumerate(work)))
     elapsed = time.perf_counter() - started
-    return Phase([o for outcomes in done for o in outcomes], elapsed)
+    return Phase([o for outcomes in done for o in outcomes], elapsed, f"bench-{run}-%")
+
+
+STAGES = (
+    ("admitted", "created_at", "claimed_at"),
+    ("enriched", "claimed_at", "enriched_at"),
+    ("batched", "enriched_at", "batched_at"),
+    ("generated", "batched_at", "generated_at"),
+    ("recorded", "generated_at", "completed_at"),
+    ("replied", "completed_at", "replied_at"),
+)
+"""Each stage of a job's timeline: its name, and the stamps it lies between."""
+
+
+async def stage_medians(pool: asyncpg.Pool, conversations: str) -> dict[str, float | None]:
+    """Median milliseconds each stage of the timeline took, over the jobs of the
+    conversations matching ``conversations`` (a LIKE pattern): where a turn's latency goes."""
+    columns = ", ".join(
+        f"percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM {end} - {start}))"
+        f" * 1000 AS {name}"
+        for name, start, end in STAGES
+    )
+    row = await pool.fetchrow(
+        f"SELECT {columns} FROM jobs WHERE conversation_id LIKE $1 AND kind = 'chat'",
+        conversations,
+    )
+    return {name: None if row[name] is None else round(row[name], 2) for name, _, _ in STAGES}
 
 
 async def naive_resend(
@@ -429,6 +457,7 @@ async def measure(
     cpu_used = meter.read().since(cpu_before)
     after = await snapshot()
     await settle(pool)
+    stages = await stage_medians(pool, phase.conversations)
     best = max(raw, key=lambda size: float(raw[size]["tokens_per_s"]))
     naive_summary = naive.summary()
     summary = phase.summary()
@@ -441,6 +470,7 @@ async def measure(
         "max_tokens": max_tokens,
         **summary,
         "cpu_ms_per_turn": per_turn_ms(cpu_used, int(summary["turns_verified"])),
+        "stage_p50_ms": stages,
         "load_average_at_start": round(load, 2),
         "batch_sizes": batch_distribution(before, after),
         "baselines": {
@@ -531,6 +561,21 @@ def report(results: Sequence[dict[str, Any]]) -> str:
         by = r["cpu_ms_per_turn"]["by_process"]
         cells = " | ".join(
             f"{by.get(k, 0.0):.3f}" for k in results[0]["cpu_ms_per_turn"]["by_process"]
+        )
+        lines.append(f"| {r['conversations']} x {r['turns']} | {cells} |")
+    lines += [
+        "",
+        "Where a turn's time goes: median milliseconds of each stage of the jobs' "
+        "timeline (accepted → admitted → enriched → batched → generated → recorded → "
+        "replied):",
+        "",
+        "| conversations x turns | " + " | ".join(name for name, _, _ in STAGES) + " |",
+        "|---|" + "---|" * len(STAGES),
+    ]
+    for r in results:
+        stages = r["stage_p50_ms"]
+        cells = " | ".join(
+            "n/a" if stages.get(name) is None else f"{stages[name]:.1f}" for name, _, _ in STAGES
         )
         lines.append(f"| {r['conversations']} x {r['turns']} | {cells} |")
     return "\n".join(lines)
