@@ -65,6 +65,13 @@ def _stop(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> None:
             proc.wait()
 
 
+BROKER_THREADS = "1"
+"""The embedded broker's runtime threads (``TOKIO_WORKER_THREADS``, unless the
+environment sets it). Measured here on two cores: with one thread instead of one per
+core it spends about a fifth less CPU per turn (fewer wake-ups of one thread by
+another) and answers sooner."""
+
+
 class EmbeddedBroker:
     """A Tansu broker (Kafka wire protocol, in-memory storage) on 127.0.0.1."""
 
@@ -99,6 +106,7 @@ class EmbeddedBroker:
             stderr=log,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            env={"TOKIO_WORKER_THREADS": BROKER_THREADS, **os.environ},
         )
         wait_for_port("127.0.0.1", self.port, 10.0, self._proc)
         return self
