@@ -8,7 +8,6 @@ import pytest
 
 from kontext.app.embedded import EmbeddedBroker
 
-
 WORKER_NAMES = ("tokio-rt-worker", "tokio-runtime-w")
 """What tokio names a runtime worker thread (the second: an older name, cut to 15 bytes)."""
 
