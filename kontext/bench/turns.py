@@ -393,17 +393,27 @@ def _tracker(progress: Progress, description: str, total: int) -> Advance:
     return lambda: progress.advance(task)
 
 
+WARM_UP_TURNS = 8
+"""Turns of one conversation before the measurement: enough for each stage's
+statements to be prepared on the connections they use and past Postgres's first
+five executions (custom plans, then the choice of a generic one), which the first
+turns of a fresh stack pay once."""
+
+
 async def warm_up(client: KontextClient, engine: Engine, model: str, max_tokens: int) -> None:
-    """One engine call and one pipeline turn, untimed: first calls pay one-off costs."""
+    """One engine call and ``WARM_UP_TURNS`` pipeline turns, untimed: first calls pay
+    one-off costs."""
     prompt = engine.tokenizer.render([ChatMessage(role="user", content="Hello!")])
     await engine.generate([GenerationRequest(prompt, max_tokens)])
-    await client.chat(
-        timeout=TURN_TIMEOUT_S,
-        model=model,
-        conversation_id=f"bench-warmup-{uuid.uuid4().hex[:8]}",
-        messages=[{"role": "user", "content": "Hello!"}],
-        max_tokens=max_tokens,
-    )
+    conversation = f"bench-warmup-{uuid.uuid4().hex[:8]}"
+    for turn in range(WARM_UP_TURNS):
+        await client.chat(
+            timeout=TURN_TIMEOUT_S,
+            model=model,
+            conversation_id=conversation,
+            messages=[{"role": "user", "content": f"Hello! ({turn + 1})"}],
+            max_tokens=max_tokens,
+        )
 
 
 async def measure(
