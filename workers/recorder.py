@@ -85,6 +85,8 @@ class Recorder:
         self._writing = asyncio.Lock()
         """One statement at a time: a batch's and a flush's marks would lock the same
         rows in different orders (a deadlock)."""
+        self._statements = 0
+        """Batch statements run so far (each remembers the replies published before it)."""
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
@@ -234,8 +236,15 @@ class Recorder:
 
     async def _mark_when_idle(self) -> None:
         """The next batch's statement remembers the replies published now; should no
-        batch come for ``MARK_IDLE_S``, one statement of their own does."""
-        await asyncio.sleep(MARK_IDLE_S)
+        batch come for ``MARK_IDLE_S``, one statement of their own does (none while
+        batches keep coming: each carries the replies of the one before)."""
+        while True:
+            statements = self._statements
+            await asyncio.sleep(MARK_IDLE_S)
+            if not self.unmarked:
+                return
+            if self._statements == statements:
+                break
         try:
             await self.flush()
         except (OSError, asyncpg.PostgresError) as exc:  # the next statement carries them
@@ -277,6 +286,7 @@ class Recorder:
                     conn, [done for _, done in pairs], self.unmarked, first_delay, traceparents
                 )
                 self.unmarked = {}
+                self._statements += 1
             return recorded, list(pairs)
         except UNSTORABLE:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
@@ -290,6 +300,7 @@ class Recorder:
                         conn, [done], self.unmarked, first_delay, traceparents
                     )
                     self.unmarked = {}
+                    self._statements += 1
             except UNSTORABLE as exc:
                 reason = f"JobCompletion cannot be stored: {exc}"
                 sends.append(await self.dead_letters.send(record, reason))
