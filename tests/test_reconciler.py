@@ -111,3 +111,52 @@ async def test_a_deployment_re_drives_only_the_models_it_serves(
     }
     assert ages[mine.job_id] < 600, "its own model's stuck job is re-driven"
     assert ages[other.job_id] > 3000, "another deployment's job is left alone"
+
+
+async def test_an_interactive_job_behind_a_backlog_is_re_driven_only_once_a_later_one_finished(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    """Past its lease, a job claimed while its lane works through what came before it
+    is waiting (a restarted worker's backlog), not lost: re-driving each such job would
+    add to the very backlog that delays it. Once a job claimed after it has finished,
+    its message was lost: it is re-driven."""
+    model = f"lane-{uuid.uuid4().hex[:6]}"  # a lane of its own: no other test's jobs in it
+    earlier, waiting, later = (job_request(text, model=model) for text in ("1", "2", "3"))
+    for request in (earlier, waiting, later):
+        await ledger.admit(pool, request, None)
+    # Claimed in order an hour ago (their lease long past); the earliest finished just now.
+    for minutes, request in ((62, earlier), (61, waiting), (60, later)):
+        await pool.execute(
+            "UPDATE jobs SET status = 'running', attempts = 1,"
+            " claimed_at = now() - make_interval(mins => $2),"
+            " updated_at = now() - make_interval(mins => $2) WHERE id = $1",
+            request.job_id,
+            minutes,
+        )
+    await pool.execute(
+        "UPDATE jobs SET status = 'succeeded', updated_at = now() WHERE id = $1", earlier.job_id
+    )
+
+    async def re_driven() -> set[uuid.UUID]:
+        rows = await pool.fetch(
+            "SELECT id FROM jobs WHERE id = ANY($1::uuid[]) AND status = 'running'"
+            " AND updated_at > now() - interval '10 minutes'",
+            [waiting.job_id, later.job_id],
+        )
+        return {row["id"] for row in rows}
+
+    producer = create_producer(stack.settings)
+    await producer.start()
+    try:
+        serving = stack.settings.model_copy(update={"engines": [*stack.settings.engines, model]})
+        reconciler = Reconciler(serving, pool, producer)
+        await reconciler.sweep()
+        assert await re_driven() == set(), "only what came before them has finished"
+
+        await pool.execute(
+            "UPDATE jobs SET status = 'succeeded', updated_at = now() WHERE id = $1", later.job_id
+        )
+        await reconciler.sweep()
+        assert await re_driven() == {waiting.job_id}, "a job claimed after it has finished"
+    finally:
+        await producer.stop()

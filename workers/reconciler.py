@@ -4,11 +4,14 @@ Every few seconds it finds jobs left queued or running past their lease (their
 message was lost with a broker, or their worker died mid-batch) and publishes
 their request again. Every consumer is idempotent by job id, so a job that was
 only slow is still answered once. Turns waiting behind an earlier turn of their
-conversation are left alone: the recorder sends them on. A job's lease doubles
-with every attempt (up to 8 times), so work that is only slow under load is not
-multiplied by re-drives. A background job (a backfill line, a summary) waits
-behind the rest of its lane, possibly for hours: it counts as stuck only when its
-model's background lane finished nothing within the lease.
+conversation are left alone: the recorder sends them on. Work that is only slow
+under load is not multiplied by re-drives: a job's lease doubles with every
+attempt (up to 8 times), and a job past its lease is stuck only when its lane
+(its model's interactive or background jobs) finished nothing within the lease,
+or, for an interactive job, when one that came after it has finished. A backlog
+after a worker's restart is worked through, not re-driven job by job. A
+background job (a backfill line, a summary) waits behind the rest of its lane,
+possibly for hours: only a stalled lane makes it stuck.
 """
 
 from __future__ import annotations
@@ -39,9 +42,22 @@ UNREADABLE = ErrorInfo(
 REDRIVE_LIMIT = 500
 
 STUCK_JOBS = """
+WITH lanes AS (
+    -- Each lane (model, and background or not) that finished a job within the lease,
+    -- with the newest job it finished: by when it was accepted, and when claimed.
+    SELECT d.model, d.request->>'priority' = 'background' AS background,
+        max(d.created_at) AS newest_accepted, max(d.claimed_at) AS newest_claimed
+    FROM jobs d
+    WHERE d.status IN ('succeeded', 'failed')
+        AND d.updated_at > now() - $1::interval
+        AND d.model = ANY($3::text[])
+    GROUP BY 1, 2
+)
 UPDATE jobs SET updated_at = now()
 WHERE id IN (
     SELECT j.id FROM jobs j
+    LEFT JOIN lanes l ON l.model = j.model
+        AND l.background = (j.request->>'priority' = 'background')
     WHERE j.status IN ('queued', 'running')
         -- Only what this deployment runs: another one on the same database (a
         -- blue/green twin, another model family) re-drives its own jobs.
@@ -52,18 +68,22 @@ WHERE id IN (
         AND NOT EXISTS (
             SELECT 1 FROM conversations c
             WHERE c.id = j.conversation_id AND j.id = ANY(c.waiting))
-        -- A background job queues behind its lane: not stuck while that lane moves.
-        AND NOT (
-            j.request->>'priority' = 'background'
-            AND EXISTS (
-                SELECT 1 FROM jobs d
-                WHERE d.status IN ('succeeded', 'failed')
-                    AND d.updated_at > now() - $1::interval
-                    AND d.request->>'priority' = 'background'
-                    AND d.request->>'model' = j.request->>'model'))
+        -- Stuck when its lane finished nothing within the lease (stalled), or, for an
+        -- interactive job, when one that came after it (accepted after it was queued,
+        -- claimed after it was) has finished: a job behind a backlog that its lane is
+        -- working through is waiting, not lost. A background job queues behind its
+        -- lane, possibly for hours: only a stalled lane makes it stuck.
+        AND (
+            l.model IS NULL
+            OR (
+                j.request->>'priority' IS DISTINCT FROM 'background'
+                AND CASE j.status
+                    WHEN 'queued' THEN l.newest_accepted > j.updated_at
+                    ELSE l.newest_claimed > j.updated_at
+                END))
     ORDER BY j.updated_at
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
 )
 RETURNING id, request
 """
