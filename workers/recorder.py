@@ -85,8 +85,6 @@ class Recorder:
         self._writing = asyncio.Lock()
         """One statement at a time: a batch's and a flush's marks would lock the same
         rows in different orders (a deadlock)."""
-        self._statements = 0
-        """Batch statements run so far (each remembers the replies published before it)."""
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
@@ -239,11 +237,12 @@ class Recorder:
         batch come for ``MARK_IDLE_S``, one statement of their own does (none while
         batches keep coming: each carries the replies of the one before)."""
         while True:
-            statements = self._statements
+            # Every statement that remembers replies starts ``unmarked`` anew.
+            pending = self.unmarked
             await asyncio.sleep(MARK_IDLE_S)
             if not self.unmarked:
                 return
-            if self._statements == statements:
+            if self.unmarked is pending:
                 break
         try:
             await self.flush()
@@ -286,7 +285,6 @@ class Recorder:
                     conn, [done for _, done in pairs], self.unmarked, first_delay, traceparents
                 )
                 self.unmarked = {}
-                self._statements += 1
             return recorded, list(pairs)
         except UNSTORABLE:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
@@ -300,7 +298,6 @@ class Recorder:
                         conn, [done], self.unmarked, first_delay, traceparents
                     )
                     self.unmarked = {}
-                    self._statements += 1
             except UNSTORABLE as exc:
                 reason = f"JobCompletion cannot be stored: {exc}"
                 sends.append(await self.dead_letters.send(record, reason))
