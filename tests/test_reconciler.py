@@ -4,6 +4,8 @@ is driven again from the ledger and answered once."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 
@@ -14,6 +16,19 @@ from schemas.events import JobRequest
 from tests.conftest import Stack
 from tests.factories import job_request
 from workers.reconciler import Reconciler
+
+
+@asynccontextmanager
+async def serving_too(stack: Stack, pool: asyncpg.Pool, model: str) -> AsyncIterator[Reconciler]:
+    """A reconciler of the test stack's deployment that also serves ``model`` (a lane
+    of a test's own)."""
+    producer = create_producer(stack.settings)
+    await producer.start()
+    try:
+        serving = stack.settings.model_copy(update={"engines": [*stack.settings.engines, model]})
+        yield Reconciler(serving, pool, producer)
+    finally:
+        await producer.stop()
 
 
 async def test_a_job_whose_message_was_lost_is_driven_again(
@@ -59,11 +74,7 @@ async def test_a_background_job_is_stuck_only_when_its_lane_stalls(
         )
         return float(age)
 
-    producer = create_producer(stack.settings)
-    await producer.start()
-    try:
-        serving = stack.settings.model_copy(update={"engines": [*stack.settings.engines, model]})
-        reconciler = Reconciler(serving, pool, producer)
+    async with serving_too(stack, pool, model) as reconciler:
         await reconciler.sweep()
         assert await lease_age_s() > 3000, "its lane is moving: not stuck, not re-driven"
 
@@ -74,8 +85,6 @@ async def test_a_background_job_is_stuck_only_when_its_lane_stalls(
         )
         await reconciler.sweep()
         assert await lease_age_s() < 600, "a stalled lane's job is re-driven"
-    finally:
-        await producer.stop()
 
 
 async def test_a_deployment_re_drives_only_the_models_it_serves(
@@ -145,11 +154,7 @@ async def test_an_interactive_job_behind_a_backlog_is_re_driven_only_once_a_late
         )
         return {row["id"] for row in rows}
 
-    producer = create_producer(stack.settings)
-    await producer.start()
-    try:
-        serving = stack.settings.model_copy(update={"engines": [*stack.settings.engines, model]})
-        reconciler = Reconciler(serving, pool, producer)
+    async with serving_too(stack, pool, model) as reconciler:
         await reconciler.sweep()
         assert await re_driven() == set(), "only what came before them has finished"
 
@@ -158,5 +163,3 @@ async def test_an_interactive_job_behind_a_backlog_is_re_driven_only_once_a_late
         )
         await reconciler.sweep()
         assert await re_driven() == {waiting.job_id}, "a job claimed after it has finished"
-    finally:
-        await producer.stop()
