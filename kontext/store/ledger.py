@@ -320,20 +320,25 @@ WITH input AS (
                          $17::timestamptz[], $18::text[])
         AS u(id, status, result, error, prompt_tokens, completion_tokens, enriched_at,
              batched_at, generated_at, traceparent)
-), prior AS (
-    -- Read before this statement's updates: the query embedding the claim kept.
-    SELECT id, query_embedding FROM jobs WHERE id = ANY($1::uuid[])
 ), fresh AS (
     UPDATE jobs SET status = input.status, result = input.result, error = input.error,
         completed_at = now(), updated_at = now(), usage_recorded_at = now(),
         query_embedding = NULL, enriched_at = input.enriched_at,
         batched_at = input.batched_at, generated_at = input.generated_at
-    FROM input
+    -- ``was``: the row as this statement found it, with the query embedding the claim kept.
+    FROM input JOIN jobs AS was ON was.id = input.id
     WHERE jobs.id = input.id AND jobs.status NOT IN ('succeeded', 'failed')
     RETURNING jobs.id, jobs.conversation_id, jobs.status, jobs.result, jobs.error,
         jobs.kind, jobs.request->>'user' AS user_id, jobs.tenant_id, jobs.key_id, jobs.model,
         jobs.created_at, jobs.completed_at, jobs.batch_id, jobs.request->'webhook' AS webhook,
-        jobs.webhook_secret, input.prompt_tokens, input.completion_tokens, input.traceparent
+        jobs.webhook_secret, input.prompt_tokens, input.completion_tokens, input.traceparent,
+        was.query_embedding, jobs.replied_at, jobs.request->>'priority' AS priority,
+        jobs.request->'reply_to' AS reply_to
+), fresh_ids AS (
+    -- The ledger's statistics say almost no job is open, so the planner expects one
+    -- row of ``fresh``: what is looked up in it goes through one array (or one map),
+    -- never a nested loop that rescans it for each row.
+    SELECT coalesce(array_agg(id), '{{}}') AS ids FROM fresh
 ), replied AS (
     -- The previous batch's replies, published since: remembered now (one statement),
     -- with when each was published (the job's timeline).
@@ -393,25 +398,26 @@ WITH input AS (
     ON CONFLICT (id) DO UPDATE SET
         updated_at = now(),
         user_id = coalesce(conversations.user_id, excluded.user_id),
-        in_flight = CASE WHEN conversations.in_flight IN (
-                SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+        in_flight = CASE
+            WHEN conversations.in_flight = ANY((SELECT ids FROM fresh_ids)::uuid[])
             THEN conversations.waiting[1] ELSE conversations.in_flight END,
-        in_flight_since = CASE WHEN conversations.in_flight IN (
-                SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+        in_flight_since = CASE
+            WHEN conversations.in_flight = ANY((SELECT ids FROM fresh_ids)::uuid[])
             THEN now() ELSE conversations.in_flight_since END,
-        waiting = CASE WHEN conversations.in_flight IN (
-                SELECT f.id FROM fresh f WHERE f.conversation_id = conversations.id)
+        waiting = CASE
+            WHEN conversations.in_flight = ANY((SELECT ids FROM fresh_ids)::uuid[])
             THEN conversations.waiting[2:] ELSE conversations.waiting END
     RETURNING id, in_flight, tenant_id
+), owners AS (
+    SELECT jsonb_object_agg(id, tenant_id) AS tenant FROM conv
 ), new_turns AS (
     -- Never into a conversation another tenant owns (one forgotten and re-created).
     SELECT t.job_id, t.role, t.content, t.tokens, t.ord, fresh.conversation_id,
-        CASE WHEN t.is_query THEN prior.query_embedding END AS embedding
+        CASE WHEN t.is_query THEN fresh.query_embedding END AS embedding
     FROM unnest($7::uuid[], $8::text[], $9::text[], $10::int[], $11::int[], $12::bool[])
         AS t(job_id, role, content, tokens, ord, is_query)
     JOIN fresh ON fresh.id = t.job_id AND fresh.kind = 'chat'
-    JOIN prior ON prior.id = t.job_id
-    JOIN conv ON conv.id = fresh.conversation_id AND conv.tenant_id = fresh.tenant_id
+    WHERE (SELECT tenant FROM owners) ->> fresh.conversation_id = fresh.tenant_id
 ), stored AS (
     INSERT INTO turns (conversation_id, seq, role, content, tokens, job_id, embedding)
     SELECT conversation_id,
@@ -425,21 +431,21 @@ WITH input AS (
     -- earlier by a recording whose redrive message may have been lost.
     SELECT in_flight AS id FROM conv WHERE in_flight IS NOT NULL
     UNION
-    SELECT c.in_flight FROM conversations c
-    WHERE c.in_flight IS NOT NULL AND c.id IN (
-        SELECT j.conversation_id FROM jobs j
-        WHERE j.id = ANY($1::uuid[]) AND j.id NOT IN (SELECT id FROM fresh))
+    SELECT c.in_flight FROM jobs j JOIN conversations c ON c.id = j.conversation_id
+    WHERE j.id = ANY($1::uuid[]) AND c.in_flight IS NOT NULL
+        AND NOT j.id = ANY((SELECT ids FROM fresh_ids)::uuid[])
 )
-SELECT 'outcome' AS part, j.id, j.conversation_id, fresh.id IS NOT NULL AS fresh,
-    coalesce(fresh.status, j.status) AS status,
-    CASE WHEN fresh.id IS NULL THEN j.result ELSE fresh.result END AS result,
-    CASE WHEN fresh.id IS NULL THEN j.error ELSE fresh.error END AS error,
-    j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]) AS replied, NULL::jsonb AS request,
-    coalesce(j.request->>'priority', 'interactive') AS priority,
-    CASE WHEN fresh.id IS NULL THEN j.completed_at ELSE now() END AS completed_at,
-    j.request->'reply_to' AS reply_to
-FROM jobs j LEFT JOIN fresh ON fresh.id = j.id
-WHERE j.id = ANY($1::uuid[])
+SELECT 'outcome' AS part, f.id, f.conversation_id, true AS fresh, f.status, f.result,
+    f.error, f.replied_at IS NOT NULL OR f.id = ANY($13::uuid[]) AS replied,
+    NULL::jsonb AS request, coalesce(f.priority, 'interactive') AS priority, f.completed_at,
+    f.reply_to
+FROM fresh f
+UNION ALL
+SELECT 'outcome', j.id, j.conversation_id, false, j.status, j.result, j.error,
+    j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]), NULL,
+    coalesce(j.request->>'priority', 'interactive'), j.completed_at, j.request->'reply_to'
+FROM jobs j
+WHERE j.id = ANY($1::uuid[]) AND NOT j.id = ANY((SELECT ids FROM fresh_ids)::uuid[])
 UNION ALL
 SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
     j.request, NULL, NULL, NULL
