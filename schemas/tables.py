@@ -153,6 +153,11 @@ jobs = Table(
     Index("jobs_conversation_created", "conversation_id", "created_at"),
     Index("jobs_status_updated", "status", "updated_at"),
     Index("jobs_batch_status", "batch_id", "status", postgresql_where=text("batch_id IS NOT NULL")),
+    Index(
+        "jobs_open_summaries",
+        "conversation_id",
+        postgresql_where=text("kind = 'summary' AND status IN ('queued', 'running')"),
+    ),
     # Room on each page for a row's later versions (it is written four times, 0016).
     postgresql_with={"fillfactor": 70},
 )

@@ -97,7 +97,7 @@ async def summary_states(
 ) -> list[SummaryState]:
     rows = await conn.fetch(
         """
-        WITH conv AS (
+        WITH conv AS MATERIALIZED (  -- once per conversation, not per turn joined to it
             SELECT c.id, c.tenant_id,
                 coalesce((SELECT max(last_seq) FROM summaries s
                           WHERE s.conversation_id = c.id AND s.level = 1), 0) AS covered,
@@ -109,16 +109,20 @@ async def summary_states(
             FROM conversations c WHERE c.id = ANY($1::text[])
         )
         SELECT conv.id, conv.tenant_id, conv.covered, conv.in_flight,
-            min(t.seq) AS first_seq, max(t.seq) AS last_seq, coalesce(sum(t.tokens), 0) AS tokens,
+            p.first_seq, p.last_seq, p.tokens,
             (SELECT coalesce(jsonb_object_agg(level, tokens), '{}'::jsonb) FROM (
                 SELECT level, sum(tokens)::int AS tokens FROM summaries
                 WHERE conversation_id = conv.id AND NOT rolled_up GROUP BY level) x) AS unrolled,
             (SELECT coalesce(jsonb_object_agg(level, n), '{}'::jsonb) FROM (
                 SELECT level, count(*)::int AS n FROM summaries
                 WHERE conversation_id = conv.id AND NOT rolled_up GROUP BY level) y) AS counts
-        FROM conv LEFT JOIN turns t ON t.conversation_id = conv.id
-            AND t.seq > conv.covered AND t.seq <= conv.last_seq - $2
-        GROUP BY conv.id, conv.tenant_id, conv.covered, conv.in_flight
+        FROM conv CROSS JOIN LATERAL (
+            -- What is not yet summarised, read through the conversation's own index.
+            SELECT min(t.seq) AS first_seq, max(t.seq) AS last_seq,
+                coalesce(sum(t.tokens), 0) AS tokens
+            FROM turns t WHERE t.conversation_id = conv.id
+                AND t.seq > conv.covered AND t.seq <= conv.last_seq - $2
+        ) p
         """,
         list(conversation_ids),
         keep_recent,
