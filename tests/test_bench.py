@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from kontext.app.children import Child, Children
@@ -181,3 +182,19 @@ async def test_work_beside_a_child_process_that_dies_fails_at_once(tmp_path: Pat
     assert await child(lives).guard(asyncio.sleep(0, result="done")) == "done"
     lives.kill()
     await lives.wait()
+
+
+async def test_the_bench_vacuums_the_tables_a_turn_writes_before_measuring(
+    pool: asyncpg.Pool,
+) -> None:
+    """Each run starts from tables without earlier runs' dead rows, with fresh statistics."""
+    started = await pool.fetchval("SELECT now()")
+    await benchmark.vacuum(pool)
+    rows = await pool.fetch(
+        "SELECT relname, last_vacuum, last_analyze FROM pg_stat_user_tables"
+        " WHERE relname = ANY($1::text[])",
+        list(benchmark.WRITTEN_TABLES),
+    )
+    assert {r["relname"] for r in rows} == set(benchmark.WRITTEN_TABLES)
+    for row in rows:
+        assert row["last_vacuum"] >= started and row["last_analyze"] >= started, dict(row)
