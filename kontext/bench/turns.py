@@ -413,13 +413,25 @@ five executions (custom plans, then the choice of a generic one), which the firs
 turns of a fresh stack pay once."""
 
 
+RESUME_TURNS = 3
+"""Untimed turns right before the measurement: after the pause of the baselines, the
+settling and the vacuum, every stage's consumer is back to its short fetch wait
+(``FetchTempo`` lengthens a consumer's wait with its quiet; on the embedded broker
+the first turn after a pause of seconds waited up to 200 ms at each hop)."""
+
+
 async def warm_up(client: KontextClient, engine: Engine, model: str, max_tokens: int) -> None:
     """One engine call and ``WARM_UP_TURNS`` pipeline turns, untimed: first calls pay
     one-off costs."""
     prompt = engine.tokenizer.render([ChatMessage(role="user", content="Hello!")])
     await engine.generate([GenerationRequest(prompt, max_tokens)])
+    await untimed_turns(client, model, max_tokens, WARM_UP_TURNS)
+
+
+async def untimed_turns(client: KontextClient, model: str, max_tokens: int, turns: int) -> None:
+    """``turns`` turns of a conversation of their own, not measured."""
     conversation = f"bench-warmup-{uuid.uuid4().hex[:8]}"
-    for turn in range(WARM_UP_TURNS):
+    for turn in range(turns):
         await client.chat(
             timeout=TURN_TIMEOUT_S,
             model=model,
@@ -467,6 +479,7 @@ async def measure(
         raw[size] = (await raw_engine(engine, sample, max_tokens, size, track)).summary()
     await settle(pool)
     await vacuum(pool)
+    await untimed_turns(client, model, max_tokens, RESUME_TURNS)
     before = await snapshot()
     load = os.getloadavg()[0]
     cpu_before = meter.read()
