@@ -392,7 +392,8 @@ WITH input AS (
     SELECT pg_notify('{DELIVERIES_CHANNEL}', '') WHERE EXISTS (SELECT 1 FROM deliveries)
 ), conv AS (
     -- Create the conversation if needed, and open its order gate to the next
-    -- waiting turn when the turn in flight is the one just finalised.
+    -- waiting turn when the turn in flight is the one just finalised (a turn in
+    -- flight is always one of its own conversation's jobs: any finalised id will do).
     INSERT INTO conversations (id, user_id, tenant_id)
     SELECT DISTINCT ON (conversation_id) conversation_id, user_id, tenant_id FROM fresh
     ON CONFLICT (id) DO UPDATE SET
@@ -409,6 +410,7 @@ WITH input AS (
             THEN conversations.waiting[2:] ELSE conversations.waiting END
     RETURNING id, in_flight, tenant_id
 ), owners AS (
+    -- Each conversation's owner after the upsert, as one map.
     SELECT jsonb_object_agg(id, tenant_id) AS tenant FROM conv
 ), new_turns AS (
     -- Never into a conversation another tenant owns (one forgotten and re-created).

@@ -1,0 +1,88 @@
+"""The recorder's statement on a real Postgres: each finalised job's turns go to its own
+conversation, in order, the user turn with the embedding recall searched with; never
+into a conversation another tenant owns."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import numpy as np
+from pgvector import Vector
+
+from kontext.store import keys, ledger
+from schemas.events import JobCompletion, JobRequest, TurnRecord, Usage
+from tests.factories import job_request
+
+DIMENSIONS = 384
+
+
+def _answer(request: JobRequest, text: str) -> JobCompletion:
+    question = request.messages[-1].content
+    return JobCompletion(
+        job_id=request.job_id,
+        conversation_id=request.conversation_id,
+        tenant_id=request.tenant_id,
+        model=request.model,
+        status="succeeded",
+        output=text,
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
+        new_turns=[
+            TurnRecord(role="user", content=question, tokens=3),
+            TurnRecord(role="assistant", content=text, tokens=2),
+        ],
+    )
+
+
+async def test_a_batch_stores_each_jobs_turns_in_its_own_conversation_and_no_other_tenants(
+    pool: asyncpg.Pool,
+) -> None:
+    owner, other = f"ra-{uuid.uuid4().hex[:6]}", f"rb-{uuid.uuid4().hex[:6]}"
+    await keys.create(pool, owner)
+    await keys.create(pool, other)
+    requests = [job_request(f"question {n}", tenant_id=owner) for n in range(3)]
+    for request in requests:
+        await ledger.admit(pool, request, None)
+    kept, taken, plain = requests
+    # The claim kept the first job's recall query; the second's conversation now
+    # belongs to another tenant (forgotten and re-created under the same id).
+    query = np.linspace(-1.0, 1.0, DIMENSIONS, dtype=np.float32)
+    await pool.execute(
+        "UPDATE jobs SET status = 'running', query_embedding = $2 WHERE id = $1",
+        kept.job_id,
+        Vector(query),
+    )
+    await pool.execute(
+        "UPDATE conversations SET tenant_id = $2 WHERE id = $1", taken.conversation_id, other
+    )
+
+    async with pool.acquire() as conn:
+        recorded = await ledger.record(
+            conn, [_answer(r, f"answer {n}") for n, r in enumerate(requests)]
+        )
+
+    outcomes = {o.job_id: o for o in recorded.outcomes}
+    assert set(outcomes) == {r.job_id for r in requests}
+    assert all(o.fresh and o.status == "succeeded" for o in outcomes.values())
+    assert outcomes[kept.job_id].result is not None
+    assert outcomes[kept.job_id].result["choices"][0]["message"]["content"] == "answer 0"
+    turns = await pool.fetch(
+        "SELECT conversation_id, seq, role, content, embedding FROM turns"
+        " WHERE conversation_id = ANY($1::text[]) ORDER BY conversation_id, seq",
+        [r.conversation_id for r in requests],
+    )
+    stored = {(t["conversation_id"], t["seq"]): t for t in turns}
+    assert set(stored) == {
+        (kept.conversation_id, 1), (kept.conversation_id, 2),
+        (plain.conversation_id, 1), (plain.conversation_id, 2),
+    }  # fmt: skip
+    first, second = stored[(kept.conversation_id, 1)], stored[(kept.conversation_id, 2)]
+    assert (first["role"], first["content"]) == ("user", "question 0")
+    assert (second["role"], second["content"]) == ("assistant", "answer 0")
+    assert np.allclose(first["embedding"].to_numpy(), query)
+    assert second["embedding"] is None and stored[(plain.conversation_id, 1)]["embedding"] is None
+    embedding_kept = await pool.fetchval(
+        "SELECT query_embedding FROM jobs WHERE id = $1", kept.job_id
+    )
+    assert embedding_kept is None  # stored with its turn, no longer on the job
