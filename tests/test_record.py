@@ -11,28 +11,21 @@ import numpy as np
 from pgvector import Vector
 
 from kontext.store import keys, ledger
-from schemas.events import JobCompletion, JobRequest, TurnRecord, Usage
+from schemas.events import ContextInfo, EnrichedRequest, JobCompletion, JobRequest, TurnRecord
 from tests.factories import job_request
+from workers.completions import completion_for
+from workers.engines.base import Generation
 
 DIMENSIONS = 384
 
 
 def _answer(request: JobRequest, text: str) -> JobCompletion:
-    question = request.messages[-1].content
-    return JobCompletion(
-        job_id=request.job_id,
-        conversation_id=request.conversation_id,
-        tenant_id=request.tenant_id,
-        model=request.model,
-        status="succeeded",
-        output=text,
-        finish_reason="stop",
-        usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7),
-        new_turns=[
-            TurnRecord(role="user", content=question, tokens=3),
-            TurnRecord(role="assistant", content=text, tokens=2),
-        ],
+    """The completion inference publishes for ``request`` answered with ``text``."""
+    question = TurnRecord(role="user", content=request.messages[-1].content, tokens=3)
+    enriched = EnrichedRequest(
+        request=request, prompt="", context=ContextInfo(prompt_tokens=5), new_turns=[question]
     )
+    return completion_for(enriched, Generation(text, 5, 2, "stop"))
 
 
 async def test_a_batch_stores_each_jobs_turns_in_its_own_conversation_and_no_other_tenants(
