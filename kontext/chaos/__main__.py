@@ -93,7 +93,7 @@ async def main(rate: float, duration: float, names: list[str], record: bool) -> 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    # About half the pipeline's measured capacity on a 2-core machine (docs/benchmarks.md).
+    # 40-55% of the pipeline's measured capacity on a 2-core machine (docs/benchmarks.md).
     parser.add_argument("--rate", type=float, default=300.0, help="jobs per second")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     parser.add_argument(
