@@ -40,7 +40,7 @@ class Assembled:
     new_turns: list[TurnRecord]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Piece:
     kind: str  # "recent" | "summary" | "recall"
     value: float

@@ -19,7 +19,7 @@ from pgvector import Vector
 from schemas.events import Role
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoredTurn:
     seq: int
     role: Role
@@ -29,7 +29,7 @@ class StoredTurn:
     conversation_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoredSummary:
     level: int
     first_seq: int
