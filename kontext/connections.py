@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -107,38 +108,82 @@ async def ensure_topics(settings: Settings, topics: list[str]) -> None:
 
 QUIET_SHARE = 0.1
 """A fetch waits at most this share of the time its consumer has had no records."""
+FLOW_WINDOW_S = 0.1
+"""How often a consumer's record rate is measured."""
+
+
+@dataclass
+class _Flow:
+    """One consumer's records: when the last came, and the rate of the last window."""
+
+    last_data: float
+    window_start: float
+    window_records: int = 0
+    flowing: bool = False
+    """Its last window brought at least ``busy_rate`` records a second."""
 
 
 class FetchTempo:
-    """Fetch waits that grow with the quiet: short while records flow, then a tenth of
-    the time since the last record, up to the long wait. A broker that answers a
-    waiting fetch only when its wait runs out (the embedded one does) then adds a few
-    ms per hop under traffic, at most a tenth of a pause to the first job after it,
-    and is polled a few dozen times in a pause of seconds, not hundreds (CPU a slow
-    model needs). A broker that answers as soon as data arrives (Kafka) is
-    unaffected either way."""
+    """Fetch waits that follow the traffic. A broker that answers a waiting fetch only
+    when its wait runs out (the embedded one does) makes the wait each hop's latency,
+    and every fetch that comes back empty costs the consumer and the broker about as
+    much as tens of records. So a consumer's fetches wait:
+
+    - the short wait while records trickle in (a few ms per hop);
+    - the busy wait while they flow at ``busy_rate`` records a second or more: records
+      then come in bursts (each stage publishes a batch at once), a short wait polls
+      the broker several times empty between two of them, and a few ms more per hop
+      is small beside the queueing of such a load;
+    - once they stop, a tenth of the time since the last record, up to the long
+      wait: the first job after a pause waits at most a tenth of it, and a quiet
+      stack polls a few times a second, not hundreds.
+
+    A broker that answers as soon as data arrives (Kafka) is unaffected either way."""
 
     def __init__(
-        self, short_ms: int, long_ms: int, clock: Callable[[], float] = time.monotonic
+        self,
+        short_ms: int,
+        long_ms: int,
+        busy_ms: int | None = None,
+        busy_rate: float = 200.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.short_ms = short_ms
         self.long_ms = max(long_ms, short_ms)
+        self.busy_ms = short_ms if busy_ms is None else max(busy_ms, short_ms)
+        self.busy_rate = busy_rate
         self._clock = clock
-        self._last_data: dict[int, float] = {}
+        self._flows: dict[int, _Flow] = {}
 
-    def observe(self, consumer: AIOKafkaConsumer, got_records: bool) -> None:
-        """After a fetch of ``consumer``: set the wait of its next fetches."""
+    def observe(self, consumer: AIOKafkaConsumer, records: int) -> None:
+        """After a fetch of ``consumer`` that brought ``records``: set the wait of its
+        next fetches."""
         fetcher = getattr(consumer, "_fetcher", None)
         if fetcher is None:  # not started
             return
         now = self._clock()
-        key = id(consumer)
-        if got_records:
-            self._last_data[key] = now
-        quiet_ms = (now - self._last_data.setdefault(key, now)) * 1000
-        wait = min(max(int(quiet_ms * QUIET_SHARE), self.short_ms), self.long_ms)
+        flow = self._flows.get(id(consumer))
+        if flow is None:
+            flow = self._flows[id(consumer)] = _Flow(now, now)
+        if records:
+            flow.last_data = now
+            flow.window_records += records
+        elapsed = now - flow.window_start
+        if elapsed >= FLOW_WINDOW_S:
+            flow.flowing = flow.window_records >= self.busy_rate * elapsed
+            flow.window_start, flow.window_records = now, 0
+        if flow.flowing:
+            wait = self.busy_ms
+        else:
+            quiet_ms = (now - flow.last_data) * 1000
+            wait = min(max(int(quiet_ms * QUIET_SHARE), self.short_ms), self.long_ms)
         fetcher._fetch_max_wait_ms = wait
 
     @classmethod
     def of(cls, settings: Settings) -> FetchTempo:
-        return cls(settings.kafka_fetch_max_wait_ms, settings.kafka_idle_fetch_max_wait_ms)
+        return cls(
+            settings.kafka_fetch_max_wait_ms,
+            settings.kafka_idle_fetch_max_wait_ms,
+            settings.kafka_busy_fetch_max_wait_ms,
+            settings.kafka_busy_fetch_rate,
+        )

@@ -148,9 +148,16 @@ class Settings(BaseSettings):
     """Most bytes one fetch brings back: with the batch in hand and the next one, what a
     consumer holds of a backlog (the rest stays on the broker)."""
     kafka_fetch_max_wait_ms: int = Field(default=5, ge=1, le=10_000)
-    """Longest a consumer's fetch waits on the broker while records flow. The embedded
-    broker answers a waiting fetch only when this runs out, so it is each hop's added
-    latency there; Kafka answers as soon as data arrives."""
+    """Longest a consumer's fetch waits on the broker while records trickle in. The
+    embedded broker answers a waiting fetch only when this runs out, so it is each
+    hop's added latency there; Kafka answers as soon as data arrives."""
+    kafka_busy_fetch_max_wait_ms: int = Field(default=20, ge=1, le=10_000)
+    """The fetch wait while a consumer takes ``kafka_busy_fetch_rate`` records a second
+    or more. On the embedded broker a short wait then polls it several times empty
+    between two stages' batches, each poll costing about as much as tens of records;
+    this one adds at most its length per hop under such a load."""
+    kafka_busy_fetch_rate: float = Field(default=200.0, gt=0)
+    """Records a second from which a consumer's fetches take the busy wait."""
     kafka_idle_fetch_max_wait_ms: int = Field(default=200, ge=1, le=10_000)
     """The longest a fetch waits once records stop: each fetch waits a tenth of the time
     its consumer has had none, from the short wait up to this, so a quiet stack polls

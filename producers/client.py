@@ -72,12 +72,15 @@ class KontextClient:
         max_connections: int = 1000,
         fetch_max_wait_ms: int = 5,
         idle_fetch_max_wait_ms: int = 200,
+        busy_fetch_max_wait_ms: int = 20,
     ) -> None:
         """``max_connections``: HTTP connections kept open (one per request in flight,
         reused). ``fetch_max_wait_ms``: how long a fetch of the reply topic may wait for
-        data while replies flow (some brokers answer a waiting fetch only then: the delay
-        of every reply); ``idle_fetch_max_wait_ms``: the most it waits
-        once replies stop (a tenth of the quiet time, up to this)."""
+        data while replies trickle in (some brokers answer a waiting fetch only then: the
+        delay of every reply); ``busy_fetch_max_wait_ms``: how long while 200 replies a
+        second or more come (fewer empty fetches between bursts);
+        ``idle_fetch_max_wait_ms``: the most it waits once replies stop (a tenth of the
+        quiet time, up to this)."""
         key = api_key or os.environ.get("KONTEXT_API_KEY")
         self._key = key
         self._bootstrap = bootstrap_servers
@@ -94,7 +97,7 @@ class KontextClient:
             group_id=None,
             fetch_max_wait_ms=fetch_max_wait_ms,
         )
-        self._tempo = FetchTempo(fetch_max_wait_ms, idle_fetch_max_wait_ms)
+        self._tempo = FetchTempo(fetch_max_wait_ms, idle_fetch_max_wait_ms, busy_fetch_max_wait_ms)
         self._waiters: dict[UUID, asyncio.Future[JobReply]] = {}
         self._recent: OrderedDict[UUID, bytes] = OrderedDict()
         """Replies read before anyone waited for them (raw, decoded when claimed)."""
@@ -162,7 +165,7 @@ class KontextClient:
     async def _read(self) -> None:
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
-            self._tempo.observe(self._consumer, bool(batches))
+            self._tempo.observe(self._consumer, sum(map(len, batches.values())))
             for messages in batches.values():
                 for message in messages:
                     if message.value is None:

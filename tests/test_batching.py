@@ -296,13 +296,42 @@ async def test_a_quiet_consumer_waits_longer_the_longer_the_quiet(
     fetcher = high._fetcher  # type: ignore[attr-defined]
     waits = []
     try:
-        for quiet_s, got in ((0.0, True), (0.03, False), (0.5, False), (1.5, False), (30, False)):
+        for quiet_s, records in ((0.0, 1), (0.03, 0), (0.5, 0), (1.5, 0), (30, 0)):
             clock[0] = 1000.0 + quiet_s
-            tempo.observe(high, got)
+            tempo.observe(high, records)
             waits.append(fetcher._fetch_max_wait_ms)
         clock[0] += 1
-        tempo.observe(high, True)
+        tempo.observe(high, 1)
         waits.append(fetcher._fetch_max_wait_ms)
     finally:
         await high.stop()
     assert waits == [5, 5, 50, 150, 200, 5]
+
+
+async def test_a_consumer_under_load_fetches_with_the_busy_wait(broker: EmbeddedBroker) -> None:
+    """Records at the busy rate or more: the busy wait (fewer empty fetches between
+    bursts); below it, the short wait again; then the quiet rule."""
+    clock = [1000.0]
+    high, low = await _lanes(broker, high=1, low=0)
+    await low.stop()
+    tempo = FetchTempo(5, 200, busy_ms=20, busy_rate=200, clock=lambda: clock[0])
+    fetcher = high._fetcher  # type: ignore[attr-defined]
+
+    def fetch(after_s: float, records: int) -> int:
+        clock[0] += after_s
+        tempo.observe(high, records)
+        wait: int = fetcher._fetch_max_wait_ms
+        return wait
+
+    try:
+        # 30 records every 50 ms (600 a second), in bursts with empty fetches between.
+        burst = [fetch(0.01, 30 if i % 5 == 0 else 0) for i in range(30)]
+        # Then one record every 50 ms (20 a second): a trickle.
+        trickle = [fetch(0.05, 1) for _ in range(6)]
+        quiet = [fetch(2.0, 0), fetch(10.0, 0)]
+    finally:
+        await high.stop()
+    assert burst[:10] == [5] * 10  # the first window is still being measured
+    assert burst[-10:] == [20] * 10
+    assert trickle[-3:] == [5, 5, 5]
+    assert quiet == [200, 200]

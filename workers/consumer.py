@@ -99,7 +99,7 @@ async def drain(
                 timeout_ms = BUSY_POLL_MS
         fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_size - len(batch))
         if tempo is not None:
-            tempo.observe(consumer, bool(fetched))
+            tempo.observe(consumer, sum(map(len, fetched.values())))
         for messages in fetched.values():
             batch.extend(
                 Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers) for m in messages
@@ -116,7 +116,7 @@ async def _fetch(
         return []
     fetched = await consumer.getmany(timeout_ms=max(timeout_ms, 0), max_records=room)
     if tempo is not None:
-        tempo.observe(consumer, bool(fetched))
+        tempo.observe(consumer, sum(map(len, fetched.values())))
     return [
         Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers)
         for messages in fetched.values()
