@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from kontext.connections import FetchTempo
 from kontext.metrics import observe_lag
@@ -33,6 +34,12 @@ POLL_MS = 250
 IDLE_POLL_MS = 50
 BUSY_POLL_MS = 5
 """How often a batch past its wait looks again for a free handler slot."""
+COMMIT_INTERVAL_S = 0.2
+"""Offsets of finished batches are committed at most this often, and at once when the
+consumer stops. A commit is a broker round trip costing about as much as tens of
+records, and a stage under load finishes a batch every few tens of ms; a crash
+delivers at most this much more work again, which every consumer handles
+idempotently."""
 
 
 @dataclass
@@ -233,6 +240,11 @@ class BatchConsumer:
         self.free = asyncio.Event()
         """Set while fewer than ``max_in_flight`` batches are being handled."""
         self.free.set()
+        self._uncommitted: dict[TopicPartition, int] = {}
+        """Offsets past finished batches, not committed yet."""
+        self._committed_at = 0.0
+        self._committing = asyncio.Lock()
+        self._commit_later: asyncio.Task[None] | None = None
 
     @property
     def consumers(self) -> list[AIOKafkaConsumer]:
@@ -300,11 +312,19 @@ class BatchConsumer:
                 await self.handler.flush()
         finally:
             # Drained but not handled, or not done: left uncommitted, so delivered again.
-            unfinished = [h.task for h in in_flight] + ([upcoming] if upcoming else [])
+            unfinished: list[asyncio.Task[Any]] = [h.task for h in in_flight]
+            if upcoming is not None:
+                unfinished.append(upcoming)
+            if self._commit_later is not None:
+                unfinished.append(self._commit_later)
             for task in unfinished:
                 task.cancel()
             if unfinished:
                 await asyncio.wait(unfinished)
+            try:
+                await self._commit_now()  # what finished, before leaving the group
+            except Exception as exc:  # delivered again: handled idempotently
+                log.warning("%s: offsets not committed at stop (%r)", self.handler.name, exc)
             for consumer in self.consumers:
                 await consumer.stop()
 
@@ -330,17 +350,44 @@ class BatchConsumer:
         return sum(1 for record in records if record.topic in topics)
 
     async def _commit(self, records: Sequence[Record]) -> None:
-        """Commit exactly past ``records`` (the consumers may have read further ahead)."""
-        ends: dict[TopicPartition, int] = {}
+        """Commit exactly past ``records`` (the consumers may have read further ahead):
+        now, or within COMMIT_INTERVAL_S of the last commit."""
+        ends = self._uncommitted
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             ends[tp] = max(ends.get(tp, 0), record.offset + 1)
-        for consumer in self.consumers:
-            mine = {tp: offset for tp, offset in ends.items() if tp in consumer.assignment()}
-            if mine:
-                await consumer.commit(mine)
-            for tp, end in mine.items():
-                observe_lag(self.handler.name, tp.topic, tp.partition, consumer.highwater(tp), end)
+        wait = self._committed_at + COMMIT_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            await self._commit_now()
+        elif self._commit_later is None or self._commit_later.done():
+            self._commit_later = asyncio.create_task(self._commit_after(wait))
+
+    async def _commit_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await self._commit_now()
+        except KafkaError as exc:  # the next batch's commit carries them
+            log.warning("%s: offsets not committed yet (%r)", self.handler.name, exc)
+
+    async def _commit_now(self) -> None:
+        """Commit the offsets past every finished batch, one commit per consumer."""
+        async with self._committing:
+            ends, self._uncommitted = self._uncommitted, {}
+            self._committed_at = time.monotonic()
+            try:
+                for consumer in self.consumers:
+                    assigned = consumer.assignment()
+                    mine = {tp: offset for tp, offset in ends.items() if tp in assigned}
+                    if mine:
+                        await consumer.commit(mine)
+                    for tp, end in mine.items():
+                        observe_lag(
+                            self.handler.name, tp.topic, tp.partition, consumer.highwater(tp), end
+                        )
+            except BaseException:
+                for tp, end in ends.items():  # tried again by the next commit
+                    self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), end)
+                raise
 
     def ready(self) -> bool:
         """Every lane has its partitions."""
