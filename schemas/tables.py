@@ -158,8 +158,9 @@ jobs = Table(
         "conversation_id",
         postgresql_where=text("kind = 'summary' AND status IN ('queued', 'running')"),
     ),
-    # Room on each page for a row's later versions (it is written four times, 0016).
-    postgresql_with={"fillfactor": 70},
+    # Room on each page for a row's later versions (it is written four times, 0016);
+    # rows stay whole in the heap, the claim's embedding too: no TOAST (0022).
+    postgresql_with={"fillfactor": 70, "toast_tuple_target": 8160},
 )
 
 batches = Table(
