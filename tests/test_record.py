@@ -1,16 +1,19 @@
 """The recorder's statement on a real Postgres: each finalised job's turns go to its own
 conversation, in order, the user turn with the embedding recall searched with; never
-into a conversation another tenant owns."""
+into a conversation another tenant owns. The recording that opens a conversation's
+gate hands back the turn waiting behind it, and so does a duplicate of it."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import asyncpg
 import numpy as np
 from pgvector import Vector
 
-from kontext.store import keys, ledger
+from kontext.store import enrichment, keys, ledger
+from kontext.store.enrichment import Claim
 from schemas.events import ContextInfo, EnrichedRequest, JobCompletion, JobRequest, TurnRecord
 from tests.factories import job_request
 from workers.completions import completion_for
@@ -79,3 +82,29 @@ async def test_a_batch_stores_each_jobs_turns_in_its_own_conversation_and_no_oth
         "SELECT query_embedding FROM jobs WHERE id = $1", kept.job_id
     )
     assert embedding_kept is None  # stored with its turn, no longer on the job
+
+
+async def test_the_recording_that_opens_a_gate_and_its_duplicates_hand_back_the_next_turn(
+    pool: asyncpg.Pool,
+) -> None:
+    conversation = f"rc-{uuid.uuid4().hex[:6]}"
+    first, second = (job_request(f"turn {n}", conversation_id=conversation) for n in range(2))
+    for request in (first, second):
+        await ledger.admit(pool, request, None)
+    async with pool.acquire() as conn:
+        found = await enrichment.enrich(
+            conn, [Claim(first.job_id), Claim(second.job_id)], time.time(), None, 20, 4, 300.0
+        )
+    assert set(found.contexts) == {first.job_id}  # the second waits behind the first
+
+    answer = _answer(first, "one")
+    for attempt in ("recorded", "recorded again, its redrive message lost"):
+        async with pool.acquire() as conn:
+            recorded = await ledger.record(conn, [answer])
+        assert [r.job_id for r in recorded.redrive] == [second.job_id], attempt
+        [outcome] = recorded.outcomes
+        assert outcome.fresh == (attempt == "recorded"), attempt
+    in_flight = await pool.fetchval(
+        "SELECT in_flight FROM conversations WHERE id = $1", conversation
+    )
+    assert in_flight == second.job_id

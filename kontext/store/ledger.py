@@ -428,14 +428,24 @@ WITH input AS (
         + row_number() OVER (PARTITION BY conversation_id ORDER BY ord),
         role, content, tokens, job_id, embedding
     FROM new_turns
+), stale AS (
+    -- The batch's jobs this statement did not finalise (final already: a duplicate
+    -- completion), as one array: almost always empty, and then nothing below that
+    -- reads by it touches a table.
+    SELECT coalesce(array_agg(d.id), '{{}}') AS ids FROM unnest($1::uuid[]) AS d(id)
+    WHERE NOT d.id = ANY((SELECT ids FROM fresh_ids)::uuid[])
+), stale_gates AS MATERIALIZED (
+    -- Their conversations' gates, found by job id. The statistics say almost no
+    -- conversation has a turn in flight: filtered on that here, the planner would
+    -- scan them all first.
+    SELECT c.in_flight FROM jobs j JOIN conversations c ON c.id = j.conversation_id
+    WHERE j.id = ANY((SELECT ids FROM stale)::uuid[])
 ), next_up AS (
     -- The turn each conversation's gate now admits: opened just now, or opened
     -- earlier by a recording whose redrive message may have been lost.
     SELECT in_flight AS id FROM conv WHERE in_flight IS NOT NULL
     UNION
-    SELECT c.in_flight FROM jobs j JOIN conversations c ON c.id = j.conversation_id
-    WHERE j.id = ANY($1::uuid[]) AND c.in_flight IS NOT NULL
-        AND NOT j.id = ANY((SELECT ids FROM fresh_ids)::uuid[])
+    SELECT in_flight FROM stale_gates WHERE in_flight IS NOT NULL
 )
 SELECT 'outcome' AS part, f.id, f.conversation_id, true AS fresh, f.status, f.result,
     f.error, f.replied_at IS NOT NULL OR f.id = ANY($13::uuid[]) AS replied,
@@ -447,12 +457,14 @@ SELECT 'outcome', j.id, j.conversation_id, false, j.status, j.result, j.error,
     j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]), NULL,
     coalesce(j.request->>'priority', 'interactive'), j.completed_at, j.request->'reply_to'
 FROM jobs j
-WHERE j.id = ANY($1::uuid[]) AND NOT j.id = ANY((SELECT ids FROM fresh_ids)::uuid[])
+WHERE j.id = ANY((SELECT ids FROM stale)::uuid[])
 UNION ALL
+-- By id, never by the status index: the ledger's statistics say no job is queued,
+-- and a scan of every queued job costs as much as the backlog is long.
 SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
     j.request, NULL, NULL, NULL
-FROM jobs j JOIN next_up ON next_up.id = j.id
-WHERE j.status = 'queued'
+FROM jobs j
+WHERE j.id = ANY(ARRAY(SELECT id FROM next_up)) AND coalesce(j.status, '') = 'queued'
 """
 
 
