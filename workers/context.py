@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kontext.store.memory import MemoryContext, StoredSummary, StoredTurn
 from schemas.events import ChatMessage, ContextInfo, JobRequest, MemoryRef, SummaryRef, TurnRecord
-from workers.engines.base import ChatTokenizer
+from workers.engines.base import ChatTokenizer, Message
 
 SAFETY_MARGIN_TOKENS = 8
 TRUNCATION_MARKER = " […truncated to fit the context window…] "
@@ -106,11 +106,9 @@ def _render(
     recent = sorted(
         (p.turn for p in kept if p.kind == "recent" and p.turn is not None), key=lambda t: t.seq
     )
-    messages = [
-        ChatMessage(role="system", content=_system_text(base, kept)),
-        *(ChatMessage(role=t.role, content=t.content) for t in recent),
-        *new,
-    ]
+    messages: list[Message] = [ChatMessage(role="system", content=_system_text(base, kept))]
+    messages += recent
+    messages += new
     prompt = tokenizer.render(messages)
     return prompt, tokenizer.count(prompt)
 

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from schemas.events import ChatMessage
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -30,10 +28,21 @@ class Generation:
     padding in a batch moves it in the last digits."""
 
 
+class Message(Protocol):
+    """A chat message as a template reads it: a ``ChatMessage``, or a turn from memory
+    as it is (no model built for each turn of each prompt)."""
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+
 class ChatTokenizer(Protocol):
     """What the enricher needs of a model without loading its weights."""
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[Message]) -> str:
         """The prompt for these messages, ending where the assistant's reply begins."""
         ...
 

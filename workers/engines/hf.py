@@ -10,8 +10,7 @@ from typing import Any, Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
-from schemas.events import ChatMessage
-from workers.engines.base import ChatTokenizer, Generation, GenerationRequest
+from workers.engines.base import ChatTokenizer, Generation, GenerationRequest, Message
 
 
 class TokenCodec(ChatTokenizer, Protocol):
@@ -43,7 +42,7 @@ class HFTokenizer:
         self.eos_id: int = tokenizer.eos_token_id
         self.pad_id: int = tokenizer.pad_token_id
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[Message]) -> str:
         conversation = [{"role": m.role, "content": m.content} for m in messages]
         prompt = self._tokenizer.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=False

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kontext.settings import Settings
-from schemas.events import ChatMessage
-from workers.engines.base import Generation, GenerationRequest
+from workers.engines.base import Generation, GenerationRequest, Message
 
 CONTEXT_WINDOW = 8192
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -20,7 +19,7 @@ REPLY = "ok"
 class WordTokenizer:
     """Counts whitespace-separated words; a plain-text chat template."""
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[Message]) -> str:
         turns = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages)
         return f"{turns}<|assistant|>\n"
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kontext.settings import Settings
-from schemas.events import ChatMessage
+from workers.engines.base import Message
 
 if TYPE_CHECKING:
     from workers.engines.hf import HFEngine
@@ -28,7 +28,7 @@ class ByteTokenizer:
     eos_id = EOS_ID
     pad_id = EOS_ID
 
-    def render(self, messages: Sequence[ChatMessage]) -> str:
+    def render(self, messages: Sequence[Message]) -> str:
         turns = "".join(f"<|{m.role}|>\n{m.content}\n" for m in messages)
         return f"{turns}<|assistant|>\n"
 
