@@ -62,7 +62,8 @@ async def test_a_batch_stores_each_jobs_turns_in_its_own_conversation_and_no_oth
     assert set(outcomes) == {r.job_id for r in requests}
     assert all(o.fresh and o.status == "succeeded" for o in outcomes.values())
     assert outcomes[kept.job_id].result is not None
-    assert outcomes[kept.job_id].result["choices"][0]["message"]["content"] == "answer 0"
+    answer = outcomes[kept.job_id].result
+    assert answer is not None and answer.choices[0].message.content == "answer 0"
     turns = await pool.fetch(
         "SELECT conversation_id, seq, role, content, embedding FROM turns"
         " WHERE conversation_id = ANY($1::text[]) ORDER BY conversation_id, seq",

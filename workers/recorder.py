@@ -37,7 +37,6 @@ from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
 from schemas.events import (
-    ChatCompletion,
     ErrorInfo,
     FinalStatus,
     JobCompletion,
@@ -158,7 +157,7 @@ class Recorder:
             job_id=outcome.job_id,
             conversation_id=outcome.conversation_id,
             status=status,
-            result=ChatCompletion.model_validate(outcome.result) if outcome.result else None,
+            result=outcome.result,
             error=ErrorInfo.model_validate(outcome.error) if outcome.error else None,
         )
         key = outcome.conversation_id.encode()

@@ -293,7 +293,7 @@ class Outcome:
     job_id: UUID
     conversation_id: str
     status: str
-    result: dict[str, Any] | None
+    result: ChatCompletion | None
     error: dict[str, Any] | None
     fresh: bool
     replied: bool
@@ -447,7 +447,8 @@ WITH input AS (
     UNION
     SELECT in_flight FROM stale_gates WHERE in_flight IS NOT NULL
 )
-SELECT 'outcome' AS part, f.id, f.conversation_id, true AS fresh, f.status, f.result,
+-- A fresh job's result is the one this statement was given: not sent back.
+SELECT 'outcome' AS part, f.id, f.conversation_id, true AS fresh, f.status, NULL::jsonb AS result,
     f.error, f.replied_at IS NOT NULL OR f.id = ANY($13::uuid[]) AS replied,
     NULL::jsonb AS request, coalesce(f.priority, 'interactive') AS priority, f.completed_at,
     f.reply_to
@@ -501,6 +502,7 @@ async def record(
     enriched: list[datetime | None] = []
     batched: list[datetime | None] = []
     generated: list[datetime | None] = []
+    answers: dict[UUID, ChatCompletion] = {}
     seen: set[UUID] = set()
     for done in completions:
         if done.job_id in seen:
@@ -508,11 +510,11 @@ async def record(
         seen.add(done.job_id)
         ids.append(done.job_id)
         statuses.append(done.status)
-        results.append(
-            ChatCompletion.from_completion(done).model_dump(mode="json")
-            if done.status == "succeeded"
-            else None
-        )
+        if done.status == "succeeded":
+            answer = answers[done.job_id] = ChatCompletion.from_completion(done)
+            results.append(answer.model_dump(mode="json"))
+        else:
+            results.append(None)
         errors.append(done.error.model_dump(mode="json") if done.error else None)
         prompt_tokens.append(done.usage.prompt_tokens if done.usage else 0)
         completion_tokens.append(done.usage.completion_tokens if done.usage else 0)
@@ -557,7 +559,11 @@ async def record(
             job_id=row["id"],
             conversation_id=row["conversation_id"],
             status=row["status"],
-            result=row["result"],
+            result=answers.get(row["id"])
+            if row["fresh"]
+            else ChatCompletion.model_validate(row["result"])
+            if row["result"]
+            else None,
             error=row["error"],
             fresh=row["fresh"],
             replied=row["replied"],
