@@ -98,6 +98,7 @@ async def enrich(
         timedelta(seconds=lease_s),
     )
     found = Enrichment()
+    contexts = found.contexts
     for row in rows:
         part = row["part"]
         if part == "refused":
@@ -116,7 +117,10 @@ async def enrich(
                 )
             )
             continue
-        context = found.contexts.setdefault(row["job_id"], MemoryContext())
+        job_id = row["job_id"]
+        context = contexts.get(job_id)
+        if context is None:  # the job's first row (a context built for each would be waste)
+            context = contexts[job_id] = MemoryContext()
         if part == "summary":
             context.summaries.append(
                 StoredSummary(
@@ -131,12 +135,12 @@ async def enrich(
                     continue
                 similarity = None
             turn = StoredTurn(
-                seq=row["seq"],
-                role=row["role"],
-                content=row["content"],
-                tokens=row["tokens"],
-                similarity=similarity,
-                conversation_id=row["conversation_id"],
+                row["seq"],
+                row["role"],
+                row["content"],
+                row["tokens"],
+                similarity,
+                row["conversation_id"],
             )
             (context.recent if part == "recent" else context.recalled).append(turn)
     for context in found.contexts.values():
