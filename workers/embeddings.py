@@ -135,13 +135,21 @@ class HashEmbedder:
     the pipeline itself."""
 
     def embed_sync(self, texts: Sequence[str]) -> np.ndarray:
-        vectors = np.zeros((len(texts), DIMENSIONS), dtype=np.float32)
+        # Each word's bucket and sign, for all texts; then one sum per bucket (one numpy
+        # call for the batch, not one per word).
+        cells: list[int] = []
+        signs: list[float] = []
         for row, text in enumerate(texts):
+            base = row * DIMENSIONS
             for word in WORD.findall(text.lower()):
                 code = zlib.crc32(word.encode())
-                vectors[row, code % DIMENSIONS] += 1.0 if code & 0x80000000 else -1.0
-            if not vectors[row].any():
-                vectors[row, 0] = 1.0
+                cells.append(base + code % DIMENSIONS)
+                signs.append(1.0 if code & 0x80000000 else -1.0)
+        sums = np.bincount(
+            np.array(cells, dtype=np.intp), np.array(signs), minlength=len(texts) * DIMENSIONS
+        )
+        vectors = sums.astype(np.float32).reshape(len(texts), DIMENSIONS)
+        vectors[~vectors.any(axis=1), 0] = 1.0
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         normalised: np.ndarray = vectors / np.maximum(norms, 1e-9)
         return normalised
