@@ -130,8 +130,12 @@ def observe_waits(stage: str, since: Iterable[tuple[datetime, str]]) -> None:
     """Observe, for each job (the moment its wait began, its lane), the queue wait until
     now at ``stage``."""
     now = datetime.now(UTC)
+    lanes: dict[str, Histogram] = {}  # each lane's series looked up once per call
     for moment, lane in since:
-        QUEUE_WAIT.labels(stage, lane).observe(max((now - moment).total_seconds(), 0.0))
+        series = lanes.get(lane)
+        if series is None:
+            series = lanes[lane] = QUEUE_WAIT.labels(stage, lane)
+        series.observe(max((now - moment).total_seconds(), 0.0))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:
