@@ -30,6 +30,7 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
+from pydantic_core import PydanticSerializationError
 
 from kontext import tracing
 from kontext.connections import FetchTempo, create_consumer
@@ -66,8 +67,14 @@ REPLY_SCAN_TIMEOUT_S = 30.0
 ROUTE_TIMEOUT_S = 5.0
 """The longest a reply waits for its submitter's reply topic to be found."""
 
-UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, orjson.JSONEncodeError)
-"""Values Postgres or the jsonb codec refuse: retrying the same batch never helps."""
+UNSTORABLE = (
+    asyncpg.DataError,
+    UnicodeEncodeError,
+    orjson.JSONEncodeError,
+    PydanticSerializationError,
+)
+"""Values Postgres, the jsonb codec or a model's JSON serialiser refuse: retrying the
+same batch never helps."""
 
 
 class Recorder:

@@ -118,7 +118,8 @@ async def admit(
 
 ADMIT_MANY = f"""
 WITH input AS (
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::text[],
+    -- Requests come as JSON text (serialised once, by the model), cast here.
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]::jsonb[], $5::text[],
                          $6::text[], $7::text[], $8::text[], $9::uuid[], $10::text[])
         WITH ORDINALITY
         AS i(id, conversation_id, model, request, idempotency_key, kind, user_id, tenant_id,
@@ -170,7 +171,7 @@ async def admit_many(
             [a.request.job_id for a in admissions],
             [a.request.conversation_id for a in admissions],
             [a.request.model for a in admissions],
-            [a.request.model_dump(mode="json") for a in admissions],
+            [a.request.model_dump_json() for a in admissions],
             [a.idempotency_key for a in admissions],
             [a.request.kind for a in admissions],
             [a.request.user for a in admissions],
@@ -315,7 +316,8 @@ class Recorded:
 RECORD = f"""
 WITH input AS (
     -- traceparent is empty when untraced: unnest pads it with NULLs.
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::bigint[],
+    -- Results come as JSON text (serialised once, by the model), cast here.
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]::jsonb[], $4::jsonb[], $5::bigint[],
                          $6::bigint[], $15::timestamptz[], $16::timestamptz[],
                          $17::timestamptz[], $18::text[])
         AS u(id, status, result, error, prompt_tokens, completion_tokens, enriched_at,
@@ -489,7 +491,7 @@ async def record(
     """
     ids: list[UUID] = []
     statuses: list[str] = []
-    results: list[dict[str, Any] | None] = []
+    results: list[str | None] = []
     errors: list[dict[str, Any] | None] = []
     prompt_tokens: list[int] = []
     completion_tokens: list[int] = []
@@ -512,7 +514,7 @@ async def record(
         statuses.append(done.status)
         if done.status == "succeeded":
             answer = answers[done.job_id] = ChatCompletion.from_completion(done)
-            results.append(answer.model_dump(mode="json"))
+            results.append(answer.model_dump_json())
         else:
             results.append(None)
         errors.append(done.error.model_dump(mode="json") if done.error else None)
