@@ -204,3 +204,13 @@ def test_smollm2_runs_where_the_device_setting_says(smol: Engine) -> None:
     here = "cuda" if torch.cuda.is_available() else "cpu"
     assert smol.device == here  # type: ignore[attr-defined]
     assert next(model.parameters()).device.type == here
+
+
+async def test_the_null_engine_reports_the_enrichers_count_of_a_prompt_or_its_own() -> None:
+    engine = await load_engine("null", Settings())
+    prompt = "<|user|>\nfour words right here\n<|assistant|>\n"
+    counted, uncounted = await engine.generate(
+        [GenerationRequest(prompt, 4, prompt_tokens=11), GenerationRequest(prompt, 4)]
+    )
+    assert counted.prompt_tokens == 11  # the enricher's count, the prompt not split again
+    assert uncounted.prompt_tokens == engine.tokenizer.count(prompt) == 6

@@ -200,6 +200,7 @@ class InferenceWorker:
                 prompt=item.prompt,
                 max_tokens=item.request.max_tokens,
                 temperature=item.request.temperature,
+                prompt_tokens=item.context.prompt_tokens,
             )
             for item in items
         ]

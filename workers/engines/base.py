@@ -14,6 +14,9 @@ class GenerationRequest:
     prompt: str
     max_tokens: int
     temperature: float = 0.0
+    prompt_tokens: int | None = None
+    """The prompt's length under the model's tokenizer, when the enricher counted it:
+    what an engine that never tokenizes (``null``) reports."""
 
 
 @dataclass(frozen=True)

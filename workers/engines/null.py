@@ -41,7 +41,9 @@ class NullEngine:
         return [
             Generation(
                 text=REPLY,
-                prompt_tokens=self.tokenizer.count(request.prompt),
+                prompt_tokens=request.prompt_tokens
+                if request.prompt_tokens is not None
+                else self.tokenizer.count(request.prompt),
                 completion_tokens=self._reply_tokens,
                 finish_reason="stop",
                 mean_logprob=0.0,  # a fixed reply: probability 1
