@@ -73,10 +73,18 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_the_one_at_a_time_baseline_takes_an_even_sample() -> None:
-    prompts = [str(i) for i in range(200)]
-    assert benchmark.even_sample(prompts, 64) == prompts[::4]
-    assert benchmark.even_sample(prompts[:10], 64) == prompts[:10]
+def test_the_raw_baseline_calls_the_engine_a_few_times_with_whole_batches() -> None:
+    prompts = [str(i) for i in range(300)]
+    one = benchmark.raw_sample(prompts, 1)
+    assert len(one) == benchmark.ONE_AT_A_TIME_SAMPLE
+    assert one[0] == "0" and int(one[-1]) > 280  # spread over the whole run
+    sixteen = benchmark.raw_sample(prompts, 16)
+    assert len(sixteen) == 16 * benchmark.RAW_CALLS
+    assert len(set(sixteen)) == len(sixteen) and int(sixteen[-1]) > 280
+    # Fewer prompts than the calls want: every prompt, cut to whole batches.
+    assert benchmark.raw_sample(prompts[:40], 32) == prompts[:32]
+    # Fewer than one batch: all of them, in one short call.
+    assert benchmark.raw_sample(prompts[:20], 32) == prompts[:20]
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,10 @@ FACT = "my locker code is {code}"
 PLANT = "{line} By the way, {fact}."
 QUESTION = "What is my locker code?"
 RAW_BATCH_SIZES = (1, 8, 16, 32)
-ONE_AT_A_TIME_SAMPLE = 64
+ONE_AT_A_TIME_SAMPLE = 32
+RAW_CALLS = 8
+"""Engine calls per batch size in the raw baseline: a steady rate, and a long run's
+baselines (64 x 16 on a GPU) stay minutes, not a quarter of an hour."""
 TURN_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 60.0
 
@@ -324,10 +327,14 @@ async def raw_engine(
     return Phase(outcomes, time.perf_counter() - started)
 
 
-def even_sample(items: Sequence[str], most: int) -> list[str]:
-    """At most ``most`` of ``items``, evenly spread (all of them when there are fewer)."""
-    step = max(math.ceil(len(items) / most), 1)
-    return list(items[::step])
+def raw_sample(prompts: Sequence[str], size: int) -> list[str]:
+    """The raw baseline's prompts at batch ``size``, evenly spread over the run: enough
+    for ``RAW_CALLS`` calls (``ONE_AT_A_TIME_SAMPLE`` one at a time), or every prompt;
+    in whole batches where there are enough, so that no short last call lowers the rate."""
+    wanted = ONE_AT_A_TIME_SAMPLE if size == 1 else size * RAW_CALLS
+    if len(prompts) > wanted:
+        return [prompts[i * len(prompts) // wanted] for i in range(wanted)]
+    return list(prompts[: len(prompts) // size * size] or prompts)
 
 
 def batch_sizes(model: str, metrics: Iterable[Metric] | None = None) -> dict[str, float]:
@@ -473,7 +480,7 @@ async def measure(
     raw: dict[int, dict[str, Any]] = {}
     same = min(settings.batch_max_size, len(prompts))
     for size in sorted({min(b, len(prompts)) for b in RAW_BATCH_SIZES} | {same}):
-        sample = prompts if size > 1 else even_sample(prompts, ONE_AT_A_TIME_SAMPLE)
+        sample = raw_sample(prompts, size)
         track = _tracker(progress, f"raw engine, batch {size}", len(sample))
         raw[size] = (await raw_engine(engine, sample, max_tokens, size, track)).summary()
     await settle(pool)
