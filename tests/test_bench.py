@@ -136,8 +136,13 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool, v
         batches["engine_calls"] >= 1
         and sum(batches["histogram"].values()) == batches["engine_calls"]
     )
+    # The engine's share of the pipeline phase, from the inference worker's call timer.
+    busy = result["engine_in_pipeline"]
+    assert busy["mean_call_ms"] > 0 and 0 <= busy["busy_share"] < 1
     baselines = result["baselines"]
     assert baselines["raw_engine"]["tokens_per_s"] > 0
+    # The raw engine at the batch max, before and after the pipeline.
+    assert all(t > 0 for t in baselines["raw_engine"]["tokens_per_s_at_same_before_after"])
     assert baselines["one_at_a_time"]["tokens_per_s"] > 0
     assert baselines["naive_resend"]["fact_recalled"] == 2
     section = (tmp_path / "docs" / "benchmarks.md").read_text()
