@@ -247,6 +247,39 @@ async def test_background_batches_pause_the_lane_while_interactive_jobs_arrive(
     assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]
 
 
+async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler(
+    broker: EmbeddedBroker,
+) -> None:
+    """An engine call of seconds: the next batch is full and nothing is taken meanwhile,
+    so the consumer's fetch wait lengthens by the quiet rule (not hundreds of empty
+    fetches at the short wait); once records flow again, the short wait is back."""
+    high, low = await _lanes(broker, high=4, low=0, start=False)
+    await low.stop()
+    topic = next(iter(high.subscription()))
+    handler = Held()
+    worker = BatchConsumer(high, handler, max_size=2, max_wait_ms=0, tempo=FetchTempo(5, 200))
+    running = asyncio.create_task(worker.run())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        await wait_for(lambda: len(handler.batches) == 1, timeout=30)
+        fetcher = high._fetcher  # type: ignore[attr-defined]
+        # The first batch holds the handler; the second (full) waits. After a second
+        # and a half of that, a tenth of the quiet: 100 ms or more.
+        await wait_for(lambda: fetcher._fetch_max_wait_ms >= 100, timeout=10)
+        handler.release.set()
+        await wait_for(lambda: len(handler.batches) == 2, timeout=30)
+        await producer.send_and_wait(topic, b"next")
+        await wait_for(lambda: len(handler.batches) == 3, timeout=30)
+        assert fetcher._fetch_max_wait_ms == 5
+    finally:
+        handler.release.set()
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await producer.stop()
+    assert [len(b) for b in handler.batches] == [2, 2, 1]
+
+
 class CountingConsumer:
     """The real consumer, with its fetches counted (and their waits kept)."""
 

@@ -4,7 +4,8 @@ recorder, memory).
 Drain up to ``max_size`` records or ``max_wait_ms`` after the first one (longer
 while every handler slot is busy: the batch could not start anyway, so it keeps
 filling until one frees up), hand them to a handler, commit offsets only once it
-returns. A failing batch
+returns. While a sealed batch waits for a busy handler, the consumers' fetch waits
+lengthen with that wait, as in a quiet stack. A failing batch
 is retried with capped backoff; the loop never skips work it has not done.
 With several batches in flight, offsets are committed in order, never past a
 batch that is not done.
@@ -34,6 +35,11 @@ POLL_MS = 250
 IDLE_POLL_MS = 50
 BUSY_POLL_MS = 5
 """How often a batch past its wait looks again for a free handler slot."""
+REST_CHECK_S = 0.1
+"""While a sealed batch waits for a busy handler (an engine call), how often the
+consumers' fetch waits are brought up to date: nothing is taken meanwhile, so they
+lengthen with the wait by the quiet rule, instead of fetching at the short wait
+through a call of seconds."""
 COMMIT_INTERVAL_S = 0.2
 """Offsets of finished batches are committed at most this often, and at once when the
 consumer stops. A commit is a broker round trip costing about as much as tens of
@@ -285,9 +291,17 @@ class BatchConsumer:
                 if upcoming is None:
                     upcoming = asyncio.create_task(self._next_batch())
                 waits: set[asyncio.Future[Any]] = {in_flight[0].task} if in_flight else set()
-                if len(in_flight) < self.max_in_flight:
-                    waits.add(upcoming)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if len(in_flight) < self.max_in_flight or not upcoming.done():
+                    waits.add(upcoming)  # to start it, or to know when it is sealed
+                resting = upcoming not in waits and self.tempo is not None
+                done, _ = await asyncio.wait(
+                    waits,
+                    timeout=REST_CHECK_S if resting else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not done and self.tempo is not None:
+                    for consumer in self.consumers:
+                        self.tempo.observe(consumer, 0)
                 if not await self._commit_done(in_flight):
                     return
                 if upcoming.done() and len(in_flight) < self.max_in_flight:
