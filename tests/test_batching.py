@@ -265,7 +265,7 @@ async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler
         await wait_for(lambda: len(handler.batches) == 1, timeout=30)
         fetcher = high._fetcher  # type: ignore[attr-defined]
         # The first batch holds the handler; the second (full) waits. After a second
-        # and a half of that, a tenth of the quiet: 100 ms or more.
+        # or more of that, a tenth of the quiet: 100 ms or more.
         await wait_for(lambda: fetcher._fetch_max_wait_ms >= 100, timeout=10)
         handler.release.set()
         await wait_for(lambda: len(handler.batches) == 2, timeout=30)
