@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from prometheus_client import Histogram
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from rich.progress import Progress
 
 from kontext.bench import memory as bench
@@ -337,37 +339,35 @@ def raw_sample(prompts: Sequence[str], size: int) -> list[str]:
     return list(prompts[: len(prompts) // size * size] or prompts)
 
 
+def _model_samples(histogram: Histogram, model: str, metrics: Iterable[Metric]) -> Iterator[Sample]:
+    """The samples of ``histogram``'s family for ``model`` among ``metrics``."""
+    name = next(iter(histogram.describe())).name
+    for metric in metrics:
+        if metric.name == name:
+            yield from (s for s in metric.samples if s.labels.get("model") == model)
+
+
 def batch_sizes(model: str, metrics: Iterable[Metric] | None = None) -> dict[str, float]:
     """The inference worker's batch-size histogram for ``model`` as it stands now:
     cumulative counts by bucket bound (``le``), plus ``count`` and ``sum``. ``metrics``:
     another process's, scraped; default: this process's."""
     snapshot = {"count": 0.0, "sum": 0.0}
-    name = next(iter(BATCH_SIZE.describe())).name
-    for metric in BATCH_SIZE.collect() if metrics is None else metrics:
-        if metric.name != name:
-            continue
-        for sample in metric.samples:
-            if sample.labels.get("model") != model:
-                continue
-            if sample.name.endswith("_bucket"):
-                snapshot[sample.labels["le"]] = sample.value
-            elif sample.name.endswith("_count"):
-                snapshot["count"] = sample.value
-            elif sample.name.endswith("_sum"):
-                snapshot["sum"] = sample.value
+    for sample in _model_samples(
+        BATCH_SIZE, model, BATCH_SIZE.collect() if metrics is None else metrics
+    ):
+        if sample.name.endswith("_bucket"):
+            snapshot[sample.labels["le"]] = sample.value
+        elif sample.name.endswith("_count"):
+            snapshot["count"] = sample.value
+        elif sample.name.endswith("_sum"):
+            snapshot["sum"] = sample.value
     return snapshot
 
 
 def engine_busy_s(model: str, metrics: Iterable[Metric]) -> float:
     """Seconds the inference worker has spent in engine calls for ``model`` so far."""
-    name = next(iter(ENGINE_LATENCY.describe())).name
-    return sum(
-        sample.value
-        for metric in metrics
-        if metric.name == name
-        for sample in metric.samples
-        if sample.name.endswith("_sum") and sample.labels.get("model") == model
-    )
+    samples = _model_samples(ENGINE_LATENCY, model, metrics)
+    return sum(s.value for s in samples if s.name.endswith("_sum"))
 
 
 def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
