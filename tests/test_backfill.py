@@ -108,8 +108,8 @@ async def test_ten_thousand_line_backfill_writes_a_correct_output_file(
         {"priority": "background", "kind": "chat", "n": BIG, "conversations": BIG}
     ]
 
-    # Its turns join memory too: the memory worker embeds all 20,000 (it has no lanes
-    # yet, so until then it is behind for every conversation; later tests need it).
+    # Its turns join memory too: the recorder embeds all 20,000, each batch's after
+    # recording it (later tests need them embedded).
     async def embedded() -> bool:
         left = await pool.fetchval(
             "SELECT count(*) FROM turns t JOIN jobs j ON j.conversation_id = t.conversation_id "

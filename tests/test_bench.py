@@ -104,12 +104,11 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool, v
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["engine"] == "null"
-    workers = "submissions, enricher, recorder, memory, webhooks, batches, reconciler"
+    workers = "submissions, enricher, recorder, webhooks, batches, reconciler"
     assert result["layout"] == (
         f"api | {workers} | inference"
         if separate
-        else "api | submissions, enricher, inference, recorder, memory, webhooks, batches, "
-        "reconciler"
+        else "api | submissions, enricher, inference, recorder, webhooks, batches, reconciler"
     )
     assert (result["tracing"], result["submitted_over"]) == ("tracing off", via)
     cpu = result["cpu_ms_per_turn"]

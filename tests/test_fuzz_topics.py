@@ -1,7 +1,7 @@
 """Every topic consumer fuzzed with random and malformed bytes (hypothesis).
 
 Random bytes, random JSON, tombstones and well-formed events of a wrong version go
-to the requests, inference, completions and reply topics of a running stack. No
+to the requests, inference and completions topics of a running stack. No
 consumer may crash: each bad message lands in the dead-letter topic once per
 consumer group that reads it, with its reason and original bytes, and the stack
 still answers a good job afterwards.
@@ -23,7 +23,6 @@ from schemas.events import (
     ContextInfo,
     EnrichedRequest,
     JobCompletion,
-    JobReply,
 )
 from tests.conftest import Stack
 from tests.factories import job_request
@@ -47,8 +46,7 @@ def _events() -> list[dict[str, object]]:
     completion = JobCompletion(
         job_id=request.job_id, conversation_id="fuzz", model="tiny", status="failed"
     )
-    reply = JobReply(job_id=request.job_id, conversation_id="fuzz", status="failed")
-    return [json.loads(e.encode()) for e in (request, enriched, completion, reply)]
+    return [json.loads(e.encode()) for e in (request, enriched, completion)]
 
 
 wrong_versions = st.tuples(
@@ -72,7 +70,6 @@ def _consumers(stack: Stack) -> dict[str, set[str]]:
         topics.requests_lane("background"): {"enricher"},
         topics.inference("tiny"): {"inference-tiny"},
         topics.completions: {"recorder"},
-        topics.replies: {"memory"},
     }
 
 
@@ -135,8 +132,8 @@ async def test_bad_messages_are_dead_lettered_and_no_consumer_crashes(
     tally.record(
         "Topic consumer fuzzing (`make fuzz`, hypothesis)",
         "Random bytes, random JSON, tombstones and events of a wrong version, spread over "
-        "the requests, inference (`tiny`), completions and reply topics of `kontext up`; "
+        "the requests, inference (`tiny`) and completions topics of `kontext up`; "
         "each came back from the dead-letter topic once per consumer group that reads its "
-        "topic (enricher; inference-tiny; recorder; memory), with a "
+        "topic (enricher; inference-tiny; recorder), with a "
         "reason and its original bytes, and a good job was still answered afterwards.",
     )

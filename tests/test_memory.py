@@ -12,10 +12,8 @@ import uuid
 import asyncpg
 import httpx
 
-from kontext.store import ledger, memory
 from producers.client import KontextClient
 from tests.conftest import Stack, wait_for
-from tests.factories import job_request
 
 FILLER = [
     "I spent the morning walking along the river with a friend.",
@@ -204,15 +202,3 @@ async def test_recall_across_a_users_conversations_is_opt_in(
         and stranger.result.context
         and "Biscuit" not in (stranger.result.context.prompt or "")
     )
-
-
-async def test_the_memory_worker_reads_each_jobs_lane(pool: asyncpg.Pool) -> None:
-    """Its embeddings are paced like a backfill only for background-lane jobs."""
-    chat = job_request("an interactive turn")
-    line = job_request("a backfill line", priority="background")
-    for request in (chat, line):
-        await ledger.admit(pool, request, None)
-    async with pool.acquire() as conn:
-        kinds = await memory.job_kinds(conn, [chat.job_id, line.job_id])
-    assert kinds[chat.job_id] == memory.JobKind("chat", None, background=False)
-    assert kinds[line.job_id] == memory.JobKind("chat", None, background=True)

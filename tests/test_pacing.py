@@ -97,9 +97,9 @@ async def test_a_paced_background_embedding_lets_interactive_calls_cut_in() -> N
     np.testing.assert_allclose(paced, whole, atol=1e-5)
 
 
-async def test_off_path_work_of_interactive_jobs_yields_but_is_not_paced() -> None:
-    """The memory worker's embeddings for interactive conversations go after waiting
-    interactive calls, but a paused backfill does not hold them up."""
+async def test_off_path_work_yields_but_is_not_paced() -> None:
+    """The recorder's memory embeddings go after waiting interactive calls, but a
+    paused backfill does not hold them up (the recorder waits on them)."""
     pacer = Pacer(share=0.25, window_s=60)
     gate = PriorityGate(pacer)
     pacer.saw_interactive()

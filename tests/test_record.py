@@ -1,7 +1,9 @@
 """The recorder's statement on a real Postgres: each finalised job's turns go to its own
 conversation, in order, the user turn with the embedding recall searched with; never
-into a conversation another tenant owns. The recording that opens a conversation's
-gate hands back the turn waiting behind it, and so does a duplicate of it."""
+into a conversation another tenant owns, and the turns stored without an embedding
+handed back for the recorder to embed. The recording that opens a conversation's
+gate hands back the turn waiting behind it, and so does a duplicate of it. Each
+outcome says the job's lane and kind, which the memory upkeep goes by."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from schemas.events import ContextInfo, EnrichedRequest, JobCompletion, JobReque
 from tests.factories import job_request
 from workers.completions import completion_for
 from workers.engines.base import Generation
+from workers.summaries import summary_job
 
 DIMENSIONS = 384
 
@@ -79,6 +82,16 @@ async def test_a_batch_stores_each_jobs_turns_in_its_own_conversation_and_no_oth
     assert (second["role"], second["content"]) == ("assistant", "answer 0")
     assert np.allclose(first["embedding"].to_numpy(), query)
     assert second["embedding"] is None and stored[(plain.conversation_id, 1)]["embedding"] is None
+    # Every turn stored without an embedding is handed back, to be embedded after replying.
+    ids = await pool.fetch(
+        "SELECT id, content FROM turns WHERE conversation_id = ANY($1::text[])"
+        " AND embedding IS NULL",
+        [kept.conversation_id, plain.conversation_id],
+    )
+    assert sorted(recorded.unembedded) == sorted((r["id"], r["content"]) for r in ids)
+    assert sorted(content for _, content in recorded.unembedded) == [
+        "answer 0", "answer 2", "question 2",
+    ]  # fmt: skip
     embedding_kept = await pool.fetchval(
         "SELECT query_embedding FROM jobs WHERE id = $1", kept.job_id
     )
@@ -109,3 +122,28 @@ async def test_the_recording_that_opens_a_gate_and_its_duplicates_hand_back_the_
         "SELECT in_flight FROM conversations WHERE id = $1", conversation
     )
     assert in_flight == second.job_id
+
+
+async def test_each_outcome_says_the_jobs_lane_and_kind_and_a_summary_its_range(
+    pool: asyncpg.Pool,
+) -> None:
+    chat = job_request("an interactive turn")
+    line = job_request("a backfill line", priority="background")
+    summary = summary_job(chat.conversation_id, "tiny", 1, 1, 4, [("user", "hi")], 16)
+    for request in (chat, line, summary):
+        await ledger.admit(pool, request, None)
+    answers = [_answer(chat, "one"), _answer(line, "two"), _answer(summary, "a summary")]
+    for attempt in ("recorded", "recorded again"):
+        async with pool.acquire() as conn:
+            recorded = await ledger.record(conn, answers)
+        outcomes = {o.job_id: o for o in recorded.outcomes}
+        lanes = {job_id: (o.priority, o.kind, o.summary_of) for job_id, o in outcomes.items()}
+        assert lanes == {
+            chat.job_id: ("interactive", "chat", None),
+            line.job_id: ("background", "chat", None),
+            summary.job_id: ("background", "summary", {"level": 1, "first_seq": 1, "last_seq": 4}),
+        }, attempt
+        written = outcomes[summary.job_id].result
+        assert written is not None and written.choices[0].message.content == "a summary"
+    # A summary stores no turns: only the chat jobs' are handed back to be embedded.
+    assert recorded.unembedded == []

@@ -1,8 +1,6 @@
 """A user's message is embedded once: the enricher's recall query embedding is
-stored with the turn, so the memory worker only embeds what came without one.
-
-The pipeline runs in this process without the memory worker, so whatever
-embedding a stored turn has, the enricher computed it."""
+stored with the turn, and the recorder, once it has replied, embeds the rest (its
+recording hands back only the turns stored without one: tests/test_record.py)."""
 
 from __future__ import annotations
 
@@ -17,10 +15,11 @@ import pytest
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.app.runtime import Runtime, run_while
 from kontext.settings import Settings
-from kontext.store import keys, memory
+from kontext.store import keys
 from producers.client import KontextClient
+from tests.conftest import wait_for
 
-WITHOUT_MEMORY_WORKER = ["api", "enricher", "inference", "recorder"]
+PIPELINE = ["api", "enricher", "inference", "recorder"]
 
 
 async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
@@ -45,7 +44,7 @@ async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
     conversation = f"embedded-{uuid.uuid4().hex[:8]}"
     text = "My sister's cat is called Pickle and she hates thunderstorms."
 
-    async def chat(runtime: Runtime, url: str) -> np.ndarray:
+    async def chat(runtime: Runtime, url: str) -> dict[str, np.ndarray]:
         async with KontextClient(
             url, settings.bootstrap, topics=settings.topics, api_key=key
         ) as client:
@@ -61,10 +60,25 @@ async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
                 timeout=60,
             )
         assert reply.status == "succeeded"
+        # The recorder embeds the rest after replying, before it commits the batch.
+        await wait_for(
+            lambda: pool.fetchval(
+                "SELECT count(*) = 4 AND bool_and(embedding IS NOT NULL) FROM turns"
+                " WHERE conversation_id = $1",
+                conversation,
+            ),
+            timeout=30,
+        )
         embedder = await runtime.embedder()
-        return (await embedder.embed([text]))[0]
+        contents = [
+            m["content"]
+            for m in await pool.fetch(
+                "SELECT content FROM turns WHERE conversation_id = $1", conversation
+            )
+        ]
+        return dict(zip(contents, await embedder.embed(contents), strict=True))
 
-    run = run_while(settings, chat, asyncio.Event(), WITHOUT_MEMORY_WORKER)
+    run = run_while(settings, chat, asyncio.Event(), PIPELINE)
     expected = await asyncio.wait_for(run, timeout=180)
 
     rows = await pool.fetch(
@@ -72,15 +86,8 @@ async def test_a_user_message_is_stored_with_the_embedding_recall_searched_with(
         conversation,
     )
     assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
-    # The message recall searched with is stored embedded, with that very embedding.
-    assert rows[2]["content"] == text and rows[2]["embedding"] is not None
-    assert np.allclose(rows[2]["embedding"].to_numpy(), expected, atol=1e-5)
-    # The rest is left to the memory worker (not running here): it embeds only these.
-    assert [r["embedding"] for r in (rows[0], rows[1], rows[3])] == [None, None, None]
-    async with pool.acquire() as conn:
-        pending = await memory.unembedded_turns(conn, [conversation], 10)
-    assert [content for _, content in pending] == [
-        rows[0]["content"],
-        rows[1]["content"],
-        rows[3]["content"],
-    ]
+    # Every turn is stored with its own text's embedding: the message recall searched
+    # with, with the very embedding it searched with.
+    assert rows[2]["content"] == text
+    for row in rows:
+        assert np.allclose(row["embedding"].to_numpy(), expected[row["content"]], atol=1e-5)

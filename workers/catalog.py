@@ -8,7 +8,6 @@ from workers import (
     batches,
     enricher,
     inference,
-    memory,
     reconciler,
     recorder,
     webhooks,
@@ -19,14 +18,13 @@ WORKERS = (
     "enricher",
     "inference",
     "recorder",
-    "memory",
     "webhooks",
     "batches",
     "reconciler",
 )
 """The order a process starts them in, and stops them in (upstream first)."""
 
-MODULES = (batches, enricher, inference, memory, reconciler, recorder, webhooks)
+MODULES = (batches, enricher, inference, reconciler, recorder, webhooks)
 
 
 def spec(name: str) -> ServiceSpec:

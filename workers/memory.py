@@ -1,20 +1,22 @@
-"""The memory worker: keeps conversation memory up to date, off the request path.
+"""Conversation memory's upkeep, done by the recorder once a batch's replies are out.
 
-It reads the reply topic. For each recorded turn it embeds the conversation's
-turns stored without an embedding (one embedding call and one write per
-micro-batch): the answers, since a user's new message is stored with the
-embedding the enricher searched memory with. When unsummarised history passes
-a token threshold it writes a level-1 summary, and when summaries of one level
-pass theirs it rolls them up one level, so a long conversation always fits.
-Summaries are either extractive (deterministic) or jobs the model writes
-through the pipeline; a succeeded summary job's answer is stored here. Its
-embedding calls yield to request-path ones, and a batch of only background-lane
-jobs is also paced like other background work (workers/pacing.py).
+For the batch's succeeded jobs it embeds the turns their recording stored without
+an embedding (one embedding call per micro-batch): the answers, since a user's new
+message is stored with the embedding the enricher searched memory with. A
+recording that found its jobs final already (a batch delivered again after a
+recorder died) embeds whatever its conversations still lack. When unsummarised
+history passes a token threshold it writes a level-1 summary, and when summaries
+of one level pass theirs it rolls them up one level, so a long conversation always
+fits. Summaries are either extractive (deterministic) or jobs the model writes
+through the pipeline; a succeeded summary job's answer is stored here. The
+embeddings and the summary states take one Postgres statement. Its embedding calls
+yield to request-path ones but are never paused by the pacer (workers/pacing.py):
+the recorder waits on them, and background work is paced where it enters the
+pipeline, so its answers arrive no faster than that.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -22,29 +24,22 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaProducer
 
-from kontext.connections import FetchTempo
 from kontext.settings import Settings
 from kontext.store import ledger, memory
 from kontext.store.memory import StoredSummary, SummaryState
-from schemas.events import ReplyHead
-from schemas.topics import Group
-from workers.consumer import BatchConsumer
-from workers.deadletter import DeadLetters
 from workers.embeddings import Embedder
-from workers.engines import load_tokenizer
 from workers.engines.base import ChatTokenizer
 from workers.intake import enqueue
-from workers.records import Record
-from workers.services import ConsumerService, Resources, Service, service
 from workers.summaries import Line, extractive_summary, summary_job
 
 log = logging.getLogger(__name__)
 
 EMBED_LIMIT = 512
+"""The most turns a redelivered batch embeds for its conversations at once."""
 
 
-class MemoryWorker:
-    name = "memory"
+class MemoryKeeper:
+    """Keeps the memory of the conversations a recorded batch belongs to up to date."""
 
     def __init__(
         self,
@@ -62,40 +57,42 @@ class MemoryWorker:
         self.tokenizer = tokenizer
         self.summary_model = settings.summary_model or settings.engines[0]
         self.admitter = ledger.Admitter(pool)
-        self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
 
-    async def handle(self, records: Sequence[Record]) -> None:
-        letters: list[asyncio.Future[object]] = []
-        decoded = await self.dead_letters.decode(records, ReplyHead.decode, "JobReply", letters)
-        await asyncio.gather(*letters)
-        done = [reply for _, reply in decoded if reply.status == "succeeded"]
+    async def keep(self, recorded: ledger.Recorded) -> None:
+        """Embed and summarise after a recording (idempotent: a batch delivered again
+        does no harm)."""
+        done = [o for o in recorded.outcomes if o.status == "succeeded"]
         if not done:
             return
+        pending = list(recorded.unembedded)
+        conversations = sorted({o.conversation_id for o in done})
         async with self.pool.acquire() as conn:
-            kinds = await memory.job_kinds(conn, [r.job_id for r in done])
-            for reply in done:
-                job = kinds.get(reply.job_id)
-                if job is not None and job.summary_of is not None and job.answer is not None:
-                    await self._store(conn, reply.conversation_id, job.summary_of, job.answer)
-            conversations = sorted({r.conversation_id for r in done})
-            # Paced like other background work only when it is all background-lane work.
-            paced = all(job.background for job in kinds.values()) and bool(kinds)
-            await self._embed(conn, conversations, paced)
-            states = await memory.summary_states(
-                conn, conversations, self.settings.summary_keep_recent
+            again = sorted({o.conversation_id for o in done if not o.fresh})
+            if again:  # recorded earlier, by a recorder that may have died before this
+                known = {turn_id for turn_id, _ in pending}
+                pending += [
+                    turn
+                    for turn in await memory.unembedded_turns(conn, again, EMBED_LIMIT)
+                    if turn[0] not in known
+                ]
+            for outcome in done:
+                answer = _summary_text(outcome)
+                if outcome.summary_of is not None and answer is not None:
+                    await self._store(conn, outcome.conversation_id, outcome.summary_of, answer)
+            vectors: Any = []
+            if pending:
+                # Off the request path: after any enricher's call for a waiting turn.
+                texts = [content for _, content in pending]
+                vectors = await self.embedder.embed(texts, background=True, paced=False)
+            states = await memory.keep(
+                conn,
+                [turn_id for turn_id, _ in pending],
+                vectors,
+                conversations,
+                self.settings.summary_keep_recent,
             )
             for state in states:
                 await self._summarise_if_due(conn, state)
-
-    async def _embed(
-        self, conn: asyncpg.Connection, conversations: Sequence[str], paced: bool
-    ) -> None:
-        pending = await memory.unembedded_turns(conn, conversations, EMBED_LIMIT)
-        if pending:
-            # Off the request path: after any enricher's call for a waiting turn.
-            texts = [content for _, content in pending]
-            vectors = await self.embedder.embed(texts, background=True, paced=paced)
-            await memory.store_embeddings(conn, [turn_id for turn_id, _ in pending], vectors)
 
     async def _store(
         self, conn: asyncpg.Connection, conversation_id: str, summary_of: dict[str, Any], text: str
@@ -172,27 +169,8 @@ class MemoryWorker:
         )
 
 
-def groups(settings: Settings) -> list[Group]:
-    return [settings.topics.group("memory", "memory", settings.topics.replies)]
-
-
-@service("memory", groups)
-async def memory_service(shared: Resources) -> list[Service]:
-    settings = shared.settings
-    [reads] = groups(settings)
-    model = settings.summary_model or settings.engines[0]
-    worker = MemoryWorker(
-        settings,
-        shared.pool,
-        shared.producer,
-        await shared.embedder(),
-        load_tokenizer(model, settings),
-    )
-    consumer = BatchConsumer(
-        shared.consumer(reads),
-        worker,
-        max_size=settings.stage_batch_max_size,
-        max_wait_ms=settings.batch_max_wait_ms,
-        tempo=FetchTempo.of(settings),
-    )
-    return [ConsumerService(consumer)]
+def _summary_text(outcome: ledger.Outcome) -> str | None:
+    """The summary a summary job's model wrote, if it is one."""
+    if outcome.kind != "summary" or outcome.result is None or not outcome.result.choices:
+        return None
+    return outcome.result.choices[0].message.content

@@ -13,7 +13,9 @@ at least once, never zero). A completion for an unknown job, or one Postgres can
 store, is dead-lettered. Recording a turn also lets the conversation's next
 waiting turn through: its request is published again for the enricher. A job from
 the submissions topic is answered on the reply topic its submitter named, with its
-correlation id as a header.
+correlation id as a header. Once the batch's replies are out, the conversations'
+memory is kept up to date (workers/memory.py: embeddings and summaries) before the
+batch's offsets are committed.
 """
 
 from __future__ import annotations
@@ -43,14 +45,15 @@ from schemas.events import (
     JobCompletion,
     JobReply,
     JobRequest,
-    ReplyHead,
     utcnow,
 )
 from schemas.submissions import CORRELATION_ID_HEADER
 from schemas.topics import JOB_ID_HEADER, Group
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
+from workers.engines import load_tokenizer
 from workers.intake import publish
+from workers.memory import MemoryKeeper
 from workers.records import Record
 from workers.services import ConsumerService, Resources, Service, service
 
@@ -80,10 +83,17 @@ same batch never helps."""
 class Recorder:
     name = "recorder"
 
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, producer: AIOKafkaProducer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        producer: AIOKafkaProducer,
+        memory: MemoryKeeper,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.producer = producer
+        self.memory = memory
         self.dead_letters = DeadLetters(producer, settings.topics.dead_letters, self.name)
         self.unmarked: dict[UUID, datetime] = {}
         """Jobs whose replies were published (and when), not yet remembered in the ledger."""
@@ -95,6 +105,7 @@ class Recorder:
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
         replied: list[UUID] = []
+        recorded: ledger.Recorded | None = None
         pairs = await self.dead_letters.decode(
             records, JobCompletion.decode, "JobCompletion", sends
         )
@@ -130,14 +141,14 @@ class Recorder:
                 self.unmarked.setdefault(job_id, sent)
         if self.unmarked and (self._marking is None or self._marking.done()):
             self._marking = asyncio.create_task(self._mark_when_idle())
+        if recorded is not None:
+            await self.memory.keep(recorded)
 
     async def _reply(
         self, outcome: ledger.Outcome, recorded: trace.Span | None = None
     ) -> list[asyncio.Future[object]]:
         """Queue the sends of a job's reply: to the reply topic, or for a job from the
-        submissions topic to the topic it named, with its correlation id. The memory
-        worker reads the deployment's reply topic: a reply sent elsewhere leaves it the
-        job's head (id, conversation, status), none of its result. Under the job's
+        submissions topic to the topic it named, with its correlation id. Under the job's
         ``record`` span (when traced), a ``reply`` span goes with the reply."""
         replies = self.settings.topics.replies
         topic, headers = replies, [(JOB_ID_HEADER, str(outcome.job_id).encode())]
@@ -169,13 +180,6 @@ class Recorder:
         )
         key = outcome.conversation_id.encode()
         sends = [await self.producer.send(topic, reply.encode(), key=key, headers=headers)]
-        if topic != replies:
-            head = ReplyHead(
-                job_id=outcome.job_id, conversation_id=outcome.conversation_id, status=status
-            )
-            sends.append(
-                await self.producer.send(replies, head.encode(), key=key, headers=headers[:1])
-            )
         if span is not None:
             span.end()
         return sends
@@ -296,6 +300,7 @@ class Recorder:
             log.warning("recorder: batch of %d refused by Postgres; one at a time", len(pairs))
         outcomes: list[ledger.Outcome] = []
         redrive: list[JobRequest] = []
+        unembedded: list[tuple[int, str]] = []
         stored: list[tuple[Record, JobCompletion]] = []
         for record, done in pairs:
             try:
@@ -310,8 +315,9 @@ class Recorder:
                 continue
             outcomes += alone.outcomes
             redrive += alone.redrive
+            unembedded += alone.unembedded
             stored.append((record, done))
-        return ledger.Recorded(outcomes=outcomes, redrive=redrive), stored
+        return ledger.Recorded(outcomes, redrive, unembedded), stored
 
 
 def _record_spans(pairs: Sequence[tuple[Record, JobCompletion]]) -> dict[UUID, trace.Span]:
@@ -364,7 +370,15 @@ def groups(settings: Settings) -> list[Group]:
 async def recorder_service(shared: Resources) -> list[Service]:
     settings = shared.settings
     [reads] = groups(settings)
-    recorder = Recorder(settings, shared.pool, shared.producer)
+    model = settings.summary_model or settings.engines[0]
+    memory = MemoryKeeper(
+        settings,
+        shared.pool,
+        shared.producer,
+        await shared.embedder(),
+        load_tokenizer(model, settings),
+    )
+    recorder = Recorder(settings, shared.pool, shared.producer, memory)
     consumer = BatchConsumer(
         shared.consumer(reads),
         recorder,

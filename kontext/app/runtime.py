@@ -91,7 +91,7 @@ class Runtime:
             self.services.extend(await REGISTRY[name].build(self))
 
     async def embedder(self) -> Embedder:
-        """One embedding model per process, shared by the enricher and the memory worker."""
+        """One embedding model per process, shared by the enricher and the recorder."""
         if self._embedder is None:
             on = device(self.settings)
             chunk = background_reserve(self.settings.batch_max_size, self.settings.background_share)

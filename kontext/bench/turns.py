@@ -392,8 +392,8 @@ def batch_distribution(before: dict[str, float], after: dict[str, float]) -> dic
 
 
 async def settle(pool: asyncpg.Pool, conversation_prefix: str = "bench-") -> None:
-    """Wait until the memory worker has embedded every stored benchmark turn, so its
-    work does not spill into the next measurement."""
+    """Wait until the recorder has embedded every stored benchmark turn, so its
+    memory upkeep does not spill into the next measurement."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while time.monotonic() < deadline:
         pending = await pool.fetchval(
@@ -404,7 +404,7 @@ async def settle(pool: asyncpg.Pool, conversation_prefix: str = "bench-") -> Non
         if not pending:
             return
         await asyncio.sleep(0.2)
-    log.warning("memory worker still embedding after %.0f s; measuring anyway", SETTLE_TIMEOUT_S)
+    log.warning("recorder still embedding after %.0f s; measuring anyway", SETTLE_TIMEOUT_S)
 
 
 WRITTEN_TABLES = ("jobs", "conversations", "turns", "summaries", "usage", "webhook_deliveries")

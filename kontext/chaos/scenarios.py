@@ -298,7 +298,7 @@ async def poison(chaos: Chaos, every_s: float = 0.25) -> Row:
     """Bad messages on every consumed topic, mixed into good traffic."""
     settings = chaos.cluster.settings
     topics = settings.topics
-    targets = [topics.requests, topics.inference(ENGINE), topics.completions, topics.replies]
+    targets = [topics.requests, topics.inference(ENGINE), topics.completions]
     tag = os.urandom(4).hex().encode()
     sent: dict[bytes, str] = {}
     rng = random.Random(7)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -304,6 +304,10 @@ class Outcome:
     """When the job turned final (by this batch when ``fresh``)."""
     reply_to: ReplyRoute | None = None
     """Where its reply goes, for a job from the submissions topic (its request's)."""
+    kind: str = "chat"
+    """``chat``, or ``summary`` for a summary the model writes."""
+    summary_of: dict[str, Any] | None = None
+    """For a summary job, the range of the conversation it summarises."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,8 @@ class Recorded:
     outcomes: list[Outcome]
     redrive: list[JobRequest]
     """Requests whose turn has come: publish them to the requests topic."""
+    unembedded: list[tuple[int, str]] = field(default_factory=list)
+    """Turns stored without an embedding (id, content): all but recall's query."""
 
 
 RECORD = f"""
@@ -335,7 +341,7 @@ WITH input AS (
         jobs.created_at, jobs.completed_at, jobs.batch_id, jobs.request->'webhook' AS webhook,
         jobs.webhook_secret, input.prompt_tokens, input.completion_tokens, input.traceparent,
         was.query_embedding, jobs.replied_at, jobs.request->>'priority' AS priority,
-        jobs.request->'reply_to' AS reply_to
+        jobs.request->'reply_to' AS reply_to, jobs.request->'metadata'->'summary' AS summary_of
 ), fresh_ids AS (
     -- The ledger's statistics say almost no job is open, so the planner expects one
     -- row of ``fresh``: what is looked up in it goes through one array (or one map),
@@ -430,6 +436,7 @@ WITH input AS (
         + row_number() OVER (PARTITION BY conversation_id ORDER BY ord),
         role, content, tokens, job_id, embedding
     FROM new_turns
+    RETURNING id, conversation_id, content, embedding IS NULL AS unembedded
 ), stale AS (
     -- The batch's jobs this statement did not finalise (final already: a duplicate
     -- completion), as one array: almost always empty, and then nothing below that
@@ -453,21 +460,28 @@ WITH input AS (
 SELECT 'outcome' AS part, f.id, f.conversation_id, true AS fresh, f.status, NULL::jsonb AS result,
     f.error, f.replied_at IS NOT NULL OR f.id = ANY($13::uuid[]) AS replied,
     NULL::jsonb AS request, coalesce(f.priority, 'interactive') AS priority, f.completed_at,
-    f.reply_to
+    f.reply_to, f.kind, f.summary_of, NULL::bigint AS turn_id, NULL::text AS content
 FROM fresh f
 UNION ALL
 SELECT 'outcome', j.id, j.conversation_id, false, j.status, j.result, j.error,
     j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]), NULL,
-    coalesce(j.request->>'priority', 'interactive'), j.completed_at, j.request->'reply_to'
+    coalesce(j.request->>'priority', 'interactive'), j.completed_at, j.request->'reply_to',
+    j.kind, j.request->'metadata'->'summary', NULL, NULL
 FROM jobs j
 WHERE j.id = ANY((SELECT ids FROM stale)::uuid[])
 UNION ALL
 -- By id, never by the status index: the ledger's statistics say no job is queued,
 -- and a scan of every queued job costs as much as the backlog is long.
 SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
-    j.request, NULL, NULL, NULL
+    j.request, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM jobs j
 WHERE j.id = ANY(ARRAY(SELECT id FROM next_up)) AND coalesce(j.status, '') = 'queued'
+UNION ALL
+-- The turns stored without an embedding (all but recall's query): embedded after the replies.
+SELECT 'turn', NULL, s.conversation_id, true, NULL, NULL, NULL, false,
+    NULL, NULL, NULL, NULL, NULL, NULL, s.id, s.content
+FROM stored s
+WHERE s.unembedded
 """
 
 
@@ -532,7 +546,7 @@ async def record(
                 turn_tokens.append(turn.tokens)
                 turn_order.append(len(turn_order))
                 # The last user message was recall's query: it is stored with the
-                # embedding the enricher searched with; the memory worker embeds the rest.
+                # embedding the enricher searched with; the recorder embeds the rest after replying.
                 turn_queries.append(bool(users) and n == users[-1])
     rows = await conn.fetch(
         RECORD,
@@ -572,6 +586,8 @@ async def record(
             priority=row["priority"],
             completed_at=row["completed_at"],
             reply_to=ReplyRoute.model_validate(row["reply_to"]) if row["reply_to"] else None,
+            kind=row["kind"],
+            summary_of=row["summary_of"],
         )
         for row in rows
         if row["part"] == "outcome"
@@ -579,7 +595,8 @@ async def record(
     redrive = [
         JobRequest.model_validate(row["request"]) for row in rows if row["part"] == "redrive"
     ]
-    return Recorded(outcomes=outcomes, redrive=redrive)
+    unembedded = [(row["turn_id"], row["content"]) for row in rows if row["part"] == "turn"]
+    return Recorded(outcomes=outcomes, redrive=redrive, unembedded=unembedded)
 
 
 async def mark_replied(conn: asyncpg.Connection, replied: Mapping[UUID, datetime]) -> None:

@@ -1,8 +1,8 @@
 """Conversation memory in Postgres: context for prompts, embeddings, summaries.
 
 Raw asyncpg. What a prompt holds is read by the enricher's one round trip per
-micro-batch (``kontext.store.enrichment``); the rest runs in the memory worker,
-off the request path.
+micro-batch (``kontext.store.enrichment``); the rest is the recorder's upkeep after
+its replies (``workers.memory``), off the request path.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
 
 import asyncpg
 import numpy as np
@@ -62,20 +61,6 @@ async def unembedded_turns(
     return [(row["id"], row["content"]) for row in rows]
 
 
-async def store_embeddings(
-    conn: asyncpg.Connection, turn_ids: Sequence[int], vectors: np.ndarray
-) -> None:
-    await conn.execute(
-        """
-        UPDATE turns SET embedding = v.embedding
-        FROM unnest($1::bigint[], $2::vector[]) AS v(id, embedding)
-        WHERE turns.id = v.id
-        """,
-        list(turn_ids),
-        [Vector(v) for v in vectors],  # binary: no text to format and parse
-    )
-
-
 @dataclass(frozen=True)
 class SummaryState:
     """Per conversation: what is not yet summarised, and what could roll up."""
@@ -92,12 +77,22 @@ class SummaryState:
     summary_in_flight: bool
 
 
-async def summary_states(
-    conn: asyncpg.Connection, conversation_ids: Sequence[str], keep_recent: int
+async def keep(
+    conn: asyncpg.Connection,
+    turn_ids: Sequence[int],
+    vectors: np.ndarray | Sequence[np.ndarray],
+    conversation_ids: Sequence[str],
+    keep_recent: int,
 ) -> list[SummaryState]:
+    """Store the turns' embeddings and read the conversations' summary states, in one
+    statement (the states do not depend on the embeddings)."""
     rows = await conn.fetch(
         """
-        WITH conv AS MATERIALIZED (  -- once per conversation, not per turn joined to it
+        WITH embedded AS (
+            UPDATE turns SET embedding = v.embedding
+            FROM unnest($3::bigint[], $4::vector[]) AS v(id, embedding)
+            WHERE turns.id = v.id
+        ), conv AS MATERIALIZED (  -- once per conversation, not per turn joined to it
             SELECT c.id, c.tenant_id,
                 coalesce((SELECT max(last_seq) FROM summaries s
                           WHERE s.conversation_id = c.id AND s.level = 1), 0) AS covered,
@@ -126,6 +121,8 @@ async def summary_states(
         """,
         list(conversation_ids),
         keep_recent,
+        list(turn_ids),
+        [Vector(v) for v in vectors],  # binary: no text to format and parse
     )
     return [
         SummaryState(
@@ -259,35 +256,3 @@ async def forget(pool: asyncpg.Pool, conversation_id: str, tenant_id: str) -> bo
             tenant_id,
         )
     return conv != "DELETE 0" or jobs != "DELETE 0"
-
-
-@dataclass(frozen=True)
-class JobKind:
-    """What the memory worker needs of a recorded job."""
-
-    kind: str
-    summary_of: dict[str, Any] | None
-    """For a summary job, the range it summarises."""
-    background: bool
-    """Whether it ran in the background lane (a backfill line, a summary)."""
-    answer: str | None = None
-    """For a succeeded summary job, the summary the model wrote."""
-
-
-async def job_kinds(conn: asyncpg.Connection, job_ids: Sequence[UUID]) -> dict[UUID, JobKind]:
-    """Each job's kind, lane, and for a summary job the range it summarises and the
-    summary the model wrote."""
-    rows = await conn.fetch(
-        """
-        SELECT id, kind, request->'metadata'->'summary' AS summary_of,
-            request->>'priority' = 'background' AS background,
-            CASE WHEN kind = 'summary' THEN result->'choices'->0->'message'->>'content' END
-                AS answer
-        FROM jobs WHERE id = ANY($1::uuid[])
-        """,
-        list(job_ids),
-    )
-    return {
-        row["id"]: JobKind(row["kind"], row["summary_of"], bool(row["background"]), row["answer"])
-        for row in rows
-    }
