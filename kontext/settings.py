@@ -102,7 +102,8 @@ class Settings(BaseSettings):
     handler slot is busy a batch keeps filling anyway (it could not start sooner)."""
     stage_batch_max_size: int = Field(default=500, ge=1)
     """Most records in one micro-batch of the stages around the engine (enricher,
-    recorder, memory): each is one Postgres round trip however large."""
+    recorder): each is one Postgres round trip however large (the recorder's memory
+    upkeep one more)."""
     stream_runtime: Literal["aiokafka", "faust"] = "aiokafka"
     """What runs the enricher's stream processors: ``aiokafka`` (the consume loop every
     worker uses) or ``faust`` (a faust-streaming agent per lane: about three times the

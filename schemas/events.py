@@ -303,15 +303,6 @@ class JobReply(Event):
     error: ErrorInfo | None = None
 
 
-class ReplyHead(Event):
-    """What a reply says about its job, for a reader that needs no more (the result
-    stays unread: what it holds is in the ledger)."""
-
-    job_id: UUID
-    conversation_id: str
-    status: FinalStatus
-
-
 class DeadLetter(Event):
     """A message no consumer could handle, with the reason and its original bytes."""
 

@@ -1,5 +1,5 @@
 """The micro-batch consume loop of every consumer service (enricher, inference,
-recorder, memory).
+recorder).
 
 Drain up to ``max_size`` records or ``max_wait_ms`` after the first one (longer
 while every handler slot is busy: the batch could not start anyway, so it keeps
