@@ -95,7 +95,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     # Over half the pipeline's measured capacity on a 2-core machine (850-970 turns/s,
     # docs/benchmarks.md).
-    parser.add_argument("--rate", type=float, default=500.0, help="jobs per second")
+    parser.add_argument("--rate", type=float, default=650.0, help="jobs per second")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     parser.add_argument(
         "--scenarios", default="", help="comma-separated subset (default: all, in order)"
