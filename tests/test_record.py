@@ -12,14 +12,20 @@ import uuid
 
 import asyncpg
 import numpy as np
+from aiokafka import AIOKafkaProducer
 from pgvector import Vector
 
+from kontext.app.embedded import EmbeddedBroker
+from kontext.settings import Settings
 from kontext.store import enrichment, keys, ledger
 from kontext.store.enrichment import Claim
 from schemas.events import ContextInfo, EnrichedRequest, JobCompletion, JobRequest, TurnRecord
 from tests.factories import job_request
 from workers.completions import completion_for
+from workers.embeddings import HashEmbedder
+from workers.engines import load_tokenizer
 from workers.engines.base import Generation
+from workers.memory import MemoryKeeper
 from workers.summaries import summary_job
 
 DIMENSIONS = 384
@@ -147,3 +153,38 @@ async def test_each_outcome_says_the_jobs_lane_and_kind_and_a_summary_its_range(
         assert written is not None and written.choices[0].message.content == "a summary"
     # A summary stores no turns: only the chat jobs' are handed back to be embedded.
     assert recorded.unembedded == []
+
+
+async def test_a_batch_recorded_again_embeds_what_its_recorder_left_unembedded(
+    pool: asyncpg.Pool, broker: EmbeddedBroker
+) -> None:
+    """A recorder that died after its recording, before its memory upkeep: the batch
+    comes again, finds its jobs final, and its upkeep embeds their turns all the same."""
+    settings = Settings(engines=["tiny"], summarizer="extractive")
+    request = job_request("where did I park the car?")
+    await ledger.admit(pool, request, None)
+    answer = _answer(request, "on level three")
+    async with pool.acquire() as conn:
+        first = await ledger.record(conn, [answer])
+    assert len(first.unembedded) == 2  # what the dead recorder's upkeep would have embedded
+
+    embedder = HashEmbedder()
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        keeper = MemoryKeeper(settings, pool, producer, embedder, load_tokenizer("tiny", settings))
+        async with pool.acquire() as conn:
+            again = await ledger.record(conn, [answer])
+        [outcome] = again.outcomes
+        assert not outcome.fresh and again.unembedded == []
+        await keeper.keep(again)
+    finally:
+        await producer.stop()
+    rows = await pool.fetch(
+        "SELECT content, embedding FROM turns WHERE conversation_id = $1 ORDER BY seq",
+        request.conversation_id,
+    )
+    assert [r["content"] for r in rows] == ["where did I park the car?", "on level three"]
+    expected = embedder.embed_sync([r["content"] for r in rows])
+    for row, vector in zip(rows, expected, strict=True):
+        assert np.allclose(row["embedding"].to_numpy(), vector, atol=1e-6)
