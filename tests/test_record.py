@@ -3,7 +3,8 @@ conversation, in order, the user turn with the embedding recall searched with; n
 into a conversation another tenant owns, and the turns stored without an embedding
 handed back for the recorder to embed. The recording that opens a conversation's
 gate hands back the turn waiting behind it, and so does a duplicate of it. Each
-outcome says the job's lane and kind, which the memory upkeep goes by."""
+outcome says the job's lane and kind (the memory upkeep stores a summary job's
+answer as a summary)."""
 
 from __future__ import annotations
 

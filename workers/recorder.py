@@ -130,7 +130,7 @@ class Recorder:
                 replied.append(outcome.job_id)
                 if outcome.job_id in on_topic:
                     continue
-                sends += await self._reply(outcome, spans.get(outcome.job_id))
+                sends.append(await self._reply(outcome, spans.get(outcome.job_id)))
             # The next turns of their conversations, held back until these were recorded.
             sends += await publish(self.settings, self.producer, recorded.redrive)
         if sends:
@@ -146,8 +146,8 @@ class Recorder:
 
     async def _reply(
         self, outcome: ledger.Outcome, recorded: trace.Span | None = None
-    ) -> list[asyncio.Future[object]]:
-        """Queue the sends of a job's reply: to the reply topic, or for a job from the
+    ) -> asyncio.Future[object]:
+        """Queue the send of a job's reply: to the reply topic, or for a job from the
         submissions topic to the topic it named, with its correlation id. Under the job's
         ``record`` span (when traced), a ``reply`` span goes with the reply."""
         replies = self.settings.topics.replies
@@ -179,10 +179,12 @@ class Recorder:
             error=ErrorInfo.model_validate(outcome.error) if outcome.error else None,
         )
         key = outcome.conversation_id.encode()
-        sends = [await self.producer.send(topic, reply.encode(), key=key, headers=headers)]
+        sent: asyncio.Future[object] = await self.producer.send(
+            topic, reply.encode(), key=key, headers=headers
+        )
         if span is not None:
             span.end()
-        return sends
+        return sent
 
     async def _writable(self, topic: str) -> bool:
         """Whether ``topic`` exists to reply on (the submissions gateway checked it; it

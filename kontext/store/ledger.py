@@ -19,7 +19,14 @@ import asyncpg
 from kontext.store.deliveries import CHANNEL as DELIVERIES_CHANNEL
 from kontext.store.deliveries import SUBSCRIBED
 from schemas.api import JobStatus, JobTimeline
-from schemas.events import ChatCompletion, ErrorInfo, JobCompletion, JobRequest, ReplyRoute
+from schemas.events import (
+    ChatCompletion,
+    ErrorInfo,
+    JobCompletion,
+    JobKind,
+    JobRequest,
+    ReplyRoute,
+)
 from schemas.usage import NIL_KEY
 
 
@@ -304,7 +311,7 @@ class Outcome:
     """When the job turned final (by this batch when ``fresh``)."""
     reply_to: ReplyRoute | None = None
     """Where its reply goes, for a job from the submissions topic (its request's)."""
-    kind: str = "chat"
+    kind: JobKind = "chat"
     """``chat``, or ``summary`` for a summary the model writes."""
     summary_of: dict[str, Any] | None = None
     """For a summary job, the range of the conversation it summarises."""
