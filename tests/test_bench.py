@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -13,7 +15,10 @@ import pytest
 from kontext.app.children import Child, Children
 from kontext.bench import turns as benchmark
 from kontext.bench.turns import Outcome, Phase
+from kontext.store import ledger
 from tests.conftest import run_cli
+from tests.factories import job_request
+from workers.summaries import summary_job
 
 
 def test_a_turn_counts_only_if_it_succeeded_and_its_prompt_carried_the_fact() -> None:
@@ -138,6 +143,8 @@ def test_bench_json_through_the_whole_pipeline(tmp_path: Path, separate: bool, v
     # The engine's share of the pipeline phase, from the inference worker's call timer.
     busy = result["engine_in_pipeline"]
     assert busy["mean_call_ms"] > 0 and 0 <= busy["busy_share"] < 1
+    # Two conversations never fill a batch of the raw baseline's size (6 prompts).
+    assert busy["full_batch_calls"] == 0 and busy["full_batch_call_p50_ms"] is None
     baselines = result["baselines"]
     assert baselines["raw_engine"]["tokens_per_s"] > 0
     # The raw engine at the batch max, before and after the pipeline.
@@ -210,3 +217,37 @@ async def test_the_bench_vacuums_the_tables_a_turn_writes_before_measuring(
     assert {r["relname"] for r in rows} == set(benchmark.WRITTEN_TABLES)
     for row in rows:
         assert row["last_vacuum"] >= started and row["last_analyze"] >= started, dict(row)
+
+
+async def test_each_engine_call_of_a_run_is_read_from_its_jobs_timeline(
+    pool: asyncpg.Pool,
+) -> None:
+    """The jobs of one engine call share the stamps taken around it: grouped by them,
+    they give each call's size and time, so a full batch's call in the pipeline can be
+    set against the raw engine's call of the same size. A job answered without the
+    engine (no stamps) and a summary job are no call of the run's chat turns."""
+    run = f"bench-t{uuid.uuid4().hex[:6]}"
+    jobs = [job_request(f"turn {n}", conversation_id=f"{run}-{n}") for n in range(6)]
+    jobs.append(summary_job(f"{run}-0", "tiny", 1, 1, 2, [("user", "turn 0")], 8))
+    for request in jobs:
+        await ledger.admit(pool, request, None)
+    stamps = {
+        "7 s": (0, 1, 2, 6),  # the summary job rides in the first call
+        "1.5 s": (3, 4),
+    }
+    began = datetime(2026, 12, 5, 1, 0, tzinfo=UTC)
+    for offset, (label, members) in enumerate(stamps.items()):
+        start = began + timedelta(seconds=10 * offset)
+        length = timedelta(seconds=float(label.removesuffix(" s")))
+        await pool.execute(
+            "UPDATE jobs SET batched_at = $2, generated_at = $3 WHERE id = ANY($1::uuid[])",
+            [jobs[i].job_id for i in members],
+            start,
+            start + length,
+        )
+
+    calls = await benchmark.engine_calls(pool, f"{run}-%")
+
+    assert calls == [(3, 7000.0), (2, 1500.0)]
+    assert benchmark.full_batch_call_ms(calls, 3) == 7000.0
+    assert benchmark.full_batch_call_ms(calls, 16) is None

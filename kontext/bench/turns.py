@@ -10,7 +10,7 @@ it asks for the fact, its prompt contained it.
 In the same run, on the same conversations, the baselines call the engine
 directly: naive full-history resend (the client keeps the history), then the
 resend prompts at batch sizes 8, 16, 32 and the pipeline's batch max, and one
-request at a time (on an even sample of at most 64 of them, which is enough for
+request at a time (on an even sample of at most 32 of them, which is enough for
 its rate and keeps slow devices from spending minutes on it).
 """
 
@@ -407,6 +407,25 @@ async def settle(pool: asyncpg.Pool, conversation_prefix: str = "bench-") -> Non
     log.warning("recorder still embedding after %.0f s; measuring anyway", SETTLE_TIMEOUT_S)
 
 
+async def engine_calls(pool: asyncpg.Pool, conversations: str) -> list[tuple[int, float]]:
+    """Each engine call that ran jobs of the conversations matching ``conversations`` (a
+    LIKE pattern), as (jobs in it, milliseconds), from the jobs' timeline: the jobs of
+    one call share the stamps taken around it (``batched_at``, ``generated_at``)."""
+    rows = await pool.fetch(
+        "SELECT count(*) AS size, extract(epoch FROM generated_at - batched_at) * 1000 AS ms"
+        " FROM jobs WHERE conversation_id LIKE $1 AND kind = 'chat' AND batched_at IS NOT NULL"
+        " GROUP BY batched_at, generated_at ORDER BY batched_at",
+        conversations,
+    )
+    return [(int(row["size"]), float(row["ms"])) for row in rows]
+
+
+def full_batch_call_ms(calls: Sequence[tuple[int, float]], size: int) -> float | None:
+    """The median call among ``calls`` that ran ``size`` jobs, or None if none did."""
+    full = [ms for n, ms in calls if n == size]
+    return round(statistics.median(full), 1) if full else None
+
+
 WRITTEN_TABLES = ("jobs", "conversations", "turns", "summaries", "usage", "webhook_deliveries")
 """The tables a turn writes."""
 
@@ -514,6 +533,7 @@ async def measure(
     after, busy_after = await snapshot()
     await settle(pool)
     stages = await stage_medians(pool, phase.conversations)
+    calls = await engine_calls(pool, phase.conversations)
     # The raw engine at the pipeline's batch max once more: the machine's speed drifts,
     # so the pipeline is set against the mean of the runs before and after it.
     sample = raw_sample(prompts, same)
@@ -527,6 +547,10 @@ async def measure(
     batches = batch_distribution(before, after)
     busy_s = busy_after - busy_before
     tokens = sum(o.completion_tokens for o in phase.outcomes if o.succeeded)
+    # A full batch's call against the raw call of the same size, both medians: whether
+    # the engine runs slower in the pipeline, apart from how the pipeline feeds it.
+    full_ms = full_batch_call_ms(calls, same)
+    raw_ms = statistics.fmean([float(raw[same]["p50_ms"]), float(again["p50_ms"])])
     return {
         "engine": model,
         "device": getattr(engine, "device", "cpu"),
@@ -544,6 +568,11 @@ async def measure(
             if batches["engine_calls"]
             else 0.0,
             "tokens_per_busy_s": round(tokens / busy_s, 1) if busy_s else 0.0,
+            "full_batch_calls": sum(1 for n, _ in calls if n == same),
+            "full_batch_call_p50_ms": full_ms,
+            "full_batch_call_over_raw": round(full_ms / raw_ms, 3)
+            if full_ms is not None and raw_ms
+            else None,
         },
         "baselines": {
             "raw_engine": {
@@ -606,9 +635,10 @@ def report(results: Sequence[dict[str, Any]]) -> str:
         "| conversations x turns | pipeline tokens/s | raw engine, best batch: tokens/s "
         "| raw engine tokens/s by batch size | pipeline / raw at the batch max "
         "(raw before, after) | engine in the pipeline: busy, mean call ms, tokens/s busy "
+        "| a full batch's call in the pipeline: p50 ms (over the raw call's p50) "
         "| one at a time: tokens/s (p50 ms) "
         "| naive resend: steve_min_tps, tokens/s, fact recalled, mean prompt tokens |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base = r["baselines"]
@@ -616,6 +646,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
         by_size = ", ".join(f"{k}: {v:.1f}" for k, v in raw["tokens_per_s_by_batch_size"].items())
         before, after = raw["tokens_per_s_at_same_before_after"]
         busy = r["engine_in_pipeline"]
+        full = busy["full_batch_call_p50_ms"]
+        over = busy["full_batch_call_over_raw"]
         lines.append(
             f"| {r['conversations']} x {r['turns']} | {r['tokens_per_s']:.1f} "
             f"| {raw['tokens_per_s']:.1f} (batch {raw['best_batch_size']}) | {by_size} "
@@ -623,7 +655,12 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             f"(batch {raw['same_batch_size']}; {before:.1f}, {after:.1f}) "
             f"| {busy['busy_share']:.0%}, {busy['mean_call_ms']:.0f}, "
             f"{busy['tokens_per_busy_s']:.1f} "
-            f"| {one['tokens_per_s']:.1f} ({one['p50_ms']:.0f}) "
+            + (
+                f"| {full:.0f} ({over:.2f}; {busy['full_batch_calls']} calls) "
+                if full is not None and over is not None
+                else "| none at the batch max "
+            )
+            + f"| {one['tokens_per_s']:.1f} ({one['p50_ms']:.0f}) "
             f"| {naive['steve_min_tps']:.1f}, {naive['tokens_per_s']:.1f}, "
             f"{naive['fact_recalled']}/{naive['fact_asked']}, {naive['mean_prompt_tokens']:.0f} |"
         )
