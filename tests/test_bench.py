@@ -231,19 +231,16 @@ async def test_each_engine_call_of_a_run_is_read_from_its_jobs_timeline(
     jobs.append(summary_job(f"{run}-0", "tiny", 1, 1, 2, [("user", "turn 0")], 8))
     for request in jobs:
         await ledger.admit(pool, request, None)
-    stamps = {
-        "7 s": (0, 1, 2, 6),  # the summary job rides in the first call
-        "1.5 s": (3, 4),
-    }
+    # Two calls (seconds, the jobs in it); the summary job rides in the first one.
+    made = [(7.0, (0, 1, 2, 6)), (1.5, (3, 4))]
     began = datetime(2026, 12, 5, 1, 0, tzinfo=UTC)
-    for offset, (label, members) in enumerate(stamps.items()):
+    for offset, (seconds, members) in enumerate(made):
         start = began + timedelta(seconds=10 * offset)
-        length = timedelta(seconds=float(label.removesuffix(" s")))
         await pool.execute(
             "UPDATE jobs SET batched_at = $2, generated_at = $3 WHERE id = ANY($1::uuid[])",
             [jobs[i].job_id for i in members],
             start,
-            start + length,
+            start + timedelta(seconds=seconds),
         )
 
     calls = await benchmark.engine_calls(pool, f"{run}-%")
