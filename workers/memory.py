@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import numpy as np
 from aiokafka import AIOKafkaProducer
 
 from kontext.settings import Settings
@@ -79,7 +80,7 @@ class MemoryKeeper:
                 answer = _summary_text(outcome)
                 if outcome.summary_of is not None and answer is not None:
                     await self._store(conn, outcome.conversation_id, outcome.summary_of, answer)
-            vectors: Any = []
+            vectors: np.ndarray | list[np.ndarray] = []
             if pending:
                 # Off the request path: after any enricher's call for a waiting turn.
                 texts = [content for _, content in pending]
