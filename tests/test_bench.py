@@ -248,3 +248,23 @@ async def test_each_engine_call_of_a_run_is_read_from_its_jobs_timeline(
     assert calls == [(3, 7000.0), (2, 1500.0)]
     assert benchmark.full_batch_call_ms(calls, 3) == 7000.0
     assert benchmark.full_batch_call_ms(calls, 16) is None
+    assert await benchmark.engine_wall_busy_s(pool, f"{run}-%") == 8.5
+
+
+async def test_overlapping_engine_calls_are_busy_time_once(pool: asyncpg.Pool) -> None:
+    """An engine given several micro-batches at once (continuous batching) runs calls
+    that overlap: the time the engine worked is the union of their spans."""
+    run = f"bench-o{uuid.uuid4().hex[:6]}"
+    jobs = [job_request(f"turn {n}", conversation_id=f"{run}-{n}") for n in range(3)]
+    for request in jobs:
+        await ledger.admit(pool, request, None)
+    began = datetime(2026, 12, 5, 2, 0, tzinfo=UTC)
+    # 0-4 s and 3-6 s overlap; 10-11 s stands apart: 7 s of work, not 8.
+    for job, (start, end) in zip(jobs, ((0, 4), (3, 6), (10, 11)), strict=True):
+        await pool.execute(
+            "UPDATE jobs SET batched_at = $2, generated_at = $3 WHERE id = $1",
+            job.job_id,
+            began + timedelta(seconds=start),
+            began + timedelta(seconds=end),
+        )
+    assert await benchmark.engine_wall_busy_s(pool, f"{run}-%") == 7.0

@@ -420,6 +420,20 @@ async def engine_calls(pool: asyncpg.Pool, conversations: str) -> list[tuple[int
     return [(int(row["size"]), float(row["ms"])) for row in rows]
 
 
+async def engine_wall_busy_s(pool: asyncpg.Pool, conversations: str) -> float:
+    """Seconds in which at least one engine call ran jobs of the conversations matching
+    ``conversations``: the union of the calls' spans in the jobs' timeline. Calls that
+    overlap (an engine given several micro-batches at once) count once."""
+    busy = await pool.fetchval(
+        "SELECT coalesce(extract(epoch FROM sum(upper(span) - lower(span))), 0) FROM unnest(("
+        " SELECT range_agg(tstzrange(batched_at, generated_at)) FROM jobs"
+        " WHERE conversation_id LIKE $1 AND kind = 'chat' AND batched_at IS NOT NULL"
+        ")) AS span",
+        conversations,
+    )
+    return float(busy)
+
+
 def full_batch_call_ms(calls: Sequence[tuple[int, float]], size: int) -> float | None:
     """The median call among ``calls`` that ran ``size`` jobs, or None if none did."""
     full = [ms for n, ms in calls if n == size]
@@ -534,6 +548,7 @@ async def measure(
     await settle(pool)
     stages = await stage_medians(pool, phase.conversations)
     calls = await engine_calls(pool, phase.conversations)
+    wall_busy_s = await engine_wall_busy_s(pool, phase.conversations)
     # The raw engine at the pipeline's batch max once more: the machine's speed drifts,
     # so the pipeline is set against the mean of the runs before and after it.
     sample = raw_sample(prompts, same)
@@ -568,6 +583,7 @@ async def measure(
             if batches["engine_calls"]
             else 0.0,
             "tokens_per_busy_s": round(tokens / busy_s, 1) if busy_s else 0.0,
+            "wall_busy_share": round(wall_busy_s / phase.elapsed_s, 4),
             "full_batch_calls": sum(1 for n, _ in calls if n == same),
             "full_batch_call_p50_ms": full_ms,
             "full_batch_call_over_raw": round(full_ms / raw_ms, 3)
@@ -634,7 +650,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
         "",
         "| conversations x turns | pipeline tokens/s | raw engine, best batch: tokens/s "
         "| raw engine tokens/s by batch size | pipeline / raw at the batch max "
-        "(raw before, after) | engine in the pipeline: busy, mean call ms, tokens/s busy "
+        "(raw before, after) | engine in the pipeline: busy (calls summed; any running), "
+        "mean call ms, tokens/s busy "
         "| a full batch's call in the pipeline: p50 ms (over the raw call's p50) "
         "| one at a time: tokens/s (p50 ms) "
         "| naive resend: steve_min_tps, tokens/s, fact recalled, mean prompt tokens |",
@@ -653,7 +670,8 @@ def report(results: Sequence[dict[str, Any]]) -> str:
             f"| {raw['tokens_per_s']:.1f} (batch {raw['best_batch_size']}) | {by_size} "
             f"| {raw['pipeline_share_at_same_batch_size']:.0%} "
             f"(batch {raw['same_batch_size']}; {before:.1f}, {after:.1f}) "
-            f"| {busy['busy_share']:.0%}, {busy['mean_call_ms']:.0f}, "
+            f"| {busy['busy_share']:.0%}; {busy['wall_busy_share']:.0%}, "
+            f"{busy['mean_call_ms']:.0f}, "
             f"{busy['tokens_per_busy_s']:.1f} "
             + (
                 f"| {full:.0f} ({over:.2f}; {busy['full_batch_calls']} calls) "
@@ -742,6 +760,8 @@ def publish(
         body += f"\n\n![steve_min_tps and p99 against concurrency]({figure.name})"
     engine, turns = results[0]["engine"], results[0]["turns"]
     what = " (no model: pipeline overhead only)" if engine == "null" else ""
+    if engine == "smollm2":
+        what = f" ({settings.smollm2_batching} batching)"
     bench.record(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
         f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, embedder "
