@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     sees a GPU, else CPU."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The smollm2 engine's weight dtype; ``auto``: float32 on CPU, bfloat16 on CUDA."""
+    smollm2_batching: Literal["static", "continuous"] = "static"
+    """How the smollm2 engine batches: ``static``, one left-padded ``generate`` call per
+    micro-batch; ``continuous``, transformers' continuous batching (a request joins the
+    running batch at the next step and leaves it at its end; prompts are not padded)."""
+    kv_cache_tokens: int = Field(default=16384, ge=8192)
+    """Tokens the continuous smollm2 engine's paged KV cache holds over all running
+    requests (at least the 8192 of its context window). Sampled requests, once one
+    comes, run in a second batch with a cache of the same size."""
+    step_tokens: int = Field(default=512, ge=64)
+    """Tokens one step of the continuous smollm2 engine takes at most (prompts are
+    prefilled in chunks of it): larger suits a GPU."""
     vllm_dtype: str = "auto"
     """The ``vllm`` engine's weight dtype; ``auto``: bfloat16 on CPU, the model's own on GPU."""
     vllm_gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
@@ -246,8 +257,8 @@ class Settings(BaseSettings):
     """The engines this process's inference workers serve (empty: every served engine)."""
     inference_max_in_flight: int | None = Field(default=None, ge=1)
     """Micro-batches an inference worker has its engine work on at once (default: the
-    engine's own, 4 for ``vllm``, whose continuous batching merges them; 1 for the others,
-    which run one batch at a time)."""
+    engine's own, 4 for ``vllm`` and for ``smollm2`` with continuous batching, which merge
+    them; 1 for the others, which run one batch at a time)."""
     heartbeat_interval_s: float = Field(default=1.0, gt=0)
     """How often an inference worker publishes its heartbeat (with its consumer lag)."""
     route_heartbeat_timeout_s: float = Field(default=5.0, gt=0)

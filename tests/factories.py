@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from schemas.events import ChatMessage, JobRequest
+from workers.engines.base import Engine, GenerationRequest
 
 
 def job_request(content: str = "hi", **fields: Any) -> JobRequest:
@@ -22,6 +23,12 @@ def job_request(content: str = "hi", **fields: Any) -> JobRequest:
     }
     values.update(fields)
     return JobRequest(**values)
+
+
+def ask(engine: Engine, text: str, max_tokens: int, temperature: float = 0.0) -> GenerationRequest:
+    """A request of one user message in the engine's own chat template."""
+    prompt = engine.tokenizer.render([ChatMessage(role="user", content=text)])
+    return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature)
 
 
 def batch_line(custom_id: str, content: str = "ping", **body: Any) -> dict[str, Any]:

@@ -13,15 +13,11 @@ import pytest
 
 from kontext.settings import Settings
 from schemas.events import ChatMessage
+from tests.factories import ask
 from workers.engines import context_window, load_engine, load_tokenizer, smollm2
 from workers.engines.base import Engine, GenerationRequest
 
 QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
-
-
-def ask(engine: Engine, text: str, max_tokens: int, temperature: float = 0.0) -> GenerationRequest:
-    prompt = engine.tokenizer.render([ChatMessage(role="user", content=text)])
-    return GenerationRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature)
 
 
 @pytest.fixture(scope="module")

@@ -255,7 +255,7 @@ async def inference_service(shared: Resources) -> list[Service]:
             shared.producer,
             build_chain(settings, ChainParts(pool=shared.pool)),
         )
-        in_flight = settings.inference_max_in_flight or concurrent_batches(model)
+        in_flight = settings.inference_max_in_flight or concurrent_batches(model, settings)
         consumer = BatchConsumer(
             interactive,
             worker,

@@ -48,10 +48,15 @@ def context_window(name: str) -> int:
     return _backend(name).CONTEXT_WINDOW
 
 
-def concurrent_batches(name: str) -> int:
+def concurrent_batches(name: str, settings: Settings) -> int:
     """Micro-batches the engine is best given at once: its module's ``CONCURRENT_BATCHES``,
-    or 1 (an engine that runs one batch at a time gains nothing from more)."""
-    return int(getattr(_backend(name), "CONCURRENT_BATCHES", 1))
+    or what its ``concurrent_batches(settings)`` says, or 1 (an engine that runs one
+    batch at a time gains nothing from more)."""
+    backend = _backend(name)
+    by_settings = getattr(backend, "concurrent_batches", None)
+    if by_settings is not None:
+        return int(by_settings(settings))
+    return int(getattr(backend, "CONCURRENT_BATCHES", 1))
 
 
 def system_prompt(name: str) -> str:

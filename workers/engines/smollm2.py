@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONTEXT_WINDOW = 8192
+"""SmolLM2-135M's max_position_embeddings; a loaded engine reads it from its config."""
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 """The system prompt SmolLM2 was tuned with; a generic one makes it drift off-language."""
-"""SmolLM2-135M's max_position_embeddings; a loaded engine reads it from its config."""
 CACHE_NAME = "smollm2"
+CONTINUOUS_IN_FLIGHT = 4
+"""Micro-batches the continuous engine takes at once: they share its running batch."""
 
 
 def ensure_cache(settings: Settings) -> Path:
@@ -91,7 +93,19 @@ def load_engine(settings: Settings) -> HFEngine:
         dtype=device.dtype(settings, on),
         device_map=on,
     )
-    return HFEngine(CACHE_NAME, model, tokenizer, model.config.max_position_embeddings, on)
+    window = model.config.max_position_embeddings
+    if settings.smollm2_batching == "continuous":
+        from workers.engines.continuous import ContinuousHFEngine
+
+        return ContinuousHFEngine(
+            CACHE_NAME, model, tokenizer, window, on, settings.kv_cache_tokens, settings.step_tokens
+        )
+    return HFEngine(CACHE_NAME, model, tokenizer, window, on)
+
+
+def concurrent_batches(settings: Settings) -> int:
+    """Micro-batches at once: several with continuous batching, which merges them."""
+    return CONTINUOUS_IN_FLIGHT if settings.smollm2_batching == "continuous" else 1
 
 
 def _offline() -> None:

@@ -1,0 +1,97 @@
+"""The smollm2 engine with continuous batching (``KONTEXT_SMOLLM2_BATCHING=continuous``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kontext.settings import Settings
+from tests.factories import ask
+from workers.engines import concurrent_batches, load_engine
+from workers.engines.base import Engine
+from workers.engines.continuous import ContinuousHFEngine
+
+CONTINUOUS = Settings(smollm2_batching="continuous")
+
+TEXTS = [
+    "What is the capital of France?",
+    "Name three colours of the rainbow and say which one you like best, and why.",
+    "Hi",
+    "Write one sentence about the sea at night, with the moon over the water.",
+]
+
+
+@pytest.fixture(scope="module")
+async def static() -> AsyncIterator[Engine]:
+    engine = await load_engine("smollm2", Settings())
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="module")
+async def continuous() -> AsyncIterator[Engine]:
+    engine = await load_engine("smollm2", CONTINUOUS)
+    assert isinstance(engine, ContinuousHFEngine)
+    yield engine
+    await engine.close()
+
+
+async def test_greedy_answers_are_the_static_engines(static: Engine, continuous: Engine) -> None:
+    # Prompts of different lengths: the static engine pads them, the continuous one does not.
+    limits = (40, 12, 24, 6)
+    batch = [ask(static, text, n) for text, n in zip(TEXTS, limits, strict=True)]
+    want = await static.generate(batch)
+    got = await continuous.generate(batch)
+    assert [g.text for g in got] == [w.text for w in want]
+    assert [(g.prompt_tokens, g.completion_tokens, g.finish_reason) for g in got] == [
+        (w.prompt_tokens, w.completion_tokens, w.finish_reason) for w in want
+    ]
+    assert "Paris" in got[0].text
+    assert got[3].finish_reason == "length" and got[3].completion_tokens == 6
+    for g, w in zip(got, want, strict=True):
+        assert g.mean_logprob == pytest.approx(w.mean_logprob, abs=1e-3)
+
+
+async def test_a_short_request_does_not_wait_for_a_long_one(continuous: Engine) -> None:
+    story = ask(continuous, "Tell me a long story about a lighthouse keeper and a storm.", 160)
+    long = asyncio.create_task(continuous.generate([story]))
+    (short,) = await asyncio.wait_for(
+        continuous.generate([ask(continuous, TEXTS[0], 2)]), timeout=60
+    )
+    assert short.completion_tokens == 2
+    assert not long.done()  # it joined the long one's batch and left it first
+    (told,) = await asyncio.wait_for(long, timeout=120)
+    assert told.completion_tokens > 2
+
+
+async def test_sampled_and_greedy_requests_share_a_call(static: Engine, continuous: Engine) -> None:
+    greedy = ask(continuous, TEXTS[0], 16)
+    sampled = [ask(continuous, TEXTS[1], 16, temperature=1.0) for _ in range(3)]
+    (want,) = await static.generate([greedy])
+    got = await continuous.generate([sampled[0], greedy, *sampled[1:]])
+    assert got[1].text == want.text
+    for answer in (got[0], *got[2:]):
+        assert 0 < answer.completion_tokens <= 16
+        assert answer.mean_logprob is not None and answer.mean_logprob <= 0
+
+
+def test_the_kv_cache_must_hold_a_whole_context_window(static: Engine) -> None:
+    with pytest.raises(ValueError, match="below the context window"):
+        ContinuousHFEngine(
+            "smollm2",
+            static.model,  # type: ignore[attr-defined]
+            static.tokenizer,  # type: ignore[arg-type]
+            8192,
+            kv_cache_tokens=4096,
+        )
+    with pytest.raises(ValueError, match="kv_cache_tokens"):
+        Settings(kv_cache_tokens=4096)
+
+
+def test_the_inference_worker_gives_it_several_batches_at_once() -> None:
+    assert concurrent_batches("smollm2", CONTINUOUS) == 4
+    assert concurrent_batches("smollm2", Settings()) == 1
+    assert concurrent_batches("vllm", Settings()) == 4
+    assert concurrent_batches("null", Settings()) == 1
