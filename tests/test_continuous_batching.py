@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.settings import Settings
+from producers.client import KontextClient
+from tests.conftest import stack_env, start_stack
 from tests.factories import ask
 from workers.engines import concurrent_batches, load_engine
 from workers.engines.base import Engine
@@ -95,3 +100,43 @@ def test_the_inference_worker_gives_it_several_batches_at_once() -> None:
     assert concurrent_batches("smollm2", Settings()) == 1
     assert concurrent_batches("vllm", Settings()) == 4
     assert concurrent_batches("null", Settings()) == 1
+
+
+async def test_the_pipeline_answers_every_turn_through_a_continuous_engine(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
+) -> None:
+    """Through the whole stack: micro-batches in flight at once share the engine's
+    batch, every conversation's second turn carries its first, and the stack stops
+    cleanly (the batching thread ends with it)."""
+    env = stack_env(broker, database, prefix=f"cb{uuid.uuid4().hex[:8]}")
+    env["KONTEXT_SMOLLM2_BATCHING"] = "continuous"
+    stack = start_stack(["up", "--engine", "smollm2", "--port", "0"], env, workdir)
+    try:
+        settings = stack.settings
+        async with KontextClient(
+            stack.api_url, settings.bootstrap, topics=settings.topics, api_key=stack.api_key
+        ) as client:
+
+            async def converse(n: int) -> str:
+                conversation = f"cb-{uuid.uuid4().hex[:6]}-{n}"
+                for text in (f"My name is Ada{n}.", "What is the capital of France?"):
+                    reply = await client.chat(
+                        model="smollm2",
+                        conversation_id=conversation,
+                        messages=[{"role": "user", "content": text}],
+                        max_tokens=24,
+                        include_prompt=True,
+                        timeout=180,
+                    )
+                    assert reply.status == "succeeded" and reply.result is not None
+                assert reply.result.context is not None
+                assert f"My name is Ada{n}." in reply.result.context.prompt
+                return reply.result.choices[0].message.content
+
+            answers = await asyncio.gather(*(converse(n) for n in range(6)))
+        assert all(answer.strip() for answer in answers), answers
+    finally:
+        code = stack.stop(timeout=60)
+    output = "".join(stack.output)
+    assert code == 0, output[-3000:]
+    assert "Traceback" not in output

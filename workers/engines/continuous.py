@@ -4,7 +4,8 @@ transformers' ``ContinuousBatchingManager`` runs the model in a thread of its ow
 over a paged KV cache: a request joins the running batch at the next step and
 leaves it at its own end, and prompts are not padded to the longest. Greedy
 requests go to one manager, sampled ones (temperature above 0) to a second, made
-on first use, whose temperature is set per request.
+on first use, whose temperature is set per request; a sampled answer's
+log-probabilities are taken after its temperature.
 """
 
 from __future__ import annotations
