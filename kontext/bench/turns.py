@@ -407,13 +407,17 @@ async def settle(pool: asyncpg.Pool, conversation_prefix: str = "bench-") -> Non
     log.warning("recorder still embedding after %.0f s; measuring anyway", SETTLE_TIMEOUT_S)
 
 
+ENGINE_CALLED = "conversation_id LIKE $1 AND kind = 'chat' AND batched_at IS NOT NULL"
+"""The chat jobs of the conversations matching ``$1`` that went through an engine call."""
+
+
 async def engine_calls(pool: asyncpg.Pool, conversations: str) -> list[tuple[int, float]]:
     """Each engine call that ran jobs of the conversations matching ``conversations`` (a
     LIKE pattern), as (jobs in it, milliseconds), from the jobs' timeline: the jobs of
     one call share the stamps taken around it (``batched_at``, ``generated_at``)."""
     rows = await pool.fetch(
         "SELECT count(*) AS size, extract(epoch FROM generated_at - batched_at) * 1000 AS ms"
-        " FROM jobs WHERE conversation_id LIKE $1 AND kind = 'chat' AND batched_at IS NOT NULL"
+        f" FROM jobs WHERE {ENGINE_CALLED}"
         " GROUP BY batched_at, generated_at ORDER BY batched_at",
         conversations,
     )
@@ -426,8 +430,7 @@ async def engine_wall_busy_s(pool: asyncpg.Pool, conversations: str) -> float:
     overlap (an engine given several micro-batches at once) count once."""
     busy = await pool.fetchval(
         "SELECT coalesce(extract(epoch FROM sum(upper(span) - lower(span))), 0) FROM unnest(("
-        " SELECT range_agg(tstzrange(batched_at, generated_at)) FROM jobs"
-        " WHERE conversation_id LIKE $1 AND kind = 'chat' AND batched_at IS NOT NULL"
+        f" SELECT range_agg(tstzrange(batched_at, generated_at)) FROM jobs WHERE {ENGINE_CALLED}"
         ")) AS span",
         conversations,
     )
