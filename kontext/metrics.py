@@ -61,7 +61,8 @@ E2E_LATENCY = Histogram(
 )
 PREFIX_CACHED_TOKENS = Counter(
     "kontext_engine_prefix_cached_tokens",
-    "Prompt tokens the engine took from its prefix cache instead of computing (vllm)",
+    "Prompt tokens the engine took from its prefix cache instead of computing"
+    " (vllm; smollm2 with continuous batching)",
     ["model"],
 )
 BATCH_SIZE = Histogram(

@@ -59,6 +59,46 @@ async def test_greedy_answers_are_the_static_engines(static: Engine, continuous:
         assert g.mean_logprob == pytest.approx(w.mean_logprob, abs=1e-3)
 
 
+async def test_a_prompt_prefilled_in_chunks_beside_decoding_requests(static: Engine) -> None:
+    """Steps of 64 tokens: the long prompt is prefilled over several steps, each later
+    chunk attending to the keys before it, while the short requests already decode in
+    the same steps; every answer is still the static engine's."""
+    chunked = await load_engine("smollm2", Settings(smollm2_batching="continuous", step_tokens=64))
+    model = chunked.model  # type: ignore[attr-defined]
+    try:
+        long = " ".join(TEXTS * 6) + " Now answer the first question only."
+        batch = [ask(static, TEXTS[0], 12), ask(static, long, 12), ask(static, TEXTS[2], 20)]
+        want = await static.generate(batch)
+        got = await chunked.generate(batch)
+        assert want[1].prompt_tokens > 3 * 64
+        assert [g.text for g in got] == [w.text for w in want]
+        for g, w in zip(got, want, strict=True):
+            assert g.mean_logprob == pytest.approx(w.mean_logprob, abs=1e-3)
+    finally:
+        await chunked.close()
+    assert model.config._attn_implementation == "sdpa"  # its own attention is back
+
+
+async def test_a_repeated_prompt_reads_the_kept_blocks_until_they_are_forgotten(
+    continuous: Engine,
+) -> None:
+    engine = continuous
+    assert isinstance(engine, ContinuousHFEngine)
+    request = ask(engine, " ".join(TEXTS * 4), 8)
+    (first,) = await engine.generate([request])
+    before = engine.prefix_cached_tokens
+    (again,) = await engine.generate([request])
+    kept = engine.prefix_cached_tokens - before
+    # Whole blocks of 16 only, and never the last prompt token, whose logits are needed.
+    assert first.prompt_tokens - 2 * 16 <= kept < first.prompt_tokens
+    assert again.text == first.text
+    await engine.forget_prefixes()
+    before = engine.prefix_cached_tokens
+    (cold,) = await engine.generate([request])
+    assert engine.prefix_cached_tokens == before
+    assert cold.text == first.text
+
+
 async def test_a_short_request_does_not_wait_for_a_long_one(continuous: Engine) -> None:
     story = ask(continuous, "Tell me a long story about a lighthouse keeper and a storm.", 160)
     long = asyncio.create_task(continuous.generate([story]))

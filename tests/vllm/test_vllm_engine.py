@@ -88,6 +88,15 @@ async def test_a_shared_conversation_prefix_is_served_from_the_prefix_cache(
     assert engine.prefix_cached_tokens - before >= 256
     assert engine.prefix_cached_tokens - before < result.prompt_tokens
 
+    # Forgotten, the same prompt is computed in full, as the bench's raw baselines need.
+    await engine.forget_prefixes()
+    before = engine.prefix_cached_tokens
+    [cold] = await engine.generate(
+        [GenerationRequest(chat(engine, *history, "Who counted them?"), 4)]
+    )
+    assert engine.prefix_cached_tokens == before
+    assert cold.text == result.text
+
 
 async def test_close_leaves_no_engine_process(engine: VLLMEngine) -> None:
     """Runs last: it shuts the module's engine down."""

@@ -65,4 +65,10 @@ class Engine(Protocol):
         """Answers in the order of ``batch``; never blocks the event loop."""
         ...
 
+    async def forget_prefixes(self) -> None:
+        """Drop the prompt prefixes kept from earlier calls for reuse, so that the next
+        call computes its prompts in full (the bench's raw baselines each start cold).
+        Call it between calls, not during one."""
+        ...
+
     async def close(self) -> None: ...

@@ -2,7 +2,8 @@
 
 transformers' ``ContinuousBatchingManager`` runs the model in a thread of its own
 over a paged KV cache: a request joins the running batch at the next step and
-leaves it at its own end, and prompts are not padded to the longest. Greedy
+leaves it at its own end, and prompts are not padded to the longest. Attention is
+per request (``paged_attention``), not over the whole step. Greedy
 requests go to one manager, sampled ones (temperature above 0) to a second, made
 on first use, whose temperature is set per request; a sampled answer's
 log-probabilities are taken after its temperature.
@@ -18,14 +19,20 @@ from typing import Any, Protocol
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+from kontext.metrics import PREFIX_CACHED_TOKENS
 from workers.engines.base import Generation, GenerationRequest
 from workers.engines.hf import CausalLM, HFEngine, TokenCodec
+from workers.engines.paged_attention import PER_REQUEST_SDPA
 
 
 class ContinuousLM(CausalLM, Protocol):
     """A transformers causal LM with continuous batching."""
 
+    config: Any
+
     def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def set_attn_implementation(self, attn_implementation: str) -> None: ...
 
 
 BLOCK_SIZE = 16
@@ -61,12 +68,20 @@ class ContinuousHFEngine(HFEngine):
                 f"a KV cache of {kv_cache_tokens} tokens is below the context window"
                 f" ({context_window}): a long prompt would never fit"
             )
+        layer_types = getattr(model.config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ValueError(f"the {name} model has sliding-window layers: not supported here")
         self._num_blocks = -(-kv_cache_tokens // BLOCK_SIZE)
         self._max_batch_tokens = max_batch_tokens
+        self._own_attention = model.config._attn_implementation
+        model.set_attn_implementation(PER_REQUEST_SDPA)
         self._greedy = self._start(do_sample=False)
         self._sampling: Any = None
         self._ids = itertools.count()
         self._lock = asyncio.Lock()
+        self.prefix_cached_tokens = 0
+        """Prompt tokens taken from blocks the KV cache kept, since the engine started."""
+        self._prefixes_seen = 0  # of the running managers' own counts
 
     def _start(self, do_sample: bool) -> Any:
         sampling: dict[str, Any] = (
@@ -86,6 +101,7 @@ class ContinuousHFEngine(HFEngine):
                 use_async_batching=False,
                 return_logprobs=True,
                 per_request_processors=do_sample,  # each request's own temperature
+                use_cuda_graph=False,  # the attention plans each step on the host
             ),
         )
         manager.start()
@@ -103,6 +119,7 @@ class ContinuousHFEngine(HFEngine):
         outputs = await asyncio.gather(
             *(self._one(request, ids) for request, ids in zip(batch, prompts, strict=True))
         )
+        self._count_prefixes()
         return [
             self._result(
                 len(ids),
@@ -138,9 +155,39 @@ class ContinuousHFEngine(HFEngine):
             raise RuntimeError(f"the {self.name} engine failed a request: {output.error}")
         return output
 
-    async def close(self) -> None:
-        """Stop the batching threads, each once its requests are done. The greedy one
-        goes last: stopping, it puts back the model's own attention."""
+    def _count_prefixes(self) -> None:
+        """Add what the managers took from kept blocks since the last count.
+
+        A finished request's full prompt blocks stay in the KV cache, found by the hash
+        of their tokens and those before, until their space is needed; a later prompt
+        that starts with the same blocks reads them instead of computing them."""
+        total = sum(
+            manager.batch_processor.cache._total_prefix_length  # transformers 5.17
+            for manager in (self._greedy, self._sampling)
+            if manager is not None and manager.batch_processor is not None
+        )
+        if total > self._prefixes_seen:
+            PREFIX_CACHED_TOKENS.labels(self.name).inc(total - self._prefixes_seen)
+            self.prefix_cached_tokens += total - self._prefixes_seen
+            self._prefixes_seen = total
+
+    async def _stop(self) -> None:
+        """Stop the batching threads, each once its requests are done."""
+        self._count_prefixes()
         for manager in (self._sampling, self._greedy):
             if manager is not None:
                 await asyncio.to_thread(manager.stop, block=True, timeout=30)
+        self._prefixes_seen = 0
+
+    async def forget_prefixes(self) -> None:
+        """Start the batches again, on empty KV caches (the sampled requests' batch once
+        one comes)."""
+        async with self._lock:
+            await self._stop()
+            self._sampling = None
+            self._greedy = await asyncio.to_thread(self._start, False)
+
+    async def close(self) -> None:
+        """Stop the batching threads; then put back the model's own attention."""
+        await self._stop()
+        self._lm.set_attn_implementation(self._own_attention)

@@ -114,6 +114,9 @@ class HFEngine:
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
         return await asyncio.to_thread(self._generate, list(batch))
 
+    async def forget_prefixes(self) -> None:
+        """Nothing kept: each call computes its prompts in full."""
+
     async def close(self) -> None:
         """Nothing to release: the weights are freed with the engine."""
 

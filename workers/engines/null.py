@@ -51,6 +51,9 @@ class NullEngine:
             for request in batch
         ]
 
+    async def forget_prefixes(self) -> None:
+        """Nothing kept."""
+
     async def close(self) -> None:
         """Nothing to release."""
 

@@ -155,6 +155,11 @@ class VLLMEngine:
             mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
         )
 
+    async def forget_prefixes(self) -> None:
+        """Empty vLLM's prefix cache."""
+        if not await self._llm.reset_prefix_cache():
+            raise RuntimeError("vLLM kept its prefix cache: a request is still running")
+
     async def close(self) -> None:
         """Shut vLLM down and reap its engine process (shutdown blocks for seconds)."""
         llm, self._llm = self._llm, None
