@@ -62,10 +62,11 @@ class Settings(BaseSettings):
     sees a GPU, else CPU."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The smollm2 engine's weight dtype; ``auto``: float32 on CPU, bfloat16 on CUDA."""
-    smollm2_batching: Literal["static", "continuous"] = "static"
+    smollm2_batching: Literal["auto", "static", "continuous"] = "auto"
     """How the smollm2 engine batches: ``static``, one left-padded ``generate`` call per
     micro-batch; ``continuous``, transformers' continuous batching (a request joins the
-    running batch at the next step and leaves it at its end; prompts are not padded)."""
+    running batch at the next step and leaves it at its end; prompts are not padded);
+    ``auto``: continuous on CPU, static on CUDA (continuous is not yet measured there)."""
     kv_cache_tokens: int = Field(default=16384, ge=8192)
     """Tokens the continuous smollm2 engine's paged KV cache holds over all running
     requests (at least the 8192 of its context window). Sampled requests, once one

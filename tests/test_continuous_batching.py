@@ -14,7 +14,7 @@ from kontext.settings import Settings
 from producers.client import KontextClient
 from tests.conftest import stack_env, start_stack
 from tests.factories import ask
-from workers.engines import concurrent_batches, load_engine
+from workers.engines import concurrent_batches, load_engine, smollm2
 from workers.engines.base import Engine
 from workers.engines.continuous import ContinuousHFEngine
 
@@ -30,7 +30,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 async def static() -> AsyncIterator[Engine]:
-    engine = await load_engine("smollm2", Settings())
+    engine = await load_engine("smollm2", Settings(smollm2_batching="static"))
     yield engine
     await engine.close()
 
@@ -135,9 +135,20 @@ def test_the_kv_cache_must_hold_a_whole_context_window(static: Engine) -> None:
         Settings(kv_cache_tokens=4096)
 
 
+def test_the_default_is_continuous_on_a_cpu_and_static_on_a_gpu() -> None:
+    import torch
+
+    assert Settings().smollm2_batching == "auto"
+    on_gpu = torch.cuda.is_available()
+    assert smollm2.batching(Settings()) == ("static" if on_gpu else "continuous")
+    assert smollm2.batching(Settings(device="cpu")) == "continuous"
+    assert smollm2.batching(Settings(smollm2_batching="static")) == "static"
+
+
 def test_the_inference_worker_gives_it_several_batches_at_once() -> None:
+    assert concurrent_batches("smollm2", Settings(device="cpu")) == 4
     assert concurrent_batches("smollm2", CONTINUOUS) == 4
-    assert concurrent_batches("smollm2", Settings()) == 1
+    assert concurrent_batches("smollm2", Settings(smollm2_batching="static")) == 1
     assert concurrent_batches("vllm", Settings()) == 4
     assert concurrent_batches("null", Settings()) == 1
 

@@ -29,7 +29,7 @@ async def tiny() -> AsyncIterator[Engine]:
 
 @pytest.fixture(scope="module")
 async def smol() -> AsyncIterator[Engine]:
-    engine = await load_engine("smollm2", Settings())
+    engine = await load_engine("smollm2", Settings(smollm2_batching="static"))
     yield engine
     await engine.close()
 

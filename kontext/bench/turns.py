@@ -45,7 +45,7 @@ from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY
 from kontext.settings import Settings
 from producers.client import KontextClient, KontextError
 from schemas.events import ChatMessage
-from workers.engines import system_prompt
+from workers.engines import smollm2, system_prompt
 from workers.engines.base import Engine, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -766,7 +766,7 @@ def publish(
     engine, turns = results[0]["engine"], results[0]["turns"]
     what = " (no model: pipeline overhead only)" if engine == "null" else ""
     if engine == "smollm2":
-        what = f" ({settings.smollm2_batching} batching)"
+        what = f" ({smollm2.batching(settings)} batching)"
     bench.record(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
         f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, embedder "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -40,6 +41,10 @@ BLOCK_SIZE = 16
 
 DEFAULT_TEMPERATURE = 0.7
 """The sampling manager's own temperature; each request sets its own."""
+
+# transformers' own logger for continuous batching, which prints to stderr by itself:
+# its INFO lines (cache sizes, the thread starting and stopping) are noise in a worker.
+logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
 
 
 class ContinuousHFEngine(HFEngine):

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from kontext.settings import Settings
 
@@ -94,7 +94,7 @@ def load_engine(settings: Settings) -> HFEngine:
         device_map=on,
     )
     window = model.config.max_position_embeddings
-    if settings.smollm2_batching == "continuous":
+    if batching(settings) == "continuous":
         from workers.engines.continuous import ContinuousHFEngine
 
         return ContinuousHFEngine(
@@ -103,9 +103,18 @@ def load_engine(settings: Settings) -> HFEngine:
     return HFEngine(CACHE_NAME, model, tokenizer, window, on)
 
 
+def batching(settings: Settings) -> Literal["static", "continuous"]:
+    """``KONTEXT_SMOLLM2_BATCHING`` resolved: ``auto`` is continuous on CPU, static on CUDA."""
+    if settings.smollm2_batching != "auto":
+        return settings.smollm2_batching
+    from workers.engines import device
+
+    return "continuous" if device.device(settings) == "cpu" else "static"
+
+
 def concurrent_batches(settings: Settings) -> int:
     """Micro-batches at once: several with continuous batching, which merges them."""
-    return CONTINUOUS_IN_FLIGHT if settings.smollm2_batching == "continuous" else 1
+    return CONTINUOUS_IN_FLIGHT if batching(settings) == "continuous" else 1
 
 
 def _offline() -> None:
