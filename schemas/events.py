@@ -232,7 +232,8 @@ class JobCompletion(Event):
     batched_at: datetime | None = None
     """When the engine call of the job's micro-batch began."""
     generated_at: datetime | None = None
-    """When that engine call returned."""
+    """When the engine gave the job's answer: when the call returned, or with an engine
+    that batches continuously, when the job's own request ended."""
 
     @classmethod
     def failure(

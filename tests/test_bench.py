@@ -222,26 +222,30 @@ async def test_the_bench_vacuums_the_tables_a_turn_writes_before_measuring(
 async def test_each_engine_call_of_a_run_is_read_from_its_jobs_timeline(
     pool: asyncpg.Pool,
 ) -> None:
-    """The jobs of one engine call share the stamps taken around it: grouped by them,
-    they give each call's size and time, so a full batch's call in the pipeline can be
-    set against the raw engine's call of the same size. A job answered without the
-    engine (no stamps) and a summary job are no call of the run's chat turns."""
+    """The jobs of one engine call share the stamp taken as it began, and the call ends
+    with its last answer: grouped by it, they give each call's size and time, so a full
+    batch's call in the pipeline can be set against the raw engine's call of the same
+    size. With an engine that batches continuously each job's answer has its own time.
+    A job answered without the engine (no stamps) and a summary job are no call of the
+    run's chat turns."""
     run = f"bench-t{uuid.uuid4().hex[:6]}"
     jobs = [job_request(f"turn {n}", conversation_id=f"{run}-{n}") for n in range(6)]
     jobs.append(summary_job(f"{run}-0", "tiny", 1, 1, 2, [("user", "turn 0")], 8))
     for request in jobs:
         await ledger.admit(pool, request, None)
-    # Two calls (seconds, the jobs in it); the summary job rides in the first one.
-    made = [(7.0, (0, 1, 2, 6)), (1.5, (3, 4))]
+    # Two calls: each job in it, and when its answer came (seconds into the call). The
+    # first call answered its jobs one by one; the summary job rode in it and came last.
+    made = [((0, 1, 2, 6), (3.5, 7.0, 5.0, 9.0)), ((3, 4), (1.5, 1.5))]
     began = datetime(2026, 12, 5, 1, 0, tzinfo=UTC)
-    for offset, (seconds, members) in enumerate(made):
+    for offset, (members, answered) in enumerate(made):
         start = began + timedelta(seconds=10 * offset)
-        await pool.execute(
-            "UPDATE jobs SET batched_at = $2, generated_at = $3 WHERE id = ANY($1::uuid[])",
-            [jobs[i].job_id for i in members],
-            start,
-            start + timedelta(seconds=seconds),
-        )
+        for i, seconds in zip(members, answered, strict=True):
+            await pool.execute(
+                "UPDATE jobs SET batched_at = $2, generated_at = $3 WHERE id = $1",
+                jobs[i].job_id,
+                start,
+                start + timedelta(seconds=seconds),
+            )
 
     calls = await benchmark.engine_calls(pool, f"{run}-%")
 

@@ -8,15 +8,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.connections import ensure_topics
 from kontext.settings import Settings
 from producers.client import KontextClient
+from schemas.events import ChatMessage, ContextInfo, EnrichedRequest, JobCompletion
 from tests.conftest import stack_env, start_stack
-from tests.factories import ask
+from tests.factories import ask, job_request
 from workers.engines import concurrent_batches, load_engine, smollm2
-from workers.engines.base import Engine
+from workers.engines.base import ContinuousEngine, Engine
 from workers.engines.continuous import ContinuousHFEngine
+from workers.inference import InferenceWorker
+from workers.records import Record
 
 CONTINUOUS = Settings(smollm2_batching="continuous")
 
@@ -26,6 +31,7 @@ TEXTS = [
     "Hi",
     "Write one sentence about the sea at night, with the moon over the water.",
 ]
+STORY = "Tell me a long story about a lighthouse keeper and a storm."
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +106,7 @@ async def test_a_repeated_prompt_reads_the_kept_blocks_until_they_are_forgotten(
 
 
 async def test_a_short_request_does_not_wait_for_a_long_one(continuous: Engine) -> None:
-    story = ask(continuous, "Tell me a long story about a lighthouse keeper and a storm.", 160)
+    story = ask(continuous, STORY, 160)
     long = asyncio.create_task(continuous.generate([story]))
     (short,) = await asyncio.wait_for(
         continuous.generate([ask(continuous, TEXTS[0], 2)]), timeout=60
@@ -109,6 +115,71 @@ async def test_a_short_request_does_not_wait_for_a_long_one(continuous: Engine) 
     assert not long.done()  # it joined the long one's batch and left it first
     (told,) = await asyncio.wait_for(long, timeout=120)
     assert told.completion_tokens > 2
+
+
+async def test_each_answer_of_a_batch_is_handed_over_when_its_own_request_ends(
+    continuous: Engine,
+) -> None:
+    assert isinstance(continuous, ContinuousEngine)
+    story, short = await continuous.generate_each(
+        [ask(continuous, STORY, 96), ask(continuous, TEXTS[0], 2)]
+    )
+    done, _ = await asyncio.wait([story, short], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {short}
+    assert short.result().completion_tokens == 2
+    told = await asyncio.wait_for(story, timeout=120)
+    assert told.completion_tokens > 2
+
+
+def _enriched(engine: Engine, text: str, max_tokens: int) -> EnrichedRequest:
+    message = ChatMessage(role="user", content=text)
+    prompt = engine.tokenizer.render([message])
+    return EnrichedRequest(
+        request=job_request(text, model=engine.name, max_tokens=max_tokens),
+        prompt=prompt,
+        context=ContextInfo(prompt_tokens=engine.tokenizer.count(prompt)),
+        new_turns=[],
+    )
+
+
+async def test_the_inference_worker_publishes_each_answer_when_its_request_ends(
+    broker: EmbeddedBroker, continuous: Engine
+) -> None:
+    """One micro-batch of a long answer and a short one, on the real broker: the short
+    one's completion reaches the completions topic first, stamped with its batch's
+    start and an earlier end than the long one's, which follows once written."""
+    settings = Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        topic_prefix=f"each{uuid.uuid4().hex[:8]}",
+        topic_partitions=1,
+    )
+    topics = settings.topics
+    await ensure_topics(settings, [topics.completions, topics.dead_letters])
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    reader = AIOKafkaConsumer(
+        topics.completions, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
+    )
+    await producer.start()
+    await reader.start()
+    try:
+        story, short = _enriched(continuous, STORY, 96), _enriched(continuous, TEXTS[0], 2)
+        records = [
+            Record("enriched", 0, n, None, item.encode()) for n, item in enumerate((story, short))
+        ]
+        await asyncio.wait_for(InferenceWorker(settings, continuous, producer).handle(records), 180)
+        first, second = [
+            JobCompletion.decode((await asyncio.wait_for(reader.getone(), 30)).value)
+            for _ in range(2)
+        ]
+    finally:
+        await reader.stop()
+        await producer.stop()
+    assert first.job_id == short.request.job_id and second.job_id == story.request.job_id
+    assert first.usage is not None and first.usage.completion_tokens == 2
+    assert second.usage is not None and second.usage.completion_tokens > 2
+    assert first.batched_at is not None and first.batched_at == second.batched_at
+    assert first.generated_at is not None and second.generated_at is not None
+    assert first.batched_at < first.generated_at < second.generated_at
 
 
 async def test_sampled_and_greedy_requests_share_a_call(static: Engine, continuous: Engine) -> None:

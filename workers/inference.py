@@ -1,20 +1,25 @@
 """The inference worker: drains micro-batches of enriched requests into one engine.
 
-Each batch is one engine call, between the policy chain's two inference hooks
-(one call each per batch): ``before_engine`` may answer jobs itself (the
-response cache), so they skip the engine; ``rewrite_completion`` may change
-each engine result (PII redaction); ``after_engine`` may hold results (human
-review), which are then not published. The rest go to the completions
-topic; the batch's offsets are committed (by the consume loop) only after they
-are delivered.
+Each batch is one engine call, between the policy chain's inference hooks.
+``before_engine`` (once per batch) may answer jobs itself (the response cache):
+they skip the engine, and their completions go out at once. ``rewrite_completion``
+may change each engine result (PII redaction); ``after_engine`` may hold results
+(human review), which are then not published. An engine that batches
+continuously (``ContinuousEngine``) hands each answer over as its request ends:
+those that end together go through ``after_engine`` (one call) and out to the
+completions topic at once, without waiting for the rest of the batch. The
+batch's offsets are committed (by the consume loop) only after all of them are
+delivered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
+from typing import NamedTuple
 from uuid import UUID
 
 import orjson
@@ -34,7 +39,7 @@ from workers.completions import completion_for
 from workers.consumer import BatchConsumer
 from workers.deadletter import DeadLetters
 from workers.engines import concurrent_batches
-from workers.engines.base import Engine, Generation, GenerationRequest
+from workers.engines.base import ContinuousEngine, Engine, Generation, GenerationRequest
 from workers.policies.chain import PolicyChain
 from workers.policies.compose import ChainParts, build_chain
 from workers.records import Record
@@ -67,6 +72,18 @@ def unrunnable(
             continue
         failed.append(JobCompletion.failure(request, UNREADABLE))
     return failed
+
+
+def _engine_error(exc: BaseException) -> ErrorInfo:
+    return ErrorInfo(code="engine_error", message=f"the engine failed: {exc}")
+
+
+class _Call(NamedTuple):
+    """An engine call, for its jobs' spans: its own span, its start, its jobs."""
+
+    span: trace.Span
+    began: int
+    size: int
 
 
 class InferenceWorker:
@@ -103,121 +120,215 @@ class InferenceWorker:
         items = list(batch.values())
         observe_waits("inference", [(item.enriched_at, item.request.priority) for item in items])
         answered = await self.policies.before_engine(items) if items else {}
-        to_run = [item for item in items if item.request.job_id not in answered]
-        batched_at = generated_at = None
-        outputs: list[Generation | ErrorInfo] = []
-        began = ended = 0
-        if to_run:
-            BATCH_SIZE.labels(self.engine.name).observe(len(to_run))
-            batched_at = utcnow()
-            began = tracing.now_ns() if traced else 0
-            outputs = await self._generate(to_run)
-            ended = tracing.now_ns() if traced else 0
-            generated_at = utcnow()
-        ran = [
-            (
-                item,
-                self.policies.rewrite_completion(
-                    completion_for(item, output, batched_at, generated_at)
-                ),
+        if answered:
+            cached = [
+                (item, answered[item.request.job_id])
+                for item in items
+                if item.request.job_id in answered
+            ]
+            headers = self._job_spans(cached, parents, set()) if traced else None
+            sends += await completions.publish(
+                self.settings, self.producer, [done for _, done in cached], headers
             )
-            for item, output in zip(to_run, outputs, strict=True)
-        ]
-        held = await self.policies.after_engine(ran) if ran else set()
-        done = dict(answered)
-        done.update((item.request.job_id, completion) for item, completion in ran)
-        published = [done[i.request.job_id] for i in items if i.request.job_id not in held]
-        headers = self._trace(items, to_run, parents, done, held, began, ended) if traced else None
-        sends += await completions.publish(self.settings, self.producer, published, headers)
+        to_run = [item for item in items if item.request.job_id not in answered]
+        if to_run:
+            sends += await self._run(to_run, parents if traced else None)
         if sends:
             await asyncio.gather(*sends)
 
-    def _trace(
+    async def _run(
         self,
         items: Sequence[EnrichedRequest],
-        to_run: Sequence[EnrichedRequest],
-        parents: dict[UUID, Sequence[tuple[str, bytes]]],
-        done: dict[UUID, JobCompletion],
-        held: set[UUID],
-        began: int,
-        ended: int,
-    ) -> dict[UUID, tracing.Headers]:
-        """The batch's spans: one ``inference batch`` span for the engine call (a trace
-        of its own, linked to the span of each job it carried), and per job an
-        ``inference`` span in the job's trace (linked to the batch span), whose context
-        goes with the job's completion. Returns those completions' headers."""
+        parents: dict[UUID, Sequence[tuple[str, bytes]]] | None,
+    ) -> list[asyncio.Future[object]]:
+        """Run ``items`` through the engine, and publish the answers as they come:
+        each as soon as it is done with an engine that batches continuously, else all
+        at the call's end. ``parents``: the jobs' trace contexts, when traced."""
+        BATCH_SIZE.labels(self.engine.name).observe(len(items))
+        batched_at = utcnow()
+        call = None
+        if parents is not None:
+            began = tracing.now_ns()
+            call = _Call(self._batch_span(items, parents, began), began, len(items))
+        sends: list[asyncio.Future[object]] = []
+        try:
+            async with contextlib.aclosing(self._answers(items)) as answers:
+                async for outputs in answers:
+                    generated_at = utcnow()
+                    ran = [
+                        (
+                            item,
+                            self.policies.rewrite_completion(
+                                completion_for(item, output, batched_at, generated_at)
+                            ),
+                        )
+                        for item, output in outputs
+                    ]
+                    held = await self.policies.after_engine(ran)
+                    headers = None
+                    if parents is not None:
+                        headers = self._job_spans(ran, parents, held, call)
+                    published = [done for item, done in ran if item.request.job_id not in held]
+                    sends += await completions.publish(
+                        self.settings, self.producer, published, headers
+                    )
+        finally:
+            if call is not None:
+                call.span.end()
+        return sends
+
+    async def _answers(
+        self, items: Sequence[EnrichedRequest]
+    ) -> AsyncGenerator[Sequence[tuple[EnrichedRequest, Generation | ErrorInfo]]]:
+        """The engine's answers to ``items``, in groups as they are done: those that
+        end together, with an engine that batches continuously; else the whole batch.
+        The call's time is observed when its last answer is in."""
+        started = time.perf_counter()
+        latency = ENGINE_LATENCY.labels(self.engine.name)
+        if not isinstance(self.engine, ContinuousEngine):
+            outputs = await self._generate(items)
+            latency.observe(time.perf_counter() - started)
+            self._count(outputs)
+            yield list(zip(items, outputs, strict=True))
+            return
+        pending, failed = await self._start_each(self.engine, items)
+        try:
+            if failed:
+                yield failed
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                group: list[tuple[EnrichedRequest, Generation | ErrorInfo]] = []
+                for task in done:
+                    item = pending.pop(task)
+                    group.append((item, self._outcome(task, item)))
+                if not pending:
+                    latency.observe(time.perf_counter() - started)
+                self._count([output for _, output in group])
+                yield group
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _start_each(
+        self, engine: ContinuousEngine, items: Sequence[EnrichedRequest]
+    ) -> tuple[
+        dict[asyncio.Task[Generation], EnrichedRequest], list[tuple[EnrichedRequest, ErrorInfo]]
+    ]:
+        """Each item's request started in the engine, and the items that could not be.
+        If the batch cannot start as one, each item starts alone, so one bad prompt
+        fails only its own job."""
+        try:
+            tasks = await engine.generate_each([self._request(item) for item in items])
+        except Exception as exc:
+            if len(items) == 1:
+                log.exception("%s: engine failed on job %s", self.name, items[0].request.job_id)
+                return {}, [(items[0], _engine_error(exc))]
+            started: dict[asyncio.Task[Generation], EnrichedRequest] = {}
+            failed: list[tuple[EnrichedRequest, ErrorInfo]] = []
+            for item in items:
+                one, refused = await self._start_each(engine, [item])
+                started.update(one)
+                failed += refused
+            return started, failed
+        return dict(zip(tasks, items, strict=True)), []
+
+    def _outcome(
+        self, task: asyncio.Task[Generation], item: EnrichedRequest
+    ) -> Generation | ErrorInfo:
+        exc = task.exception()
+        if exc is None:
+            return task.result()
+        log.error("%s: engine failed on job %s", self.name, item.request.job_id, exc_info=exc)
+        return _engine_error(exc)
+
+    def _count(self, outputs: Sequence[Generation | ErrorInfo]) -> None:
+        """The engine's request and token counters, for the answers it gave."""
         model = self.engine.name
-        batch_span: trace.Span | None = None
-        if to_run:
-            links = [
-                trace.Link(found, {"kontext.job_id": str(item.request.job_id)})
-                for item in to_run
-                if (found := tracing.span_context(parents.get(item.request.job_id))) is not None
-            ]
-            batch_span = tracing.start(
-                "inference batch",
-                otel_context.Context(),
-                start_time=began,
-                links=links,
-                attributes={"kontext.model": model, "kontext.batch_size": len(to_run)},
-            )
-            batch_span.end(end_time=ended)
-        ran = {item.request.job_id for item in to_run}
-        batch_link = [trace.Link(batch_span.get_span_context())] if batch_span else []
+        generations = [g for g in outputs if isinstance(g, Generation)]
+        ENGINE_REQUESTS.labels(model).inc(len(generations))
+        TOKENS.labels(model, "prompt").inc(sum(g.prompt_tokens for g in generations))
+        TOKENS.labels(model, "completion").inc(sum(g.completion_tokens for g in generations))
+
+    def _batch_span(
+        self,
+        items: Sequence[EnrichedRequest],
+        parents: dict[UUID, Sequence[tuple[str, bytes]]],
+        began: int,
+    ) -> trace.Span:
+        """The ``inference batch`` span of the engine call: a trace of its own, linked
+        to the span of each job it carries. End it when the call's last answer is in."""
+        links = [
+            trace.Link(found, {"kontext.job_id": str(item.request.job_id)})
+            for item in items
+            if (found := tracing.span_context(parents.get(item.request.job_id))) is not None
+        ]
+        return tracing.start(
+            "inference batch",
+            otel_context.Context(),
+            start_time=began,
+            links=links,
+            attributes={"kontext.model": self.engine.name, "kontext.batch_size": len(items)},
+        )
+
+    def _job_spans(
+        self,
+        done: Sequence[tuple[EnrichedRequest, JobCompletion]],
+        parents: dict[UUID, Sequence[tuple[str, bytes]]],
+        held: set[UUID],
+        call: _Call | None = None,
+    ) -> dict[UUID, tracing.Headers]:
+        """Per job an ``inference`` span in the job's trace, ending now: from the start
+        of its engine ``call`` (whose span it links to), or for a job answered without
+        the engine, a span of its own moment. Returns the headers that carry each span
+        on with the job's completion."""
+        links = [trace.Link(call.span.get_span_context())] if call else None
         headers: dict[UUID, tracing.Headers] = {}
-        for item in items:
+        for item, completion in done:
             job_id = item.request.job_id
-            engine = job_id in ran
             span = tracing.start(
                 "inference",
                 tracing.extract(parents.get(job_id)),
-                start_time=began if engine else None,
+                start_time=call.began if call else None,
                 kind=trace.SpanKind.CONSUMER,
-                links=batch_link if engine else None,
+                links=links,
                 attributes={
                     "kontext.job_id": str(job_id),
-                    "kontext.model": model,
-                    "kontext.batch_size": len(to_run),
-                    "kontext.cached": not engine,
+                    "kontext.model": self.engine.name,
+                    "kontext.batch_size": call.size if call else 0,
+                    "kontext.cached": call is None,
                     "kontext.held_for_review": job_id in held,
                 },
             )
-            completion = done.get(job_id)
-            if completion is not None and completion.usage is not None:
+            if completion.usage is not None:
                 span.set_attribute("kontext.prompt_tokens", completion.usage.prompt_tokens)
                 span.set_attribute("kontext.completion_tokens", completion.usage.completion_tokens)
-            if completion is not None and completion.error is not None:
+            if completion.error is not None:
                 tracing.fail(span, completion.error.code, completion.error.message)
-            span.end(end_time=ended if engine else None)
+            span.end()
             headers[job_id] = tracing.headers_for(span)
         return headers
+
+    @staticmethod
+    def _request(item: EnrichedRequest) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=item.prompt,
+            max_tokens=item.request.max_tokens,
+            temperature=item.request.temperature,
+            prompt_tokens=item.context.prompt_tokens,
+        )
 
     async def _generate(self, items: Sequence[EnrichedRequest]) -> list[Generation | ErrorInfo]:
         """One engine call for the batch; if it fails, each item alone, so one bad
         prompt fails only its own job."""
-        requests = [
-            GenerationRequest(
-                prompt=item.prompt,
-                max_tokens=item.request.max_tokens,
-                temperature=item.request.temperature,
-                prompt_tokens=item.context.prompt_tokens,
-            )
-            for item in items
-        ]
-        model = self.engine.name
-        started = time.perf_counter()
+        requests = [self._request(item) for item in items]
         try:
-            generations = list(await self.engine.generate(requests))
+            generations: list[Generation | ErrorInfo] = list(await self.engine.generate(requests))
         except Exception as exc:
             if len(requests) == 1:
                 log.exception("%s: engine failed on job %s", self.name, items[0].request.job_id)
-                return [ErrorInfo(code="engine_error", message=f"the engine failed: {exc}")]
+                return [_engine_error(exc)]
         else:
-            ENGINE_LATENCY.labels(model).observe(time.perf_counter() - started)
-            ENGINE_REQUESTS.labels(model).inc(len(generations))
-            TOKENS.labels(model, "prompt").inc(sum(g.prompt_tokens for g in generations))
-            TOKENS.labels(model, "completion").inc(sum(g.completion_tokens for g in generations))
-            return list(generations)
+            return generations
         results: list[Generation | ErrorInfo] = []
         for item in items:
             results.extend(await self._generate([item]))

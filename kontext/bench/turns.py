@@ -417,11 +417,14 @@ ENGINE_CALLED = "conversation_id LIKE $1 AND kind = 'chat' AND batched_at IS NOT
 async def engine_calls(pool: asyncpg.Pool, conversations: str) -> list[tuple[int, float]]:
     """Each engine call that ran jobs of the conversations matching ``conversations`` (a
     LIKE pattern), as (jobs in it, milliseconds), from the jobs' timeline: the jobs of
-    one call share the stamps taken around it (``batched_at``, ``generated_at``)."""
+    one call share the stamp taken as it began (``batched_at``), and the call ends with
+    its last answer (the latest ``generated_at``: with an engine that batches
+    continuously, each job's answer has its own)."""
     rows = await pool.fetch(
-        "SELECT count(*) AS size, extract(epoch FROM generated_at - batched_at) * 1000 AS ms"
+        "SELECT count(*) AS size,"
+        " extract(epoch FROM max(generated_at) - batched_at) * 1000 AS ms"
         f" FROM jobs WHERE {ENGINE_CALLED}"
-        " GROUP BY batched_at, generated_at ORDER BY batched_at",
+        " GROUP BY batched_at ORDER BY batched_at",
         conversations,
     )
     return [(int(row["size"]), float(row["ms"])) for row in rows]

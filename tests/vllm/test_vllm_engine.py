@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import psutil
@@ -11,7 +12,7 @@ import pytest
 from kontext.settings import Settings
 from schemas.events import ChatMessage
 from workers.engines import load_engine
-from workers.engines.base import GenerationRequest
+from workers.engines.base import ContinuousEngine, GenerationRequest
 from workers.engines.vllm import VLLMEngine
 
 pytest.importorskip(
@@ -61,6 +62,22 @@ async def test_a_batch_fans_out_into_one_generation_per_request(engine: VLLMEngi
     assert (results[-1].finish_reason, results[-1].completion_tokens) == ("length", 5)
     # A greeting gets a short reply that ends on its own.
     assert results[0].finish_reason == "stop"
+
+
+async def test_each_answer_is_handed_over_when_its_own_request_ends(engine: VLLMEngine) -> None:
+    """The inference worker publishes each answer of a batch as soon as it is done."""
+    assert isinstance(engine, ContinuousEngine)
+    story, short = await engine.generate_each(
+        [
+            GenerationRequest(chat(engine, "Write a long poem about the sea."), max_tokens=96),
+            GenerationRequest(chat(engine, "What is the capital of France?"), max_tokens=2),
+        ]
+    )
+    done, _ = await asyncio.wait([story, short], timeout=60, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {short}
+    assert short.result().completion_tokens == 2
+    poem = await asyncio.wait_for(story, timeout=120)
+    assert poem.completion_tokens > 2
 
 
 async def test_greedy_output_is_deterministic(engine: VLLMEngine) -> None:

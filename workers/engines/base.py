@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,16 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ContinuousEngine(Engine, Protocol):
+    """An engine that batches continuously: its requests run in one batch, but each
+    leaves it at its own end, so each answer can go out before the batch's last."""
+
+    async def generate_each(
+        self, batch: Sequence[GenerationRequest]
+    ) -> list[asyncio.Task[Generation]]:
+        """Start every request of ``batch``: a task per request, in the order of
+        ``batch``, done when its own answer is; each fails alone. Await or cancel them."""
+        ...

