@@ -14,6 +14,7 @@ from kontext.app.embedded import embedded
 from kontext.app.process import console, run_until_signal, run_work, settings_for, setup_logging
 from kontext.app.runtime import SERVICES, Runtime, prepare
 from kontext.store import keys
+from workers.engines import smollm2
 
 SeparateInference = Annotated[
     bool,
@@ -79,6 +80,10 @@ def bench_lanes(
     probes: Annotated[int, typer.Option(min=10, help="Interactive jobs per phase.")] = 100,
     lines: Annotated[int, typer.Option(min=1, help="Lines in the background backfill.")] = 10_000,
     max_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    line_max_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="The backfill lines' max_tokens (default: --max-tokens)."),
+    ] = None,
     separate_inference: SeparateInference = False,
 ) -> None:
     """Interactive p50/p95/p99 latency without, then during, a large batch backfill."""
@@ -97,7 +102,9 @@ def bench_lanes(
             key = await keys.mint(settings.dsn)
             auth = {"Authorization": f"Bearer {key}"}
             async with httpx.AsyncClient(base_url=url, timeout=60, headers=auth) as http:
-                return await bench_lanes.run(http, engine, probes, lines, max_tokens, metrics_urls)
+                return await bench_lanes.run(
+                    http, engine, probes, lines, max_tokens, metrics_urls, line_max_tokens
+                )
 
         async def work(runtime: Runtime, url: str) -> bench_lanes.Result:
             if not separate_inference:
@@ -111,14 +118,20 @@ def bench_lanes(
     body = bench_lanes.table(result)
     print(body)
     where = "its own process" if separate_inference else "the same process as the rest"
+    what = f" ({smollm2.batching(settings)} batching)" if engine == "smollm2" else ""
+    lines_limit = f" (the lines' {line_max_tokens})" if line_max_tokens else ""
+    command = (
+        f"kontext bench-lanes --engine {engine} --probes {probes} --lines {lines}"
+        f" --max-tokens {max_tokens}"
+        + (f" --line-max-tokens {line_max_tokens}" if line_max_tokens else "")
+        + (" --separate-inference" if separate_inference else "")
+    )
     bench.record(
         "Interactive latency during a batch backfill",
-        f"Engine `{engine}`, max_tokens {max_tokens}, interactive jobs one at a time, "
-        f"background share {settings.background_share}, pacing window "
+        f"Engine `{engine}`{what}, max_tokens {max_tokens}{lines_limit}, interactive jobs "
+        f"one at a time, background share {settings.background_share}, pacing window "
         f"{settings.pacing_window_ms} ms, batch max size {settings.batch_max_size}, "
-        f"inference worker in {where}; command: "
-        f"`kontext bench-lanes --engine {engine} --probes {probes} --lines {lines}"
-        + (" --separate-inference`." if separate_inference else "`."),
+        f"inference worker in {where}; command: `{command}`.",
         body,
     )
 

@@ -180,13 +180,14 @@ async def run(
     lines: int,
     max_tokens: int,
     metrics_urls: Sequence[str] = (),
+    line_max_tokens: int | None = None,
 ) -> Result:
     """Probes on an idle deployment, then during a backfill of ``lines`` lines, then the
     backfill's pace without them. ``metrics_urls``: endpoints of stages running in
-    other processes."""
+    other processes; ``line_max_tokens``: the lines' own limit (the probes' if None)."""
     await probe(http, model, 3, max_tokens)  # warm-up, not measured
     idle = await measured(http, "without backfill", model, probes, max_tokens, metrics_urls)
-    created = await create_batch(http, backfill_input(model, lines, max_tokens))
+    created = await create_batch(http, backfill_input(model, lines, line_max_tokens or max_tokens))
     created.raise_for_status()
     batch_id = created.json()["id"]
     try:
