@@ -247,6 +247,43 @@ async def test_background_batches_pause_the_lane_while_interactive_jobs_arrive(
     assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]
 
 
+async def test_background_work_alone_leaves_a_slot_free_for_interactive_jobs(
+    broker: EmbeddedBroker,
+) -> None:
+    """Two batches may run at once (an engine that batches continuously). While
+    interactive jobs arrive, a backfill takes one slot, not both: however long its
+    batch runs, the next interactive job starts at once, without background work
+    beside it; the backfill goes on once its batch is done."""
+    high, low = await _lanes(broker, high=0, low=20, start=False)
+    high_topic = next(iter(high.subscription()))
+    low_topic = next(iter(low.subscription()))
+    pacer = Pacer(share=0.9, window_s=60)
+    pacer.saw_interactive()  # interactive jobs are arriving
+    handler = Held()
+    worker = BatchConsumer(
+        high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer, max_in_flight=2
+    )
+    running = asyncio.create_task(worker.run())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        await wait_for(lambda: len(handler.batches) == 1, timeout=30)
+        assert worker.free.is_set() and not worker.background_free.is_set()
+        await producer.send_and_wait(high_topic, b"interactive")
+        await wait_for(lambda: len(handler.batches) == 2, timeout=30)
+        handler.release.set()
+        await wait_for(lambda: len(handler.batches) == 3, timeout=30)
+    finally:
+        handler.release.set()
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await producer.stop()
+    first, second, third = handler.batches[:3]
+    assert {r.topic for r in first} == {low_topic}
+    assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]
+    assert {r.topic for r in third} == {low_topic}
+
+
 async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler(
     broker: EmbeddedBroker,
 ) -> None:

@@ -147,6 +147,7 @@ async def drain_lanes(
     free: asyncio.Event | None = None,
     pacer: Pacer | None = None,
     tempo: FetchTempo | None = None,
+    background_free: asyncio.Event | None = None,
 ) -> list[Record]:
     """The next micro-batch across two priority lanes.
 
@@ -158,7 +159,9 @@ async def drain_lanes(
     that arrive meanwhile, and a batch carrying one stays small (quick to run).
     Only records that go into the batch are fetched, so committing both consumers'
     positions afterwards never skips one. With a ``pacer``, while interactive jobs
-    arrive background work takes only its reserve, and none while the pacer pauses it.
+    arrive background work takes only its reserve, and none while the pacer pauses it
+    or while ``background_free`` is clear (the only free slot is the one kept for
+    interactive work).
     """
     high: list[Record] = []
     low: list[Record] = []
@@ -170,7 +173,8 @@ async def drain_lanes(
         has paused the lane by then."""
         if pacer is None or not pacer.interactive_active():
             return True
-        return can_start and pacer.background_may_start()
+        kept = not _can_start(background_free, stopping)
+        return can_start and not kept and pacer.background_may_start()
 
     def background_room() -> int:
         """Background work beyond its reserve: none while interactive jobs arrive, so
@@ -230,7 +234,10 @@ class BatchConsumer:
         keeps ``background_share`` of each batch; ``pacer`` paces that work while
         interactive jobs arrive, and is told how long it ran. Up to ``max_in_flight``
         batches are handled at once (for an engine that merges concurrent calls, such
-        as vLLM). ``tempo`` sets the consumers' fetch waits by whether records flow."""
+        as vLLM); while interactive jobs arrive (by the ``pacer``), background work alone
+        leaves one of them free for interactive work, so a backfill whose batches run
+        long never holds every slot. ``tempo`` sets the consumers' fetch waits by
+        whether records flow."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
@@ -245,12 +252,26 @@ class BatchConsumer:
         self.stopping = asyncio.Event()
         self.free = asyncio.Event()
         """Set while fewer than ``max_in_flight`` batches are being handled."""
-        self.free.set()
+        self.background_free = asyncio.Event()
+        """Set while a slot is free besides the one kept for interactive work (with a
+        single slot, none is kept)."""
+        self._slots_taken(0)
         self._uncommitted: dict[TopicPartition, int] = {}
         """Offsets past finished batches, not committed yet."""
         self._committed_at = 0.0
         self._committing = asyncio.Lock()
         self._commit_later: asyncio.Task[None] | None = None
+
+    def _slots_taken(self, taken: int) -> None:
+        """Set or clear the slot events for ``taken`` batches in flight."""
+        for event, slots in (
+            (self.free, self.max_in_flight),
+            (self.background_free, max(1, self.max_in_flight - 1)),
+        ):
+            if taken < slots:
+                event.set()
+            else:
+                event.clear()
 
     @property
     def consumers(self) -> list[AIOKafkaConsumer]:
@@ -271,6 +292,7 @@ class BatchConsumer:
             self.free,
             self.pacer,
             self.tempo,
+            self.background_free,
         )
 
     async def run(self) -> None:
@@ -316,8 +338,7 @@ class BatchConsumer:
                                 self._background_count(records),
                             )
                         )
-                        if len(in_flight) >= self.max_in_flight:
-                            self.free.clear()
+                        self._slots_taken(len(in_flight))
             while in_flight:
                 await asyncio.wait([in_flight[0].task])
                 if not await self._commit_done(in_flight):
@@ -347,7 +368,7 @@ class BatchConsumer:
         False if one of them gave up (the consumer is stopping)."""
         while in_flight and in_flight[0].task.done():
             done = in_flight.popleft()
-            self.free.set()
+            self._slots_taken(len(in_flight))
             if not done.task.result():
                 return False
             if self.pacer is not None and done.background:
