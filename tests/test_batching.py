@@ -284,6 +284,26 @@ async def test_background_work_alone_leaves_a_slot_free_for_interactive_jobs(
     assert {r.topic for r in third} == {low_topic}
 
 
+async def test_an_interactive_batch_keeps_the_pacer_active_until_it_ends(
+    broker: EmbeddedBroker,
+) -> None:
+    high, low = await _lanes(broker, high=1, low=0, start=False)
+    pacer = Pacer(share=0.25, window_s=30)
+    handler = Held()
+    worker = BatchConsumer(high, handler, max_size=3, max_wait_ms=0, background=low, pacer=pacer)
+    running = asyncio.create_task(worker.run())
+    try:
+        await wait_for(lambda: len(handler.batches) == 1, timeout=30)
+        assert pacer.interactive_active(time.monotonic() + 60)  # held past any window
+        handler.release.set()
+        await wait_for(lambda: not pacer.interactive_active(time.monotonic() + 60), timeout=10)
+        assert pacer.interactive_active()  # the window runs from the batch's end
+    finally:
+        handler.release.set()
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+
+
 async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler(
     broker: EmbeddedBroker,
 ) -> None:

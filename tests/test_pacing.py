@@ -4,6 +4,7 @@ flat out again once they stop."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +31,17 @@ def test_pacing_off_never_pauses() -> None:
         assert pacer.background_may_start()
     with pytest.raises(ValueError):
         Pacer(share=0, window_s=1)
+
+
+def test_an_interactive_job_counts_as_arriving_until_its_batch_ends() -> None:
+    """A job that waits longer than the window (a long engine call) still holds
+    background work back; the window runs again from its batch's end."""
+    pacer = Pacer(share=0.25, window_s=2)
+    later = time.monotonic() + 60  # well past any window
+    pacer.interactive_began()
+    assert pacer.interactive_active(later)
+    pacer.interactive_ended()
+    assert pacer.interactive_active() and not pacer.interactive_active(later)
 
 
 async def test_background_resumes_when_its_pause_ends() -> None:

@@ -232,12 +232,12 @@ class BatchConsumer:
     ) -> None:
         """With ``background``, ``consumer`` is the interactive lane and background work
         keeps ``background_share`` of each batch; ``pacer`` paces that work while
-        interactive jobs arrive, and is told how long it ran. Up to ``max_in_flight``
-        batches are handled at once (for an engine that merges concurrent calls, such
-        as vLLM); while interactive jobs arrive (by the ``pacer``), background work alone
-        leaves one of them free for interactive work, so a backfill whose batches run
-        long never holds every slot. ``tempo`` sets the consumers' fetch waits by
-        whether records flow."""
+        interactive jobs arrive, and is told how long it ran and which batches carry
+        interactive jobs. Up to ``max_in_flight`` batches are handled at once (for an
+        engine that merges concurrent calls, such as vLLM); while interactive jobs
+        arrive, background work alone leaves one of them free for interactive work, so
+        a backfill whose batches run long never holds every slot. ``tempo`` sets the
+        consumers' fetch waits by whether records flow."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
@@ -261,6 +261,10 @@ class BatchConsumer:
         self._committed_at = 0.0
         self._committing = asyncio.Lock()
         self._commit_later: asyncio.Task[None] | None = None
+
+    def _interactive_ended(self) -> None:
+        if self.pacer is not None:
+            self.pacer.interactive_ended()
 
     def _slots_taken(self, taken: int) -> None:
         """Set or clear the slot events for ``taken`` batches in flight."""
@@ -330,14 +334,12 @@ class BatchConsumer:
                     records, upcoming = upcoming.result(), None
                     if records:
                         handling = retry_until_done(self.handler, records, self.stopping)
-                        in_flight.append(
-                            Handling(
-                                records,
-                                asyncio.create_task(handling),
-                                time.monotonic(),
-                                self._background_count(records),
-                            )
-                        )
+                        task = asyncio.create_task(handling)
+                        background = self._background_count(records)
+                        if self.pacer is not None and background < len(records):
+                            self.pacer.interactive_began()
+                            task.add_done_callback(lambda _: self._interactive_ended())
+                        in_flight.append(Handling(records, task, time.monotonic(), background))
                         self._slots_taken(len(in_flight))
             while in_flight:
                 await asyncio.wait([in_flight[0].task])

@@ -7,8 +7,10 @@ slower beside it. Priority queues alone cannot help: they only order the work
 that is waiting. So for ``window_s`` after each interactive job a stage sees,
 each stretch of background work of ``d`` seconds is followed by a pause of
 ``d * (1 - share) / share`` in which no background work starts (interactive work
-does). With no interactive job for ``window_s``, background work runs flat out
-again: a backfill on an idle deployment loses nothing.
+does). An interactive job counts as arriving until its engine batch ends: a job
+that waits longer than the window still holds background work back. With no
+interactive job for ``window_s``, background work runs flat out again: a backfill
+on an idle deployment loses nothing.
 
 One pacer per process, shared by its stages (they share its cores).
 """
@@ -39,6 +41,8 @@ class Pacer:
         self.share = share
         self.window_s = window_s
         self._last_interactive = -float("inf")
+        self._running = 0
+        """Engine batches with interactive jobs in them, running in this process."""
         self._resume_at = -float("inf")
         self._changed = asyncio.Event()
         """Set when an interactive job or a pause changes when background work may run."""
@@ -52,10 +56,21 @@ class Pacer:
         self._last_interactive = time.monotonic()
         self._changed.set()
 
+    def interactive_began(self) -> None:
+        """An engine batch with interactive jobs in it started."""
+        self._running += 1
+        self.saw_interactive()
+
+    def interactive_ended(self) -> None:
+        """That batch ended: the window runs from now."""
+        self._running -= 1
+        self.saw_interactive()
+
     def interactive_active(self, now: float | None = None) -> bool:
-        """Whether an interactive job arrived within the window."""
+        """Whether an interactive job is running, or arrived within the window."""
         now = time.monotonic() if now is None else now
-        return self.enabled and now - self._last_interactive < self.window_s
+        recent = self._running > 0 or now - self._last_interactive < self.window_s
+        return self.enabled and recent
 
     def background_may_start(self) -> bool:
         """Whether background work may start now."""
@@ -79,8 +94,10 @@ class Pacer:
         while not self.background_may_start():
             now = time.monotonic()
             # Until the pause ends or the interactive window closes, whichever is first;
-            # woken early when either moves.
-            until = min(self._resume_at, self._last_interactive + self.window_s)
+            # woken early when either moves (a running interactive batch keeps it open).
+            until = self._resume_at
+            if not self._running:
+                until = min(until, self._last_interactive + self.window_s)
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=max(until - now, 0.001))
