@@ -1,6 +1,6 @@
-"""Several micro-batches in flight, against the real broker: offsets are committed
-in order, never past a batch that is not done, and a stop leaves unfinished
-batches to be delivered again."""
+"""Several micro-batches in flight, against the real broker: a batch's slot frees up
+as it ends, offsets are committed in order, never past a batch that is not done, and
+a stop leaves unfinished batches to be delivered again."""
 
 from __future__ import annotations
 
@@ -125,11 +125,12 @@ async def test_offsets_never_pass_a_batch_that_is_not_done(topic: Topic) -> None
 
         handler.finish(3)  # the second batch finishes first
         await wait_for(lambda: handler.done == [3])
+        # Its slot is free at once: the fourth starts while the first still runs.
+        await wait_for(lambda: 9 in handler.gates, timeout=30)
         assert await topic.committed() is None  # the first is not done
 
         handler.finish(0)  # now the first two are done; the third is not
         await wait_for(lambda: topic.reached(2 * BATCH), timeout=10)
-        await wait_for(lambda: 9 in handler.gates, timeout=30)  # room for the fourth
 
         handler.finish(9)  # the fourth finishes while the third still runs
         await wait_for(lambda: 9 in handler.done)

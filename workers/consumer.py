@@ -40,6 +40,10 @@ REST_CHECK_S = 0.1
 consumers' fetch waits are brought up to date: nothing is taken meanwhile, so they
 lengthen with the wait by the quiet rule, instead of fetching at the short wait
 through a call of seconds."""
+MAX_UNCOMMITTED_BATCHES = 64
+"""Batches in hand at most, running or done but not yet committed: a slot frees up as
+its batch ends, but offsets wait for every batch before it, and a long batch at the
+head may hold many finished ones behind it."""
 COMMIT_INTERVAL_S = 0.2
 """Offsets of finished batches are committed at most this often, and at once when the
 consumer stops. A commit is a broker round trip costing about as much as tens of
@@ -50,17 +54,14 @@ idempotently."""
 
 @dataclass
 class Handling:
-    """A batch handed to the handler: its records, its retry_until_done task, when it
-    started and how many of its records came from the background lane."""
+    """A batch handed to the handler: its records and its retry_until_done task."""
 
     records: list[Record]
     task: asyncio.Task[bool]
-    started: float
-    background: int
 
 
 InFlight = deque[Handling]
-"""Batches being handled, oldest first."""
+"""Batches in hand, oldest first: running, or done and waiting to be committed."""
 
 
 async def retry_until_done(
@@ -251,7 +252,7 @@ class BatchConsumer:
         self.tempo = tempo
         self.stopping = asyncio.Event()
         self.free = asyncio.Event()
-        """Set while fewer than ``max_in_flight`` batches are being handled."""
+        """Set while fewer than ``max_in_flight`` batches are running."""
         self.background_free = asyncio.Event()
         """Set while a slot is free besides the one kept for interactive work (with a
         single slot, none is kept)."""
@@ -261,10 +262,6 @@ class BatchConsumer:
         self._committed_at = 0.0
         self._committing = asyncio.Lock()
         self._commit_later: asyncio.Task[None] | None = None
-
-    def _interactive_ended(self) -> None:
-        if self.pacer is not None:
-            self.pacer.interactive_ended()
 
     def _slots_taken(self, taken: int) -> None:
         """Set or clear the slot events for ``taken`` batches in flight."""
@@ -303,8 +300,9 @@ class BatchConsumer:
         """Handle batch after batch, up to ``max_in_flight`` at once, committing in order.
 
         The next batch is drained while the handler works, so the engine never waits
-        on Kafka when work is queued. Offsets are committed only past batches that
-        are done and have no unfinished batch before them. Once stopped, no batch
+        on Kafka when work is queued. A slot frees up as its batch ends; offsets are
+        committed only past batches that are done and have no unfinished batch before
+        them. Once stopped, no batch
         starts; those in flight finish (and are committed) or give up, and a batch
         that gave up stays uncommitted with every batch after it (delivered again).
         """
@@ -316,8 +314,9 @@ class BatchConsumer:
             while not self.stopping.is_set():
                 if upcoming is None:
                     upcoming = asyncio.create_task(self._next_batch())
-                waits: set[asyncio.Future[Any]] = {in_flight[0].task} if in_flight else set()
-                if len(in_flight) < self.max_in_flight or not upcoming.done():
+                running = {h.task for h in in_flight if not h.task.done()}
+                waits: set[asyncio.Future[Any]] = set(running)
+                if self._room(in_flight, len(running)) or not upcoming.done():
                     waits.add(upcoming)  # to start it, or to know when it is sealed
                 resting = upcoming not in waits and self.tempo is not None
                 done, _ = await asyncio.wait(
@@ -330,17 +329,13 @@ class BatchConsumer:
                         self.tempo.observe(consumer, 0)
                 if not await self._commit_done(in_flight):
                     return
-                if upcoming.done() and len(in_flight) < self.max_in_flight:
+                running_now = sum(1 for h in in_flight if not h.task.done())
+                self._slots_taken(running_now)
+                if upcoming.done() and self._room(in_flight, running_now):
                     records, upcoming = upcoming.result(), None
                     if records:
-                        handling = retry_until_done(self.handler, records, self.stopping)
-                        task = asyncio.create_task(handling)
-                        background = self._background_count(records)
-                        if self.pacer is not None and background < len(records):
-                            self.pacer.interactive_began()
-                            task.add_done_callback(lambda _: self._interactive_ended())
-                        in_flight.append(Handling(records, task, time.monotonic(), background))
-                        self._slots_taken(len(in_flight))
+                        in_flight.append(self._start(records))
+                        self._slots_taken(running_now + 1)
             while in_flight:
                 await asyncio.wait([in_flight[0].task])
                 if not await self._commit_done(in_flight):
@@ -365,18 +360,38 @@ class BatchConsumer:
             for consumer in self.consumers:
                 await consumer.stop()
 
+    def _room(self, in_flight: InFlight, running: int) -> bool:
+        """Whether a batch may start: a slot is free, and not too many finished
+        batches wait behind an unfinished one to be committed."""
+        return running < self.max_in_flight and len(in_flight) < MAX_UNCOMMITTED_BATCHES
+
+    def _start(self, records: list[Record]) -> Handling:
+        """Hand ``records`` to the handler; the pacer hears when the batch ends."""
+        task = asyncio.create_task(retry_until_done(self.handler, records, self.stopping))
+        started = time.monotonic()
+        background = self._background_count(records)
+        pacer = self.pacer
+        if pacer is not None and background < len(records):
+            pacer.interactive_began()
+            task.add_done_callback(lambda _: pacer.interactive_ended())
+        if pacer is not None and background:
+
+            def ran(done: asyncio.Task[bool]) -> None:
+                if not done.cancelled() and done.result():
+                    # The background records' part of the batch's time.
+                    took = time.monotonic() - started
+                    pacer.ran_background(took * background / len(records))
+
+            task.add_done_callback(ran)
+        return Handling(records, task)
+
     async def _commit_done(self, in_flight: InFlight) -> bool:
         """Commit past the finished batches at the head of ``in_flight``, oldest first;
         False if one of them gave up (the consumer is stopping)."""
         while in_flight and in_flight[0].task.done():
             done = in_flight.popleft()
-            self._slots_taken(len(in_flight))
             if not done.task.result():
                 return False
-            if self.pacer is not None and done.background:
-                # The background records' part of the batch's time.
-                took = time.monotonic() - done.started
-                self.pacer.ran_background(took * done.background / len(done.records))
             await self._commit(done.records)
         return True
 
