@@ -7,8 +7,8 @@ filling until one frees up), hand them to a handler, commit offsets only once it
 returns. While a sealed batch waits for a busy handler, the consumers' fetch waits
 lengthen with that wait, as in a quiet stack. A failing batch
 is retried with capped backoff; the loop never skips work it has not done.
-With several batches in flight, offsets are committed in order, never past a
-batch that is not done.
+With several batches in flight, a slot frees up as its batch ends, and offsets are
+committed in order, never past a batch that is not done.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ class BatchConsumer:
         self._commit_later: asyncio.Task[None] | None = None
 
     def _slots_taken(self, taken: int) -> None:
-        """Set or clear the slot events for ``taken`` batches in flight."""
+        """Set or clear the slot events for ``taken`` batches running."""
         for event, slots in (
             (self.free, self.max_in_flight),
             (self.background_free, max(1, self.max_in_flight - 1)),
@@ -302,9 +302,9 @@ class BatchConsumer:
         The next batch is drained while the handler works, so the engine never waits
         on Kafka when work is queued. A slot frees up as its batch ends; offsets are
         committed only past batches that are done and have no unfinished batch before
-        them. Once stopped, no batch
-        starts; those in flight finish (and are committed) or give up, and a batch
-        that gave up stays uncommitted with every batch after it (delivered again).
+        them. Once stopped, no batch starts; those in flight finish (and are
+        committed) or give up, and a batch that gave up stays uncommitted with every
+        batch after it (delivered again).
         """
         for consumer in self.consumers:
             await consumer.start()
@@ -377,7 +377,7 @@ class BatchConsumer:
         if pacer is not None and background:
 
             def ran(done: asyncio.Task[bool]) -> None:
-                if not done.cancelled() and done.result():
+                if not done.cancelled() and done.exception() is None and done.result():
                     # The background records' part of the batch's time.
                     took = time.monotonic() - started
                     pacer.ran_background(took * background / len(records))
