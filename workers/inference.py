@@ -18,8 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
-from typing import NamedTuple
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import NamedTuple, TypeVar
 from uuid import UUID
 
 import orjson
@@ -72,6 +72,10 @@ def unrunnable(
             continue
         failed.append(JobCompletion.failure(request, UNREADABLE))
     return failed
+
+
+_Result = TypeVar("_Result", Generation, "asyncio.Task[Generation]")
+"""What one engine request gives: its answer, or the task that will."""
 
 
 def _engine_error(exc: BaseException) -> ErrorInfo:
@@ -183,15 +187,24 @@ class InferenceWorker:
         """The engine's answers to ``items``, in groups as they are done: those that
         end together, with an engine that batches continuously; else the whole batch.
         The call's time is observed when its last answer is in."""
+        engine = self.engine
         started = time.perf_counter()
-        latency = ENGINE_LATENCY.labels(self.engine.name)
-        if not isinstance(self.engine, ContinuousEngine):
-            outputs = await self._generate(items)
+        latency = ENGINE_LATENCY.labels(engine.name)
+        if not isinstance(engine, ContinuousEngine):
+            outputs = await self._batch_or_each(items, engine.generate)
             latency.observe(time.perf_counter() - started)
             self._count(outputs)
             yield list(zip(items, outputs, strict=True))
             return
-        pending, failed = await self._start_each(self.engine, items)
+        pending: dict[asyncio.Task[Generation], EnrichedRequest] = {}
+        failed: list[tuple[EnrichedRequest, Generation | ErrorInfo]] = []
+        for item, begun in zip(
+            items, await self._batch_or_each(items, engine.generate_each), strict=True
+        ):
+            if isinstance(begun, ErrorInfo):
+                failed.append((item, begun))
+            else:
+                pending[begun] = item
         try:
             if failed:
                 yield failed
@@ -208,29 +221,6 @@ class InferenceWorker:
         finally:
             for task in pending:
                 task.cancel()
-
-    async def _start_each(
-        self, engine: ContinuousEngine, items: Sequence[EnrichedRequest]
-    ) -> tuple[
-        dict[asyncio.Task[Generation], EnrichedRequest], list[tuple[EnrichedRequest, ErrorInfo]]
-    ]:
-        """Each item's request started in the engine, and the items that could not be.
-        If the batch cannot start as one, each item starts alone, so one bad prompt
-        fails only its own job."""
-        try:
-            tasks = await engine.generate_each([self._request(item) for item in items])
-        except Exception as exc:
-            if len(items) == 1:
-                log.exception("%s: engine failed on job %s", self.name, items[0].request.job_id)
-                return {}, [(items[0], _engine_error(exc))]
-            started: dict[asyncio.Task[Generation], EnrichedRequest] = {}
-            failed: list[tuple[EnrichedRequest, ErrorInfo]] = []
-            for item in items:
-                one, refused = await self._start_each(engine, [item])
-                started.update(one)
-                failed += refused
-            return started, failed
-        return dict(zip(tasks, items, strict=True)), []
 
     def _outcome(
         self, task: asyncio.Task[Generation], item: EnrichedRequest
@@ -317,21 +307,23 @@ class InferenceWorker:
             prompt_tokens=item.context.prompt_tokens,
         )
 
-    async def _generate(self, items: Sequence[EnrichedRequest]) -> list[Generation | ErrorInfo]:
-        """One engine call for the batch; if it fails, each item alone, so one bad
-        prompt fails only its own job."""
-        requests = [self._request(item) for item in items]
+    async def _batch_or_each(
+        self,
+        items: Sequence[EnrichedRequest],
+        call: Callable[[list[GenerationRequest]], Awaitable[Sequence[_Result]]],
+    ) -> list[_Result | ErrorInfo]:
+        """``call`` on the whole batch (the engine's ``generate``, or ``generate_each``,
+        which starts it); if that fails, on each item alone, so one bad prompt fails
+        only its own job."""
         try:
-            generations: list[Generation | ErrorInfo] = list(await self.engine.generate(requests))
+            return list(await call([self._request(item) for item in items]))
         except Exception as exc:
-            if len(requests) == 1:
+            if len(items) == 1:
                 log.exception("%s: engine failed on job %s", self.name, items[0].request.job_id)
                 return [_engine_error(exc)]
-        else:
-            return generations
-        results: list[Generation | ErrorInfo] = []
+        results: list[_Result | ErrorInfo] = []
         for item in items:
-            results.extend(await self._generate([item]))
+            results += await self._batch_or_each([item], call)
         return results
 
 
