@@ -41,11 +41,15 @@ async def _publish(
     batch_id: UUID,
     lines: list[tuple[str, JobRequest]],
 ) -> int:
-    """Admit then publish the lines chunk by chunk; returns how many jobs are new."""
+    """Admit then publish the lines chunk by chunk, each request naming the batch;
+    returns how many jobs are new."""
     new = 0
     size = settings.backfill_chunk_size
     for start in range(0, len(lines), size):
-        chunk = lines[start : start + size]
+        chunk = [
+            (custom_id, request.model_copy(update={"batch_id": batch_id}))
+            for custom_id, request in lines[start : start + size]
+        ]
         created = await batches.admit(pool, batch_id, chunk)
         try:
             fresh = [request for _, request in chunk if request.job_id in created]

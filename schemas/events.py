@@ -195,6 +195,9 @@ class JobRequest(Event):
     reply_to: ReplyRoute | None = None
     """Set for a job from the submissions topic: its reply goes there (the ledger keeps
     it in the job's request, so a re-driven job is answered there too)."""
+    batch_id: UUID | None = None
+    """The batch this job is a line of (None: not a batch line). A line whose batch was
+    cancelled or expired fails before the engine runs it."""
     submitted_at: datetime = Field(default_factory=utcnow)
 
 

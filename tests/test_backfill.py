@@ -307,6 +307,20 @@ async def test_cancel_stops_the_batch_and_accounts_for_everybatch_line(
     assert (await http.post(f"/v1/batches/{uuid.uuid4()}/cancel")).status_code == 404
 
 
+async def test_every_line_a_batch_admits_names_its_batch(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """The ledger keeps each line's request with its batch, so a line re-driven after a
+    cancel is stopped too (``tests/test_stopped_batches.py``)."""
+    created = await _post(http, jsonl([batch_line(f"n-{i}") for i in range(3)]))
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+    named = await pool.fetch(
+        "SELECT request->>'batch_id' AS named FROM jobs WHERE batch_id = $1", uuid.UUID(batch_id)
+    )
+    assert [row["named"] for row in named] == [batch_id] * 3
+
+
 async def test_an_interactive_job_overtakes_a_queued_backfill(http: httpx.AsyncClient) -> None:
     lines = 2000
     response = await _post(http, jsonl([batch_line(f"q-{i}") for i in range(lines)]))

@@ -315,6 +315,19 @@ async def _fail_queued(conn: asyncpg.Connection, batch_ids: list[UUID], error: E
     )
 
 
+async def stopped(pool: asyncpg.Pool, batch_ids: Sequence[UUID]) -> dict[UUID, ErrorInfo]:
+    """Of ``batch_ids``, those cancelled (or cancelling) or expired, with the error their
+    lines not yet run end with."""
+    rows = await pool.fetch(
+        """
+        SELECT id, status FROM batches
+        WHERE id = ANY($1::uuid[]) AND status IN ('cancelling', 'cancelled', 'expired')
+        """,
+        list(batch_ids),
+    )
+    return {row["id"]: EXPIRED if row["status"] == "expired" else CANCELLED for row in rows}
+
+
 async def refresh(
     conn: asyncpg.Connection,
     *,

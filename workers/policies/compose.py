@@ -21,6 +21,7 @@ from workers.policies.chain import PolicyChain
 from workers.policies.limits import LimitsPolicy, LimitView
 from workers.policies.redaction import PiiRedaction
 from workers.policies.review import HumanReview
+from workers.policies.stopped_batches import StoppedBatches
 
 
 @dataclass
@@ -34,12 +35,14 @@ class ChainParts:
 
 def build_steps(settings: Settings, parts: ChainParts) -> list[Policy]:
     """The steps in order: limits first (a refused job costs nothing more), then the
-    inference-side steps (review, then cache)."""
+    inference-side steps (stopped batches, review, then cache)."""
     steps: list[Policy] = []
     if settings.redact_pii:  # first: no other step, nor anything stored, sees the PII
         steps.append(PiiRedaction(settings.pii_region))
     if settings.policy_limits:
         steps.append(LimitsPolicy(settings, parts.limit_view))
+    if parts.pool is not None:  # before the others: a stopped batch's line costs nothing more
+        steps.append(StoppedBatches(parts.pool))
     # Review before cache: a result held for review is never written to the cache.
     if parts.pool is not None and (
         settings.review_patterns or settings.review_logprob_threshold is not None
