@@ -15,19 +15,25 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.connections import create_pool
+from kontext.connections import create_pool, ensure_topics
 from kontext.migrate import upgrade
 from kontext.settings import Settings
 from kontext.store import keys
 from producers.client import KontextClient
+from schemas.events import EnrichedRequest, JobCompletion
+from workers.engines.base import Engine
+from workers.inference import InferenceWorker
+from workers.policies.chain import PolicyChain
+from workers.records import Record
 
 READY = re.compile(r"Kontext ready: API (http://[0-9.]+:\d+)")
 DEV_KEY = re.compile(r"Dev API key \(tenant default\): (kx_\S+)")
@@ -247,3 +253,39 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+async def run_inference(
+    broker: EmbeddedBroker,
+    engine: Engine,
+    items: Sequence[EnrichedRequest],
+    policies: Callable[[Settings], PolicyChain] | None = None,
+    timeout: float = 180,
+) -> list[JobCompletion]:
+    """Hand ``items`` to a real inference worker as one micro-batch, on fresh topics of
+    the real broker; the completions it published, in the order it published them.
+    ``policies`` builds the worker's chain from its settings (none by default)."""
+    settings = Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        topic_prefix=f"inf{uuid.uuid4().hex[:8]}",
+        topic_partitions=1,
+    )
+    topics = settings.topics
+    await ensure_topics(settings, [topics.completions, topics.dead_letters])
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    reader = AIOKafkaConsumer(
+        topics.completions, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
+    )
+    await producer.start()
+    await reader.start()
+    try:
+        records = [Record("enriched", 0, n, None, item.encode()) for n, item in enumerate(items)]
+        chain = policies(settings) if policies is not None else None
+        worker = InferenceWorker(settings, engine, producer, chain)
+        await asyncio.wait_for(worker.handle(records), timeout)
+        return [
+            JobCompletion.decode((await asyncio.wait_for(reader.getone(), 30)).value) for _ in items
+        ]
+    finally:
+        await reader.stop()
+        await producer.stop()

@@ -8,20 +8,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.connections import ensure_topics
 from kontext.settings import Settings
 from producers.client import KontextClient
-from schemas.events import ChatMessage, ContextInfo, EnrichedRequest, JobCompletion
-from tests.conftest import stack_env, start_stack
+from schemas.events import ChatMessage, ContextInfo, EnrichedRequest
+from tests.conftest import run_inference, stack_env, start_stack
 from tests.factories import ask, job_request
 from workers.engines import concurrent_batches, load_engine, smollm2
 from workers.engines.base import ContinuousEngine, Engine
 from workers.engines.continuous import ContinuousHFEngine
-from workers.inference import InferenceWorker
-from workers.records import Record
 
 CONTINUOUS = Settings(smollm2_batching="continuous")
 
@@ -148,32 +144,8 @@ async def test_the_inference_worker_publishes_each_answer_when_its_request_ends(
     """One micro-batch of a long answer and a short one, on the real broker: the short
     one's completion reaches the completions topic first, stamped with its batch's
     start and an earlier end than the long one's, which follows once written."""
-    settings = Settings(
-        kafka_bootstrap_servers=broker.bootstrap_servers,
-        topic_prefix=f"each{uuid.uuid4().hex[:8]}",
-        topic_partitions=1,
-    )
-    topics = settings.topics
-    await ensure_topics(settings, [topics.completions, topics.dead_letters])
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
-    reader = AIOKafkaConsumer(
-        topics.completions, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
-    )
-    await producer.start()
-    await reader.start()
-    try:
-        story, short = _enriched(continuous, STORY, 96), _enriched(continuous, TEXTS[0], 2)
-        records = [
-            Record("enriched", 0, n, None, item.encode()) for n, item in enumerate((story, short))
-        ]
-        await asyncio.wait_for(InferenceWorker(settings, continuous, producer).handle(records), 180)
-        first, second = [
-            JobCompletion.decode((await asyncio.wait_for(reader.getone(), 30)).value)
-            for _ in range(2)
-        ]
-    finally:
-        await reader.stop()
-        await producer.stop()
+    story, short = _enriched(continuous, STORY, 96), _enriched(continuous, TEXTS[0], 2)
+    first, second = await run_inference(broker, continuous, [story, short])
     assert first.job_id == short.request.job_id and second.job_id == story.request.job_id
     assert first.usage is not None and first.usage.completion_tokens == 2
     assert second.usage is not None and second.usage.completion_tokens > 2

@@ -4,24 +4,19 @@ the real inference worker and policy chain."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from uuid import UUID
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from kontext.app.embedded import EmbeddedBroker
-from kontext.connections import ensure_topics
-from kontext.settings import Settings
 from kontext.store import batches
 from kontext.store.batches import NewBatch
-from schemas.events import ContextInfo, EnrichedRequest, JobCompletion, JobRequest
+from schemas.events import ContextInfo, EnrichedRequest, JobRequest
+from tests.conftest import run_inference
 from tests.factories import job_request
 from workers.engines.null import REPLY, NullEngine
-from workers.inference import InferenceWorker
 from workers.policies.compose import ChainParts, build_chain
-from workers.records import Record
 
 
 async def _running_batch(pool: asyncpg.Pool, lines: int) -> tuple[UUID, list[JobRequest]]:
@@ -69,33 +64,13 @@ async def test_lines_of_a_cancelled_or_expired_batch_fail_before_the_engine(
         assert expired_id in await batches.expire(conn)
     interactive = job_request(f"hello {uuid.uuid4()}", model="null")
 
-    settings = Settings(
-        kafka_bootstrap_servers=broker.bootstrap_servers,
-        topic_prefix=f"stop{uuid.uuid4().hex[:8]}",
-        topic_partitions=1,
-    )
-    topics = settings.topics
-    await ensure_topics(settings, [topics.completions, topics.dead_letters])
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
-    reader = AIOKafkaConsumer(
-        topics.completions, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
-    )
-    await producer.start()
-    await reader.start()
-    chain = build_chain(settings, ChainParts(pool=pool))
     jobs = [*cancelled, *expired, *going_on, interactive]
-    try:
-        records = [
-            Record("enriched", 0, n, None, _enriched(job).encode()) for n, job in enumerate(jobs)
-        ]
-        worker = InferenceWorker(settings, NullEngine(), producer, chain)
-        await asyncio.wait_for(worker.handle(records), 30)
-        completions = [
-            JobCompletion.decode((await asyncio.wait_for(reader.getone(), 30)).value) for _ in jobs
-        ]
-    finally:
-        await reader.stop()
-        await producer.stop()
+    completions = await run_inference(
+        broker,
+        NullEngine(),
+        [_enriched(job) for job in jobs],
+        lambda settings: build_chain(settings, ChainParts(pool=pool)),
+    )
     got = {c.job_id: c for c in completions}
     assert set(got) == {job.job_id for job in jobs}
     for job in cancelled:
