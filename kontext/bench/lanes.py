@@ -5,7 +5,8 @@ The same interactive probes (single-turn jobs, one at a time, each awaited over
 batch of N lines (10,000 by default) runs in the background lane. Its progress
 during the probes shows the engine was busy with it, and its progress in the
 ``AFTER_S`` seconds after them how fast it goes once interactive jobs stop; then
-it is cancelled.
+it is cancelled, and the table says how long the cancel took to settle (the lines
+the engine is running finish; those still waiting for it fail).
 """
 
 from __future__ import annotations
@@ -58,10 +59,14 @@ class Result:
     phases: list[Phase]
     after_lines: int
     """Backfill lines done in the ``AFTER_S`` seconds after the last probe."""
+    settled_s: float | None = None
+    """Seconds from the cancel to the batch's end (None: not within ``SETTLE_S``)."""
 
 
 AFTER_S = 10.0
 """How long the backfill's rate is measured once the probes stop."""
+SETTLE_S = 300.0
+"""How long the cancelled backfill is given to settle before the bench stops anyway."""
 
 
 def table(result: Result) -> str:
@@ -75,6 +80,10 @@ def table(result: Result) -> str:
         f"\nBackfill lines done in the {AFTER_S:.0f} s after the last probe: "
         f"{result.after_lines} ({result.after_lines / AFTER_S:.1f}/s)."
     )
+    if result.settled_s is None:
+        after += f" The cancelled backfill had not ended {SETTLE_S:.0f} s after its cancel."
+    else:
+        after += f" The cancelled backfill ended {result.settled_s:.1f} s after its cancel."
     return "\n".join([head, *(p.row() for p in phases)]) + "\n" + after
 
 
@@ -173,6 +182,21 @@ async def done_lines(http: httpx.AsyncClient, batch_id: str) -> int:
     return int(counts["completed"]) + int(counts["failed"])
 
 
+ENDED = ("completed", "failed", "expired", "cancelled")
+
+
+async def cancel(http: httpx.AsyncClient, batch_id: str) -> float | None:
+    """Cancel the batch and wait until it has ended: the seconds that took, or None
+    after ``SETTLE_S``. A batch that ended first is not cancelled; this returns at once."""
+    started = time.monotonic()
+    await http.post(f"/v1/batches/{batch_id}/cancel")
+    while (await http.get(f"/v1/batches/{batch_id}")).json()["status"] not in ENDED:
+        if time.monotonic() - started > SETTLE_S:
+            return None
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
 async def run(
     http: httpx.AsyncClient,
     model: str,
@@ -190,6 +214,7 @@ async def run(
     created = await create_batch(http, backfill_input(model, lines, line_max_tokens or max_tokens))
     created.raise_for_status()
     batch_id = created.json()["id"]
+    settled: float | None = None
     try:
         deadline = time.monotonic() + 120
         while await done_lines(http, batch_id) == 0:  # until the background lane is busy
@@ -204,5 +229,5 @@ async def run(
         await asyncio.sleep(AFTER_S)  # a fixed window to measure a rate over
         after_lines = await done_lines(http, batch_id) - probed
     finally:
-        await http.post(f"/v1/batches/{batch_id}/cancel")
-    return Result([idle, during], after_lines)
+        settled = await cancel(http, batch_id)
+    return Result([idle, during], after_lines, settled)
