@@ -201,17 +201,18 @@ async def test_a_paused_background_lane_gives_interactive_work_the_whole_batch(
 
 
 class Held:
-    """Records each batch; the first waits until the test releases it."""
+    """Records each batch; the first ``hold`` wait until the test releases them."""
 
     name = "held"
 
-    def __init__(self) -> None:
+    def __init__(self, hold: int = 1) -> None:
         self.batches: list[list[Record]] = []
         self.release = asyncio.Event()
+        self.hold = hold
 
     async def handle(self, records: Sequence[Record]) -> None:
         self.batches.append(list(records))
-        if len(self.batches) == 1:
+        if len(self.batches) <= self.hold:
             await self.release.wait()
 
 
@@ -282,6 +283,38 @@ async def test_background_work_alone_leaves_a_slot_free_for_interactive_jobs(
     assert {r.topic for r in first} == {low_topic}
     assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]
     assert {r.topic for r in third} == {low_topic}
+
+
+async def test_an_interactive_job_starts_at_once_while_a_backfill_holds_every_slot(
+    broker: EmbeddedBroker,
+) -> None:
+    """A backfill alone takes both slots while no interactive job comes. The first one
+    to come after that quiet spell does not wait for either batch to end: it starts
+    in a slot of its own, a third."""
+    high, low = await _lanes(broker, high=0, low=20, start=False)
+    high_topic = next(iter(high.subscription()))
+    low_topic = next(iter(low.subscription()))
+    handler = Held(hold=2)
+    pacer = Pacer(share=0.25, window_s=60)  # no interactive job seen yet
+    worker = BatchConsumer(
+        high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer, max_in_flight=2
+    )
+    running = asyncio.create_task(worker.run())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        await wait_for(lambda: len(handler.batches) == 2, timeout=30)
+        assert not worker.free.is_set() and worker.interactive_free.is_set()
+        await producer.send_and_wait(high_topic, b"interactive")
+        await wait_for(lambda: len(handler.batches) == 3, timeout=30)  # both still held
+    finally:
+        handler.release.set()
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await producer.stop()
+    first, second, third = handler.batches[:3]
+    assert {r.topic for r in first + second} == {low_topic}
+    assert (high_topic, b"interactive") in [(r.topic, r.value) for r in third]
 
 
 async def test_an_interactive_batch_keeps_the_pacer_active_until_it_ends(

@@ -149,6 +149,7 @@ async def drain_lanes(
     pacer: Pacer | None = None,
     tempo: FetchTempo | None = None,
     background_free: asyncio.Event | None = None,
+    interactive_free: asyncio.Event | None = None,
 ) -> list[Record]:
     """The next micro-batch across two priority lanes.
 
@@ -162,7 +163,8 @@ async def drain_lanes(
     positions afterwards never skips one. With a ``pacer``, while interactive jobs
     arrive background work takes only its reserve, and none while the pacer pauses it
     or while ``background_free`` is clear (the only free slot is the one kept for
-    interactive work).
+    interactive work). A batch carrying interactive work can start while
+    ``interactive_free`` is set (``free`` when None): it may have a slot more.
     """
     high: list[Record] = []
     low: list[Record] = []
@@ -192,7 +194,7 @@ async def drain_lanes(
             low += await _fetch(background, 0, min(room, reserve - len(low)), tempo)
         if (high or low) and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
-        can_start = _can_start(free, stopping)
+        can_start = _can_start((interactive_free or free) if high else free, stopping)
         past = bool(deadline) and time.monotonic() >= deadline
         if past and can_start:
             if not high and take_background(can_start):
@@ -237,8 +239,11 @@ class BatchConsumer:
         interactive jobs. Up to ``max_in_flight`` batches are handled at once (for an
         engine that merges concurrent calls, such as vLLM); while interactive jobs
         arrive, background work alone leaves one of them free for interactive work, so
-        a backfill whose batches run long never holds every slot. ``tempo`` sets the
-        consumers' fetch waits by whether records flow."""
+        a backfill whose batches run long never holds every slot. With more than one
+        slot and two lanes, a batch carrying interactive work may take one slot more:
+        the first interactive job after a quiet spell does not wait for a slot a
+        backfill took meanwhile. ``tempo`` sets the consumers' fetch waits by whether
+        records flow."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
@@ -247,6 +252,9 @@ class BatchConsumer:
         self.max_size = max_size
         self.max_wait_ms = max_wait_ms
         self.max_in_flight = max_in_flight
+        spare = max_in_flight > 1 and background is not None
+        self.interactive_slots = max_in_flight + 1 if spare else max_in_flight
+        """Batches that may run at once when the next one carries interactive work."""
         self.reserve = background_reserve(max_size, background_share)
         self.pacer = pacer
         self.tempo = tempo
@@ -256,6 +264,8 @@ class BatchConsumer:
         self.background_free = asyncio.Event()
         """Set while a slot is free besides the one kept for interactive work (with a
         single slot, none is kept)."""
+        self.interactive_free = asyncio.Event()
+        """Set while a batch carrying interactive work may start."""
         self._slots_taken(0)
         self._uncommitted: dict[TopicPartition, int] = {}
         """Offsets past finished batches, not committed yet."""
@@ -268,6 +278,7 @@ class BatchConsumer:
         for event, slots in (
             (self.free, self.max_in_flight),
             (self.background_free, max(1, self.max_in_flight - 1)),
+            (self.interactive_free, self.interactive_slots),
         ):
             if taken < slots:
                 event.set()
@@ -294,6 +305,7 @@ class BatchConsumer:
             self.pacer,
             self.tempo,
             self.background_free,
+            self.interactive_free,
         )
 
     async def run(self) -> None:
@@ -316,8 +328,8 @@ class BatchConsumer:
                     upcoming = asyncio.create_task(self._next_batch())
                 running = {h.task for h in in_flight if not h.task.done()}
                 waits: set[asyncio.Future[Any]] = set(running)
-                if self._room(in_flight, len(running)) or not upcoming.done():
-                    waits.add(upcoming)  # to start it, or to know when it is sealed
+                if not upcoming.done() or self._room(in_flight, len(running), upcoming.result()):
+                    waits.add(upcoming)  # to know when it is sealed, or to start it
                 resting = upcoming not in waits and self.tempo is not None
                 done, _ = await asyncio.wait(
                     waits,
@@ -331,7 +343,7 @@ class BatchConsumer:
                     return
                 running_now = sum(1 for h in in_flight if not h.task.done())
                 self._slots_taken(running_now)
-                if upcoming.done() and self._room(in_flight, running_now):
+                if upcoming.done() and self._room(in_flight, running_now, upcoming.result()):
                     records, upcoming = upcoming.result(), None
                     if records:
                         in_flight.append(self._start(records))
@@ -360,10 +372,14 @@ class BatchConsumer:
             for consumer in self.consumers:
                 await consumer.stop()
 
-    def _room(self, in_flight: InFlight, running: int) -> bool:
-        """Whether a batch may start: a slot is free, and not too many finished
-        batches wait behind an unfinished one to be committed."""
-        return running < self.max_in_flight and len(in_flight) < MAX_UNCOMMITTED_BATCHES
+    def _room(self, in_flight: InFlight, running: int, records: Sequence[Record]) -> bool:
+        """Whether ``records`` may start as a batch: a slot is free (one more if they
+        carry interactive work), and not too many finished batches wait behind an
+        unfinished one to be committed."""
+        slots = self.max_in_flight
+        if self.interactive_slots > slots and self._background_count(records) < len(records):
+            slots = self.interactive_slots
+        return running < slots and len(in_flight) < MAX_UNCOMMITTED_BATCHES
 
     def _start(self, records: list[Record]) -> Handling:
         """Hand ``records`` to the handler; the pacer hears when the batch ends."""
