@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -216,6 +217,24 @@ class Held:
             await self.release.wait()
 
 
+@contextlib.asynccontextmanager
+async def _running(
+    broker: EmbeddedBroker, worker: BatchConsumer, handler: Held
+) -> AsyncIterator[AIOKafkaProducer]:
+    """``worker`` running, and a producer to send it jobs; on leaving, the held batches
+    are released and the worker stops."""
+    running = asyncio.create_task(worker.run())
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    await producer.start()
+    try:
+        yield producer
+    finally:
+        handler.release.set()
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+        await producer.stop()
+
+
 async def test_background_batches_pause_the_lane_while_interactive_jobs_arrive(
     broker: EmbeddedBroker,
 ) -> None:
@@ -228,20 +247,13 @@ async def test_background_batches_pause_the_lane_while_interactive_jobs_arrive(
     pacer.saw_interactive()  # interactive jobs are arriving
     handler = Held()
     worker = BatchConsumer(high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer)
-    running = asyncio.create_task(worker.run())
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
-    await producer.start()
-    try:
+    async with _running(broker, worker, handler) as producer:
         await wait_for(lambda: len(handler.batches) == 1, timeout=30)
         await asyncio.sleep(0.2)  # the background batch runs 0.2 s: a pause of 19.8 s
         handler.release.set()
         await wait_for(lambda: not pacer.background_may_start(), timeout=10)
         await producer.send_and_wait(high_topic, b"interactive")
         await wait_for(lambda: len(handler.batches) == 2, timeout=30)
-    finally:
-        worker.stop()
-        await asyncio.wait_for(running, timeout=30)
-        await producer.stop()
     first, second = handler.batches
     assert {r.topic for r in first} == {low_topic}
     # Three background records still wait, yet the interactive job went alone.
@@ -264,21 +276,13 @@ async def test_background_work_alone_leaves_a_slot_free_for_interactive_jobs(
     worker = BatchConsumer(
         high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer, max_in_flight=2
     )
-    running = asyncio.create_task(worker.run())
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
-    await producer.start()
-    try:
+    async with _running(broker, worker, handler) as producer:
         await wait_for(lambda: len(handler.batches) == 1, timeout=30)
         assert worker.free.is_set() and not worker.background_free.is_set()
         await producer.send_and_wait(high_topic, b"interactive")
         await wait_for(lambda: len(handler.batches) == 2, timeout=30)
         handler.release.set()
         await wait_for(lambda: len(handler.batches) == 3, timeout=30)
-    finally:
-        handler.release.set()
-        worker.stop()
-        await asyncio.wait_for(running, timeout=30)
-        await producer.stop()
     first, second, third = handler.batches[:3]
     assert {r.topic for r in first} == {low_topic}
     assert [(r.topic, r.value) for r in second] == [(high_topic, b"interactive")]
@@ -299,19 +303,11 @@ async def test_an_interactive_job_starts_at_once_while_a_backfill_holds_every_sl
     worker = BatchConsumer(
         high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer, max_in_flight=2
     )
-    running = asyncio.create_task(worker.run())
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
-    await producer.start()
-    try:
+    async with _running(broker, worker, handler) as producer:
         await wait_for(lambda: len(handler.batches) == 2, timeout=30)
         assert not worker.free.is_set() and worker.interactive_free.is_set()
         await producer.send_and_wait(high_topic, b"interactive")
         await wait_for(lambda: len(handler.batches) == 3, timeout=30)  # both still held
-    finally:
-        handler.release.set()
-        worker.stop()
-        await asyncio.wait_for(running, timeout=30)
-        await producer.stop()
     first, second, third = handler.batches[:3]
     assert {r.topic for r in first + second} == {low_topic}
     assert (high_topic, b"interactive") in [(r.topic, r.value) for r in third]
@@ -324,17 +320,12 @@ async def test_an_interactive_batch_keeps_the_pacer_active_until_it_ends(
     pacer = Pacer(share=0.25, window_s=30)
     handler = Held()
     worker = BatchConsumer(high, handler, max_size=3, max_wait_ms=0, background=low, pacer=pacer)
-    running = asyncio.create_task(worker.run())
-    try:
+    async with _running(broker, worker, handler):
         await wait_for(lambda: len(handler.batches) == 1, timeout=30)
         assert pacer.interactive_active(time.monotonic() + 60)  # held past any window
         handler.release.set()
         await wait_for(lambda: not pacer.interactive_active(time.monotonic() + 60), timeout=10)
         assert pacer.interactive_active()  # the window runs from the batch's end
-    finally:
-        handler.release.set()
-        worker.stop()
-        await asyncio.wait_for(running, timeout=30)
 
 
 async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler(
@@ -348,10 +339,7 @@ async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler
     topic = next(iter(high.subscription()))
     handler = Held()
     worker = BatchConsumer(high, handler, max_size=2, max_wait_ms=0, tempo=FetchTempo(5, 200))
-    running = asyncio.create_task(worker.run())
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
-    await producer.start()
-    try:
+    async with _running(broker, worker, handler) as producer:
         await wait_for(lambda: len(handler.batches) == 1, timeout=30)
         fetcher = high._fetcher  # type: ignore[attr-defined]
         # The first batch holds the handler; the second (full) waits. After a second
@@ -362,11 +350,6 @@ async def test_fetches_wait_longer_while_a_sealed_batch_waits_for_a_busy_handler
         await producer.send_and_wait(topic, b"next")
         await wait_for(lambda: len(handler.batches) == 3, timeout=30)
         assert fetcher._fetch_max_wait_ms == 5
-    finally:
-        handler.release.set()
-        worker.stop()
-        await asyncio.wait_for(running, timeout=30)
-        await producer.stop()
     assert [len(b) for b in handler.batches] == [2, 2, 1]
 
 
