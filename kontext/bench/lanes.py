@@ -66,7 +66,8 @@ class Result:
 AFTER_S = 10.0
 """How long the backfill's rate is measured once the probes stop."""
 SETTLE_S = 300.0
-"""How long the cancelled backfill is given to settle before the bench stops anyway."""
+"""How long the cancelled backfill is given to end before the bench stops anyway."""
+ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 def table(result: Result) -> str:
@@ -182,9 +183,6 @@ async def done_lines(http: httpx.AsyncClient, batch_id: str) -> int:
     return int(counts["completed"]) + int(counts["failed"])
 
 
-ENDED = ("completed", "failed", "expired", "cancelled")
-
-
 async def cancel(http: httpx.AsyncClient, batch_id: str) -> float | None:
     """Cancel the batch and wait until it has ended: the seconds that took, or None
     after ``SETTLE_S``. A batch that ended first is not cancelled; this returns at once."""
@@ -214,7 +212,6 @@ async def run(
     created = await create_batch(http, backfill_input(model, lines, line_max_tokens or max_tokens))
     created.raise_for_status()
     batch_id = created.json()["id"]
-    settled: float | None = None
     try:
         deadline = time.monotonic() + 120
         while await done_lines(http, batch_id) == 0:  # until the background lane is busy
