@@ -14,7 +14,6 @@ from kontext.app.embedded import embedded
 from kontext.app.process import console, run_until_signal, run_work, settings_for, setup_logging
 from kontext.app.runtime import SERVICES, Runtime, prepare
 from kontext.store import keys
-from workers.engines import smollm2
 
 SeparateInference = Annotated[
     bool,
@@ -92,6 +91,7 @@ def bench_lanes(
     from kontext.app.children import spawned
     from kontext.bench import lanes as bench_lanes
     from kontext.bench import memory as bench
+    from kontext.bench.turns import engine_setup
 
     setup_logging(False)
     # No response cache: every probe and line must reach the engine.
@@ -118,7 +118,7 @@ def bench_lanes(
     body = bench_lanes.table(result)
     print(body)
     where = "its own process" if separate_inference else "the same process as the rest"
-    what = f" ({smollm2.batching(settings)} batching)" if engine == "smollm2" else ""
+    what = engine_setup(engine, settings)
     lines_limit = f" (the lines' {line_max_tokens})" if line_max_tokens else ""
     command = (
         f"kontext bench-lanes --engine {engine} --probes {probes} --lines {lines}"

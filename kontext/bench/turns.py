@@ -768,9 +768,7 @@ def publish(
         plot(results, figure)
         body += f"\n\n![steve_min_tps and p99 against concurrency]({figure.name})"
     engine, turns = results[0]["engine"], results[0]["turns"]
-    what = " (no model: pipeline overhead only)" if engine == "null" else ""
-    if engine == "smollm2":
-        what = f" ({smollm2.batching(settings)} batching)"
+    what = engine_setup(engine, settings)
     bench.record(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
         f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, embedder "
@@ -788,3 +786,14 @@ def publish(
         path,
     )
     return body, figure
+
+
+def engine_setup(engine: str, settings: Settings) -> str:
+    """What a section says of the engine beside its name (empty: nothing to say)."""
+    if engine == "null":
+        return " (no model: pipeline overhead only)"
+    if engine == "smollm2":
+        return f" ({smollm2.batching(settings)} batching)"
+    if engine == "vllm" and settings.vllm_max_num_seqs is not None:
+        return f" (max_num_seqs {settings.vllm_max_num_seqs})"
+    return ""
