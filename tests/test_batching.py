@@ -313,6 +313,21 @@ async def test_an_interactive_job_starts_at_once_while_a_backfill_holds_every_sl
     assert (high_topic, b"interactive") in [(r.topic, r.value) for r in third]
 
 
+async def test_interactive_work_alone_gets_no_slot_more(broker: EmbeddedBroker) -> None:
+    """The spare slot is for interactive work behind a backfill: without one running,
+    ``max_in_flight`` holds."""
+    high, low = await _lanes(broker, high=20, low=0, start=False)
+    handler = Held(hold=3)
+    pacer = Pacer(share=0.25, window_s=60)
+    worker = BatchConsumer(
+        high, handler, max_size=3, max_wait_ms=20, background=low, pacer=pacer, max_in_flight=2
+    )
+    async with _running(broker, worker, handler):
+        await wait_for(lambda: len(handler.batches) >= 2, timeout=30)
+        assert not worker.free.is_set() and not worker.interactive_free.is_set()
+        assert len(handler.batches) == 2
+
+
 async def test_an_interactive_batch_keeps_the_pacer_active_until_it_ends(
     broker: EmbeddedBroker,
 ) -> None:

@@ -240,10 +240,10 @@ class BatchConsumer:
         engine that merges concurrent calls, such as vLLM); while interactive jobs
         arrive, background work alone leaves one of them free for interactive work, so
         a backfill whose batches run long never holds every slot. With more than one
-        slot and two lanes, a batch carrying interactive work may take one slot more:
-        the first interactive job after a quiet spell does not wait for a slot a
-        backfill took meanwhile. ``tempo`` sets the consumers' fetch waits by whether
-        records flow."""
+        slot and two lanes, a batch carrying interactive work may take one slot more
+        while a batch of background work alone runs: the first interactive job after
+        a quiet spell does not wait for a slot a backfill took meanwhile.
+        ``tempo`` sets the consumers' fetch waits by whether records flow."""
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.consumer = consumer
@@ -252,9 +252,10 @@ class BatchConsumer:
         self.max_size = max_size
         self.max_wait_ms = max_wait_ms
         self.max_in_flight = max_in_flight
-        spare = max_in_flight > 1 and background is not None
-        self.interactive_slots = max_in_flight + 1 if spare else max_in_flight
-        """Batches that may run at once when the next one carries interactive work."""
+        self.spare = max_in_flight > 1 and background is not None
+        """Whether interactive work may take a slot more while background work runs."""
+        self._backfilling = 0
+        """Batches of background work alone running now."""
         self.reserve = background_reserve(max_size, background_share)
         self.pacer = pacer
         self.tempo = tempo
@@ -278,7 +279,7 @@ class BatchConsumer:
         for event, slots in (
             (self.free, self.max_in_flight),
             (self.background_free, max(1, self.max_in_flight - 1)),
-            (self.interactive_free, self.interactive_slots),
+            (self.interactive_free, self._interactive_slots()),
         ):
             if taken < slots:
                 event.set()
@@ -372,13 +373,17 @@ class BatchConsumer:
             for consumer in self.consumers:
                 await consumer.stop()
 
+    def _interactive_slots(self) -> int:
+        """Batches that may run at once when the next one carries interactive work."""
+        return self.max_in_flight + 1 if self.spare and self._backfilling else self.max_in_flight
+
     def _room(self, in_flight: InFlight, running: int, records: Sequence[Record]) -> bool:
-        """Whether ``records`` may start as a batch: a slot is free (one more if they
-        carry interactive work), and not too many finished batches wait behind an
-        unfinished one to be committed."""
+        """Whether ``records`` may start as a batch: a slot is free (or the spare one,
+        if they carry interactive work), and not too many finished batches wait behind
+        an unfinished one to be committed."""
         slots = self.max_in_flight
-        if self.interactive_slots > slots and self._background_count(records) < len(records):
-            slots = self.interactive_slots
+        if self._interactive_slots() > slots and self._background_count(records) < len(records):
+            slots += 1
         return running < slots and len(in_flight) < MAX_UNCOMMITTED_BATCHES
 
     def _start(self, records: list[Record]) -> Handling:
@@ -386,6 +391,9 @@ class BatchConsumer:
         task = asyncio.create_task(retry_until_done(self.handler, records, self.stopping))
         started = time.monotonic()
         background = self._background_count(records)
+        if background == len(records):
+            self._backfilling += 1
+            task.add_done_callback(self._backfill_ended)
         pacer = self.pacer
         if pacer is not None and background < len(records):
             pacer.interactive_began()
@@ -400,6 +408,9 @@ class BatchConsumer:
 
             task.add_done_callback(ran)
         return Handling(records, task)
+
+    def _backfill_ended(self, _: asyncio.Task[bool]) -> None:
+        self._backfilling -= 1
 
     async def _commit_done(self, in_flight: InFlight) -> bool:
         """Commit past the finished batches at the head of ``in_flight``, oldest first;
