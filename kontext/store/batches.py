@@ -283,11 +283,13 @@ async def start(pool: asyncpg.Pool | asyncpg.Connection, batch_id: UUID) -> None
 
 
 async def cancel(pool: asyncpg.Pool, batch_id: UUID, tenant_id: str) -> BatchRow | None:
-    """Move the tenant's open batch to ``cancelling`` and fail its jobs not yet started
+    """Move the tenant's open batch to ``cancelling`` and fail its jobs still queued
     (the budget they held is released as they turn final); returns the batch (None if
     the tenant has none of that id).
 
-    Jobs already running finish; the batches service then moves it to ``cancelled``.
+    Jobs past the enricher fail as they reach the inference worker (its stopped-batches
+    step); those the engine runs finish. The batches service then moves the batch to
+    ``cancelled``.
     """
     async with pool.acquire() as conn, conn.transaction():
         moved = await conn.fetchval(

@@ -123,8 +123,9 @@ async def get_batch(
 async def cancel_batch(
     batch_id: str, api: Annotated[ApiState, Depends(state)], principal: Caller
 ) -> BatchView:
-    """Stop an open batch: jobs not started fail as ``batch_cancelled`` (the budget they
-    held is released), running ones finish, then the batch is ``cancelled``."""
+    """Stop an open batch: lines the engine has not begun fail as ``batch_cancelled``
+    (queued ones now, enriched ones as they reach the inference worker; the budget they
+    held is released), those it runs finish, then the batch is ``cancelled``."""
     row = await batches.cancel(api.pool, _uuid(batch_id), principal.tenant_id)
     if row is None:
         raise HTTPException(404, f"no batch {batch_id}")
