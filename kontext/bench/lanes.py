@@ -23,6 +23,7 @@ import orjson
 from kontext.bench.scrape import scrape
 from kontext.metrics import QUEUE_WAIT
 from producers.backfill import create_batch
+from schemas.batches import ENDED
 
 STAGES = ("enrich", "inference")
 """The stages whose interactive queue wait the table breaks out."""
@@ -67,7 +68,6 @@ AFTER_S = 10.0
 """How long the backfill's rate is measured once the probes stop."""
 SETTLE_S = 300.0
 """How long the cancelled backfill is given to end before the bench stops anyway."""
-ENDED = ("completed", "failed", "expired", "cancelled")
 
 
 def table(result: Result) -> str:
