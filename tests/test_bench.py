@@ -182,7 +182,7 @@ def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Pa
         # Both stages' interactive waits were read, the inference one from the child.
         enrich_wait, inference_wait = (float(c) for c in cells[6:8])
         assert 0 < enrich_wait < top and 0 < inference_wait < top
-    assert "Backfill lines done in the 10 s after the last probe:" in done.stdout
+    assert re.search(r"Backfill lines done in the \d+ s after the last probe: \d+ ", done.stdout)
     # The bench leaves nothing running: the cancelled backfill ended before it stopped.
     assert re.search(r"The cancelled backfill ended \d+\.\d s after its cancel\.", done.stdout)
     section = (tmp_path / "docs" / "benchmarks.md").read_text()

@@ -3,8 +3,8 @@
 The same interactive probes (single-turn jobs, one at a time, each awaited over
 ``GET /v1/jobs/{id}?wait=``) run twice: on an idle deployment, then while a
 batch of N lines (10,000 by default) runs in the background lane. Its progress
-during the probes shows the engine was busy with it, and its progress in the
-``AFTER_S`` seconds after them how fast it goes once interactive jobs stop; then
+during the probes shows the engine was busy with it, and its progress in as long a
+window after them (``AFTER_MIN_S`` at least) how fast it goes once interactive jobs stop; then
 it is cancelled, and the table says how long the cancel took to settle (the lines
 the engine is running finish; those still waiting for it fail).
 """
@@ -59,13 +59,16 @@ class Phase:
 class Result:
     phases: list[Phase]
     after_lines: int
-    """Backfill lines done in the ``AFTER_S`` seconds after the last probe."""
+    """Backfill lines done in the ``after_s`` seconds after the last probe."""
+    after_s: float
     settled_s: float | None = None
     """Seconds from the cancel to the batch's end (None: not within ``SETTLE_S``)."""
 
 
-AFTER_S = 10.0
-"""How long the backfill's rate is measured once the probes stop."""
+AFTER_MIN_S = 10.0
+"""The shortest window the backfill's rate is measured over once the probes stop. It
+lasts as long as the probes did when they took longer: lines of many tokens end in
+bursts, a micro-batch at a time, and a short window may see none end."""
 SETTLE_S = 300.0
 """How long the cancelled backfill is given to end before the bench stops anyway."""
 
@@ -78,8 +81,8 @@ def table(result: Result) -> str:
         f"| {waits} | backfill lines done meanwhile |\n|---|---|---|---|---|---|---|---|---|"
     )
     after = (
-        f"\nBackfill lines done in the {AFTER_S:.0f} s after the last probe: "
-        f"{result.after_lines} ({result.after_lines / AFTER_S:.1f}/s)."
+        f"\nBackfill lines done in the {result.after_s:.0f} s after the last probe: "
+        f"{result.after_lines} ({result.after_lines / result.after_s:.1f}/s)."
     )
     if result.settled_s is None:
         after += f" The cancelled backfill had not ended {SETTLE_S:.0f} s after its cancel."
@@ -223,8 +226,9 @@ async def run(
         during = await measured(http, name, model, probes, max_tokens, metrics_urls)
         probed = await done_lines(http, batch_id)
         during.backfill_done_during = probed - before
-        await asyncio.sleep(AFTER_S)  # a fixed window to measure a rate over
+        after_s = max(AFTER_MIN_S, during.seconds)
+        await asyncio.sleep(after_s)  # a window to measure a rate over
         after_lines = await done_lines(http, batch_id) - probed
     finally:
         settled = await cancel(http, batch_id)
-    return Result([idle, during], after_lines, settled)
+    return Result([idle, during], after_lines, after_s, settled)
