@@ -15,6 +15,7 @@ import pytest
 
 from kontext.app.children import Child, Children
 from kontext.app.embedded import EmbeddedPostgres
+from kontext.bench import lanes
 from kontext.bench import turns as benchmark
 from kontext.bench.turns import Outcome, Phase
 from kontext.connections import create_pool
@@ -182,11 +183,26 @@ def test_bench_lanes_measures_probes_without_then_during_a_backfill(tmp_path: Pa
         # Both stages' interactive waits were read, the inference one from the child.
         enrich_wait, inference_wait = (float(c) for c in cells[6:8])
         assert 0 < enrich_wait < top and 0 < inference_wait < top
-    assert re.search(r"Backfill lines done in the \d+ s after the last probe: \d+ ", done.stdout)
+    assert re.search(
+        r"Backfill lines done in the \d+\.\d s after the last probe: \d+ "
+        r"|The backfill had ended by the last probe\.",
+        done.stdout,
+    )
     # The bench leaves nothing running: the cancelled backfill ended before it stopped.
     assert re.search(r"The cancelled backfill ended \d+\.\d s after its cancel\.", done.stdout)
     section = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "inference worker in its own process" in section
+
+
+def test_the_lanes_table_gives_the_backfills_rate_after_the_probes_or_says_it_had_ended() -> None:
+    idle = lanes.Phase("without backfill", [10.0, 20.0], {}, 1.0)
+    going = lanes.table(lanes.Result([idle], after_lines=12, after_s=40.0, settled_s=2.5))
+    assert "Backfill lines done in the 40.0 s after the last probe: 12 (0.3/s)." in going
+    assert "The cancelled backfill ended 2.5 s after its cancel." in going
+    ended = lanes.table(lanes.Result([idle], after_lines=0, after_s=0.0, settled_s=None))
+    assert "The backfill had ended by the last probe." in ended
+    assert "/s)" not in ended
+    assert "The cancelled backfill had not ended 300 s after its cancel." in ended
 
 
 async def test_work_beside_a_child_process_that_dies_fails_at_once(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ The same interactive probes (single-turn jobs, one at a time, each awaited over
 ``GET /v1/jobs/{id}?wait=``) run twice: on an idle deployment, then while a
 batch of N lines (10,000 by default) runs in the background lane. Its progress
 during the probes shows the engine was busy with it, and its progress in as long a
-window after them (``AFTER_MIN_S`` at least) how fast it goes once interactive jobs stop; then
+window after them (``AFTER_MIN_S`` at least, or until its last line) how fast it goes
+once interactive jobs stop; then
 it is cancelled, and the table says how long the cancel took to settle (the lines
 the engine is running finish; those still waiting for it fail).
 """
@@ -61,6 +62,7 @@ class Result:
     after_lines: int
     """Backfill lines done in the ``after_s`` seconds after the last probe."""
     after_s: float
+    """0: the backfill had ended by the last probe."""
     settled_s: float | None = None
     """Seconds from the cancel to the batch's end (None: not within ``SETTLE_S``)."""
 
@@ -69,6 +71,8 @@ AFTER_MIN_S = 10.0
 """The shortest window the backfill's rate is measured over once the probes stop. It
 lasts as long as the probes did when they took longer: lines of many tokens end in
 bursts, a micro-batch at a time, and a short window may see none end."""
+POLL_S = 0.2
+"""How often the bench reads the batch's progress while it waits on it."""
 SETTLE_S = 300.0
 """How long the cancelled backfill is given to end before the bench stops anyway."""
 
@@ -80,10 +84,13 @@ def table(result: Result) -> str:
         "| interactive probes | n | p50 ms | p95 ms | p99 ms | max ms "
         f"| {waits} | backfill lines done meanwhile |\n|---|---|---|---|---|---|---|---|---|"
     )
-    after = (
-        f"\nBackfill lines done in the {result.after_s:.0f} s after the last probe: "
-        f"{result.after_lines} ({result.after_lines / result.after_s:.1f}/s)."
-    )
+    if result.after_s:
+        after = (
+            f"\nBackfill lines done in the {result.after_s:.1f} s after the last probe: "
+            f"{result.after_lines} ({result.after_lines / result.after_s:.1f}/s)."
+        )
+    else:
+        after = "\nThe backfill had ended by the last probe."
     if result.settled_s is None:
         after += f" The cancelled backfill had not ended {SETTLE_S:.0f} s after its cancel."
     else:
@@ -186,6 +193,21 @@ async def done_lines(http: httpx.AsyncClient, batch_id: str) -> int:
     return int(counts["completed"]) + int(counts["failed"])
 
 
+async def lines_within(
+    http: httpx.AsyncClient, batch_id: str, done: int, lines: int, seconds: float
+) -> tuple[int, float]:
+    """Lines of the batch (of ``lines``, ``done`` so far) that end within ``seconds``, or
+    until its last one has: (lines, seconds taken); (0, 0.0) if none was left."""
+    if done >= lines:
+        return 0, 0.0
+    started = time.monotonic()
+    now = done
+    while now < lines and (left := seconds - (time.monotonic() - started)) > 0:
+        await asyncio.sleep(min(POLL_S, left))
+        now = await done_lines(http, batch_id)
+    return now - done, time.monotonic() - started
+
+
 async def cancel(http: httpx.AsyncClient, batch_id: str) -> float | None:
     """Cancel the batch and wait until it has ended: the seconds that took, or None
     after ``SETTLE_S``. A batch that ended first is not cancelled; this returns at once."""
@@ -194,7 +216,7 @@ async def cancel(http: httpx.AsyncClient, batch_id: str) -> float | None:
     while (await http.get(f"/v1/batches/{batch_id}")).json()["status"] not in ENDED:
         if time.monotonic() - started > SETTLE_S:
             return None
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(POLL_S)
     return time.monotonic() - started
 
 
@@ -220,15 +242,15 @@ async def run(
         while await done_lines(http, batch_id) == 0:  # until the background lane is busy
             if time.monotonic() > deadline:
                 raise RuntimeError("the backfill did not start within 120 s")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(POLL_S)
         before = await done_lines(http, batch_id)
         name = f"during a {lines:,}-line backfill"
         during = await measured(http, name, model, probes, max_tokens, metrics_urls)
         probed = await done_lines(http, batch_id)
         during.backfill_done_during = probed - before
-        after_s = max(AFTER_MIN_S, during.seconds)
-        await asyncio.sleep(after_s)  # a window to measure a rate over
-        after_lines = await done_lines(http, batch_id) - probed
+        after_lines, after_s = await lines_within(
+            http, batch_id, probed, lines, max(AFTER_MIN_S, during.seconds)
+        )
     finally:
         settled = await cancel(http, batch_id)
     return Result([idle, during], after_lines, after_s, settled)
