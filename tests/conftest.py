@@ -224,6 +224,15 @@ async def own_database(database: EmbeddedPostgres) -> str:
     return url
 
 
+@pytest.fixture
+async def own_pool(database: EmbeddedPostgres) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database of its own (``own_database``): what a test leaves there
+    (running lines, statistics) is no other test's."""
+    pool = await create_pool(Settings(database_url=await own_database(database)))
+    yield pool
+    await pool.close()
+
+
 @pytest.fixture(scope="session")
 async def pool(database: EmbeddedPostgres) -> AsyncIterator[asyncpg.Pool]:
     pool = await create_pool(Settings(database_url=database.url))

@@ -14,14 +14,11 @@ import asyncpg
 import pytest
 
 from kontext.app.children import Child, Children
-from kontext.app.embedded import EmbeddedPostgres
 from kontext.bench import lanes
 from kontext.bench import turns as benchmark
 from kontext.bench.turns import Outcome, Phase
-from kontext.connections import create_pool
-from kontext.settings import Settings
 from kontext.store import ledger
-from tests.conftest import own_database, run_cli
+from tests.conftest import run_cli
 from tests.factories import job_request
 from workers.summaries import summary_job
 
@@ -226,32 +223,29 @@ async def test_work_beside_a_child_process_that_dies_fails_at_once(tmp_path: Pat
 
 
 async def test_the_bench_vacuums_the_tables_earlier_runs_grew_and_leaves_near_empty_ones(
-    database: EmbeddedPostgres,
+    own_pool: asyncpg.Pool,
 ) -> None:
     """A run starts without earlier runs' dead rows, with fresh statistics for the tables
     that hold them; a fresh database's near-empty tables keep no statistics, so Postgres
     does not plan their growing use as scans of one page."""
-    pool = await create_pool(Settings(database_url=await own_database(database)))
-    try:
-        await pool.execute("INSERT INTO conversations (id) VALUES ('c')")
-        await pool.execute(
-            "INSERT INTO turns (conversation_id, seq, role, content, tokens)"
-            " SELECT 'c', n, 'user', repeat('x', 400), 100 FROM generate_series(1, 400) AS n"
-        )
-        await pool.execute("DELETE FROM turns WHERE seq > 200")
-        await benchmark.vacuum(pool)
-        rows = await pool.fetch(
-            "SELECT relname, reltuples FROM pg_class WHERE relname = ANY($1::text[])",
-            list(benchmark.WRITTEN_TABLES),
-        )
-        planned = {r["relname"]: r["reltuples"] for r in rows}
-        assert set(planned) == set(benchmark.WRITTEN_TABLES)
-        # Vacuumed and analyzed: the statistics count the live rows, not the deleted ones.
-        assert planned.pop("turns") == 200
-        # Never vacuumed nor analyzed (-1): planned as at least VACUUM_MIN_PAGES pages.
-        assert planned == {table: -1 for table in planned}
-    finally:
-        await pool.close()
+    pool = own_pool  # statistics of its own, whatever other tests wrote
+    await pool.execute("INSERT INTO conversations (id) VALUES ('c')")
+    await pool.execute(
+        "INSERT INTO turns (conversation_id, seq, role, content, tokens)"
+        " SELECT 'c', n, 'user', repeat('x', 400), 100 FROM generate_series(1, 400) AS n"
+    )
+    await pool.execute("DELETE FROM turns WHERE seq > 200")
+    await benchmark.vacuum(pool)
+    rows = await pool.fetch(
+        "SELECT relname, reltuples FROM pg_class WHERE relname = ANY($1::text[])",
+        list(benchmark.WRITTEN_TABLES),
+    )
+    planned = {r["relname"]: r["reltuples"] for r in rows}
+    assert set(planned) == set(benchmark.WRITTEN_TABLES)
+    # Vacuumed and analyzed: the statistics count the live rows, not the deleted ones.
+    assert planned.pop("turns") == 200
+    # Never vacuumed nor analyzed (-1): planned as at least VACUUM_MIN_PAGES pages.
+    assert planned == {table: -1 for table in planned}
 
 
 async def test_each_engine_call_of_a_run_is_read_from_its_jobs_timeline(

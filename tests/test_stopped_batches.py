@@ -5,30 +5,18 @@ the real inference worker and policy chain."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from uuid import UUID
 
 import asyncpg
-import pytest
 
-from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from kontext.connections import create_pool
-from kontext.settings import Settings
+from kontext.app.embedded import EmbeddedBroker
 from kontext.store import batches
 from kontext.store.batches import NewBatch
 from schemas.events import ContextInfo, EnrichedRequest, JobRequest
-from tests.conftest import own_database, run_inference
+from tests.conftest import run_inference
 from tests.factories import job_request
 from workers.engines.null import REPLY, NullEngine
 from workers.policies.compose import ChainParts, build_chain
-
-
-@pytest.fixture
-async def pool(database: EmbeddedPostgres) -> AsyncIterator[asyncpg.Pool]:
-    """A database of its own: the lines this test leaves running are no other stack's."""
-    pool = await create_pool(Settings(database_url=await own_database(database)))
-    yield pool
-    await pool.close()
 
 
 async def _running_batch(pool: asyncpg.Pool, lines: int) -> tuple[UUID, list[JobRequest]]:
@@ -65,8 +53,9 @@ def _enriched(request: JobRequest) -> EnrichedRequest:
 
 
 async def test_lines_of_a_cancelled_or_expired_batch_fail_before_the_engine(
-    broker: EmbeddedBroker, pool: asyncpg.Pool
+    broker: EmbeddedBroker, own_pool: asyncpg.Pool
 ) -> None:
+    pool = own_pool  # the lines this test leaves running are no other stack's
     cancelled_id, cancelled = await _running_batch(pool, 2)
     expired_id, expired = await _running_batch(pool, 1)
     _, going_on = await _running_batch(pool, 1)
