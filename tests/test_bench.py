@@ -16,10 +16,14 @@ import pytest
 from kontext.app.children import Child, Children
 from kontext.bench import lanes
 from kontext.bench import turns as benchmark
+from kontext.bench.memory import resend_prompt
 from kontext.bench.turns import Outcome, Phase
 from kontext.store import ledger
+from schemas.events import ChatMessage
 from tests.conftest import run_cli
 from tests.factories import job_request
+from workers.context import TRUNCATION_MARKER
+from workers.engines.tiny import ByteTokenizer
 from workers.summaries import summary_job
 
 
@@ -301,3 +305,26 @@ async def test_overlapping_engine_calls_are_busy_time_once(pool: asyncpg.Pool) -
             began + timedelta(seconds=end),
         )
     assert await benchmark.engine_wall_busy_s(pool, f"{run}-%") == 7.0
+
+
+def test_the_naive_resend_fits_the_window_as_a_client_must() -> None:
+    """The baseline without server-side memory: the oldest turns go first, and a new
+    message that alone does not fit is cut as the pipeline cuts one (an engine would
+    refuse the prompt otherwise)."""
+    tokenizer = ByteTokenizer()
+    system = ChatMessage(role="system", content="You are a helpful assistant.")
+    history = [system]
+    for turn in range(6):
+        history.append(ChatMessage(role="user", content=f"question {turn} " + "q" * 100))
+        history.append(ChatMessage(role="assistant", content=f"answer {turn} " + "a" * 100))
+    history.append(ChatMessage(role="user", content="the last question"))
+    prompt = resend_prompt(tokenizer, history, 500)
+    assert tokenizer.count(prompt) <= 500
+    assert history[0] == system and history[-1].content == "the last question"
+    assert "answer 5" in prompt and "question 0" not in prompt  # the oldest went first
+
+    alone = [system, ChatMessage(role="user", content="my code is 4350. " + "y" * 2000)]
+    prompt = resend_prompt(tokenizer, alone, 500)
+    assert tokenizer.count(prompt) <= 500
+    assert TRUNCATION_MARKER in prompt and "my code is 4350." in prompt
+    assert len(alone) == 2 and TRUNCATION_MARKER in alone[1].content

@@ -72,6 +72,15 @@ async def test_tiny_cuts_each_request_at_its_own_max_tokens(tiny: Engine) -> Non
             assert answer.completion_tokens < limit
 
 
+async def test_a_prompt_past_the_context_window_is_refused_by_name(tiny: Engine) -> None:
+    """Not an index error from inside the model: the engine says what does not fit."""
+    fits = "x" * (context_window("tiny") - 16)
+    [answer] = await tiny.generate([GenerationRequest(fits, 16)])
+    assert answer.prompt_tokens == len(fits)
+    with pytest.raises(ValueError, match="exceed tiny's context window of 1024 tokens"):
+        await tiny.generate([GenerationRequest(fits + "x", 16)])
+
+
 async def test_tiny_answers_in_batch_order(tiny: Engine) -> None:
     batch = [ask(tiny, "Hi", 20), ask(tiny, "A much longer question than the first", 5)]
     batch.append(ask(tiny, "Mixed in: a sampled answer", 8, temperature=1.0))

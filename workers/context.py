@@ -113,7 +113,7 @@ def _render(
     return prompt, tokenizer.count(prompt)
 
 
-def _truncate(
+def truncate(
     tokenizer: ChatTokenizer, base: str, new: list[ChatMessage], budget: int
 ) -> list[ChatMessage]:
     """Cut the longest new message (head and tail kept, marker between) until all fit."""
@@ -163,7 +163,7 @@ def assemble(
         prompt, tokens = _render(tokenizer, base, [], new)
         truncated = tokens > budget
         if truncated:
-            new = _truncate(tokenizer, base, new, budget)
+            new = truncate(tokenizer, base, new, budget)
             prompt, tokens = _render(tokenizer, base, [], new)
 
     kept: list[_Piece] = []

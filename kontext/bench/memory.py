@@ -15,7 +15,8 @@ from pathlib import Path
 from kontext.app import report
 from producers.client import KontextClient
 from schemas.events import ChatMessage
-from workers.engines.base import Engine, GenerationRequest
+from workers.context import truncate
+from workers.engines.base import ChatTokenizer, Engine, GenerationRequest
 
 FACT = "Please remember: my locker code is {code}."
 QUESTION = "What is my locker code?"
@@ -85,6 +86,21 @@ async def kontext_run(
     )
 
 
+def resend_prompt(tokenizer: ChatTokenizer, history: list[ChatMessage], budget: int) -> str:
+    """What a client without server-side memory sends: the whole history (a system
+    message first), its oldest turns dropped until it fits ``budget`` tokens, and a
+    new message that alone does not fit cut as the pipeline cuts one. ``history`` is
+    cut in place."""
+    prompt = tokenizer.render(history)
+    while tokenizer.count(prompt) > budget and len(history) > 2:
+        del history[1]
+        prompt = tokenizer.render(history)
+    if tokenizer.count(prompt) > budget:
+        history[1:] = truncate(tokenizer, history[0].content, history[1:], budget)
+        prompt = tokenizer.render(history)
+    return prompt
+
+
 async def naive_run(engine: Engine, turns: int, runs: int, max_tokens: int) -> Row:
     """Full history resent every turn, straight to the engine (no pipeline, no memory)."""
     prompt_tokens: list[int] = []
@@ -97,10 +113,7 @@ async def naive_run(engine: Engine, turns: int, runs: int, max_tokens: int) -> R
         history = [ChatMessage(role="system", content="You are a helpful assistant.")]
         for index, text in enumerate(script(turns, code)):
             history.append(ChatMessage(role="user", content=text))
-            prompt = engine.tokenizer.render(history)
-            while engine.tokenizer.count(prompt) > budget and len(history) > 2:
-                del history[1]  # what a client must do once the window is full
-                prompt = engine.tokenizer.render(history)
+            prompt = resend_prompt(engine.tokenizer, history, budget)
             tokens = engine.tokenizer.count(prompt)
             prompt_tokens.append(tokens)
             [answer] = await engine.generate([GenerationRequest(prompt, max_tokens)])

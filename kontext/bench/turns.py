@@ -281,11 +281,7 @@ async def naive_resend(
         rendered: list[str] = []
         for script, history in zip(work, histories, strict=True):
             history.append(ChatMessage(role="user", content=script.messages[turn]))
-            prompt = tokenizer.render(history)
-            while tokenizer.count(prompt) > budget and len(history) > 2:
-                del history[1]  # what a client must do once the window is full
-                prompt = tokenizer.render(history)
-            rendered.append(prompt)
+            rendered.append(bench.resend_prompt(tokenizer, history, budget))
         prompts.extend(rendered)
         last = turn == len(work[0].messages) - 1
         for start in range(0, len(rendered), batch_size):

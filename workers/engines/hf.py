@@ -137,6 +137,12 @@ class HFEngine:
         pad = self.tokenizer.pad_id
         prompts = [self.tokenizer.encode(r.prompt) for r in requests]
         width = max(len(p) for p in prompts)
+        longest = max(r.max_tokens for r in requests)
+        if width + longest > self.context_window:
+            raise ValueError(
+                f"a prompt of {width} tokens and {longest} new ones exceed {self.name}'s"
+                f" context window of {self.context_window} tokens"
+            )
         input_ids = torch.tensor(
             [[pad] * (width - len(p)) + p for p in prompts], device=self.device
         )
@@ -149,7 +155,7 @@ class HFEngine:
             else {"do_sample": False}
         )
         config = GenerationConfig(  # type: ignore[no-untyped-call]
-            max_new_tokens=max(r.max_tokens for r in requests),
+            max_new_tokens=longest,
             eos_token_id=self.tokenizer.eos_id,
             pad_token_id=pad,
             **sampling,
