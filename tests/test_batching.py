@@ -14,7 +14,7 @@ from kontext.app.embedded import EmbeddedBroker
 from kontext.connections import FetchTempo, ensure_topics
 from kontext.settings import Settings
 from tests.conftest import wait_for
-from workers.consumer import BatchConsumer, drain, drain_lanes
+from workers.consumer import SLOT_CHECK_MS, BatchConsumer, drain, drain_lanes
 from workers.pacing import Pacer
 from workers.records import Record
 
@@ -133,15 +133,25 @@ async def test_a_batch_keeps_filling_while_every_handler_slot_is_busy(
     broker: EmbeddedBroker,
 ) -> None:
     """Past its wait, a batch that could not start anyway (the engine is busy) takes what
-    arrives meanwhile, up to max_size, and is sealed once a slot frees up."""
+    arrives meanwhile, up to max_size, and is sealed once a slot frees up. It looks
+    again when a record arrives or the slot frees up, and otherwise every SLOT_CHECK_MS:
+    not every few ms through an engine call of seconds, each look waking the event loop
+    and taking the GIL from the engine's thread."""
     high, low = await _lanes(broker, high=1, low=0)
     await low.stop()
     topic = next(iter(high.subscription()))
+    counting = CountingConsumer(high)
     stopping, free = asyncio.Event(), asyncio.Event()  # free clear: every slot busy
     producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap_servers)
     await producer.start()
     try:
-        filling = asyncio.create_task(drain(high, 10, 0, stopping, free))
+        filling = asyncio.create_task(
+            drain(counting, 10, 0, stopping, free)  # type: ignore[arg-type]
+        )
+        await wait_for(lambda: len(counting.waits) >= 2, timeout=10)  # past its wait
+        looked = len(counting.waits)
+        await asyncio.sleep(1.0)  # a second of an engine call, nothing arriving
+        looks = len(counting.waits) - looked
         for i in range(1, 5):
             await producer.send_and_wait(topic, f"{topic}-{i}".encode())
         await wait_for(lambda: high.highwater(TopicPartition(topic, 0)) == 5, timeout=30)
@@ -151,6 +161,7 @@ async def test_a_batch_keeps_filling_while_every_handler_slot_is_busy(
     finally:
         await producer.stop()
         await high.stop()
+    assert looks <= 1000 // SLOT_CHECK_MS + 1  # about 200 when it looked every 5 ms
     assert [r.value for r in batch] == [f"{topic}-{i}".encode() for i in range(5)]
 
 

@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 250
 IDLE_POLL_MS = 50
-BUSY_POLL_MS = 5
-"""How often a batch past its wait looks again for a free handler slot."""
+SLOT_CHECK_MS = 100
+"""Past its wait, a batch that cannot start (every handler slot busy) takes records as
+they arrive and starts as soon as a slot frees up; it is woken by either, and at the
+latest this often: not every few ms through an engine call, each look waking the event
+loop and taking the GIL from the engine's thread."""
 REST_CHECK_S = 0.1
 """While a sealed batch waits for a busy handler (an engine call), how often the
 consumers' fetch waits are brought up to date: nothing is taken meanwhile, so they
@@ -88,6 +91,31 @@ def _can_start(free: asyncio.Event | None, stopping: asyncio.Event) -> bool:
     return free is None or free.is_set() or stopping.is_set()
 
 
+async def _fetch_until_slot(
+    consumer: AIOKafkaConsumer,
+    room: int,
+    free: asyncio.Event | None,
+    stopping: asyncio.Event,
+    tempo: FetchTempo | None = None,
+) -> list[Record]:
+    """What arrives within SLOT_CHECK_MS, or until ``free`` is set (a handler slot frees
+    up) or the consumer stops, whichever comes first. A fetch cancelled while it waits
+    has taken nothing (the records stay buffered), so none is lost."""
+    fetch = asyncio.ensure_future(_fetch(consumer, SLOT_CHECK_MS, room, tempo))
+    events = [asyncio.ensure_future(e.wait()) for e in (free, stopping) if e is not None]
+    try:
+        await asyncio.wait([fetch, *events], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for event in events:
+            event.cancel()
+        if not fetch.done():
+            fetch.cancel()
+            await asyncio.wait([fetch])
+    if not fetch.cancelled():
+        return fetch.result()
+    return await _fetch(consumer, 0, room, tempo)  # what arrived meanwhile
+
+
 async def drain(
     consumer: AIOKafkaConsumer,
     max_size: int,
@@ -101,23 +129,17 @@ async def drain(
     batch: list[Record] = []
     deadline = 0.0
     while len(batch) < max_size:
+        room = max_size - len(batch)
         if not batch:
             if stopping.is_set():
                 return batch
-            timeout_ms = POLL_MS
+            batch += await _fetch(consumer, POLL_MS, room, tempo)
+        elif (timeout_ms := int((deadline - time.monotonic()) * 1000)) > 0:
+            batch += await _fetch(consumer, timeout_ms, room, tempo)
+        elif _can_start(free, stopping):
+            break
         else:
-            timeout_ms = int((deadline - time.monotonic()) * 1000)
-            if timeout_ms <= 0:
-                if _can_start(free, stopping):
-                    break
-                timeout_ms = BUSY_POLL_MS
-        fetched = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_size - len(batch))
-        if tempo is not None:
-            tempo.observe(consumer, sum(map(len, fetched.values())))
-        for messages in fetched.values():
-            batch.extend(
-                Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers) for m in messages
-            )
+            batch += await _fetch_until_slot(consumer, room, free, stopping, tempo)
         if batch and not deadline:
             deadline = time.monotonic() + max_wait_ms / 1000
     return batch
@@ -200,13 +222,17 @@ async def drain_lanes(
             if not high and take_background(can_start):
                 low += await _fetch(background, 0, background_room(), tempo)
             break
-        if deadline:
-            wait_ms = BUSY_POLL_MS if past else int((deadline - time.monotonic()) * 1000)
+        room = max_size - len(high) - len(low)
+        if past:
+            slot = (interactive_free or free) if high else free
+            arrived = await _fetch_until_slot(interactive, room, slot, stopping, tempo)
+        elif deadline:
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+            arrived = await _fetch(interactive, wait_ms, room, tempo)
         elif stopping.is_set():
             break
         else:
-            wait_ms = IDLE_POLL_MS
-        arrived = await _fetch(interactive, wait_ms, max_size - len(high) - len(low), tempo)
+            arrived = await _fetch(interactive, IDLE_POLL_MS, room, tempo)
         if arrived and pacer is not None:
             pacer.saw_interactive()
         high += arrived
