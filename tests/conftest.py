@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -68,23 +69,36 @@ def database(workdir: Path) -> Iterator[EmbeddedPostgres]:
     database.destroy()
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``kontext ARGS`` on its embedded defaults (none of this environment's broker,
-    database or KONTEXT_ settings), in ``cwd``; its output captured."""
+def embedded_env() -> dict[str, str]:
+    """This environment without its broker, database or KONTEXT_ settings: a command
+    run with it starts on its embedded defaults."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL") and not k.startswith("KONTEXT_")
     }
     env["KONTEXT_KAFKA_SESSION_TIMEOUT_MS"] = "3000"
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``kontext ARGS`` on its embedded defaults, in ``cwd``; its output captured."""
     return subprocess.run(
         [sys.executable, "-m", "kontext.cli", *args],
         cwd=cwd,
-        env=env,
+        env=embedded_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def gone(process: psutil.Process) -> bool:
+    """Whether ``process`` has exited (a zombie not yet reaped counts)."""
+    try:
+        return bool(process.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
 
 
 def stack_env(broker: EmbeddedBroker, database: EmbeddedPostgres, prefix: str) -> dict[str, str]:

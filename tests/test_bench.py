@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import signal
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 
 from kontext.app.children import Child, Children
@@ -20,7 +23,7 @@ from kontext.bench.memory import resend_prompt
 from kontext.bench.turns import Outcome, Phase
 from kontext.store import ledger
 from schemas.events import ChatMessage
-from tests.conftest import run_cli
+from tests.conftest import embedded_env, gone, run_cli, wait_for
 from tests.factories import job_request
 from workers.context import TRUNCATION_MARKER
 from workers.engines.tiny import ByteTokenizer
@@ -328,3 +331,44 @@ def test_the_naive_resend_fits_the_window_as_a_client_must() -> None:
     assert tokenizer.count(prompt) <= 500
     assert TRUNCATION_MARKER in prompt and "my code is 4350." in prompt
     assert len(alone) == 2 and TRUNCATION_MARKER in alone[1].content
+
+
+async def test_ctrl_c_stops_the_bench_and_its_whole_stack(tmp_path: Path) -> None:
+    """SIGINT mid-run (a terminal's Ctrl-C; the stack's processes have sessions of
+    their own, so only the bench gets it): the bench stops within seconds, says it
+    measured nothing, and leaves no process behind."""
+    args = ["bench", "--engine", "tiny", "--conversations", "64", "--turns", "8"]
+    bench = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kontext.cli",
+        *args,
+        cwd=tmp_path,
+        env=embedded_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stack: dict[psutil.Process, str] = {}
+
+    def workers_started() -> bool:
+        stack.clear()
+        for child in psutil.Process(bench.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # one that ended meanwhile
+                stack[child] = " ".join(child.cmdline())
+        return any("kontext.cli worker" in command for command in stack.values())
+
+    try:
+        await wait_for(workers_started, timeout=120, interval=0.2)
+        bench.send_signal(signal.SIGINT)
+        _, stderr = await asyncio.wait_for(bench.communicate(), timeout=60)
+    finally:
+        if bench.returncode is None:
+            bench.kill()
+            await bench.communicate()
+    err = stderr.decode()
+    assert bench.returncode == 1, err[-3000:]
+    assert "the benchmark stopped before it measured anything" in err
+    assert "Traceback" not in err
+    commands = " ".join(stack.values())
+    assert "tansu broker" in commands and "bin/postgres" in commands
+    await wait_for(lambda: all(gone(c) for c in stack), timeout=10)

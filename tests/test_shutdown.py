@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from tests.conftest import Stack, stack_env, start_stack, wait_for
+from tests.conftest import Stack, gone, stack_env, start_stack, wait_for
 
 
 async def _submit_and_finish(stack: Stack, count: int) -> list[str]:
@@ -39,17 +39,6 @@ async def _submit_and_finish(stack: Stack, count: int) -> list[str]:
     return ids
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
-
-
-def _gone(process: psutil.Process) -> bool:
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) -> None:
     data_dir = workdir / f"embedded-{uuid.uuid4().hex[:6]}"
     env = {
@@ -58,7 +47,7 @@ async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) ->
     env["KONTEXT_DATA_DIR"] = str(data_dir)
     stack = start_stack(["up", "--engine", "tiny", "--port", "0"], env, workdir)
     try:
-        children = _descendants(stack.process.pid)
+        children = psutil.Process(stack.process.pid).children(recursive=True)
         names = {c.name() for c in children}
         assert "tansu" in names and "postgres" in names
         await _submit_and_finish(stack, 2)
@@ -68,7 +57,7 @@ async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) ->
     assert code == 0, output[-3000:]
     assert "Kontext stopped." in output
     assert "Traceback" not in output
-    await wait_for(lambda: all(_gone(c) for c in children), timeout=10)
+    await wait_for(lambda: all(gone(c) for c in children), timeout=10)
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
 
 

@@ -78,6 +78,27 @@ def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         runner.run(wrapper())
 
 
+class Stopped(Exception):
+    """A signal (SIGINT or SIGTERM) came before the work ended; the work was cancelled."""
+
+
+async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
+    """``work``'s result; if ``stop`` is set first, the work is cancelled, its cleanup
+    runs, and this raises Stopped."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        raise Stopped
+    return task.result()
+
+
 def run_work(
     settings: Settings,
     work: Callable[[Runtime, str], Awaitable[T]],

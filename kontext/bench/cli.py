@@ -11,7 +11,15 @@ from typing import Annotated
 import typer
 
 from kontext.app.embedded import embedded
-from kontext.app.process import console, run_until_signal, run_work, settings_for, setup_logging
+from kontext.app.process import (
+    Stopped,
+    console,
+    run_until_signal,
+    run_work,
+    settings_for,
+    setup_logging,
+    until_stopped,
+)
 from kontext.app.runtime import SERVICES, Runtime, prepare
 from kontext.store import keys
 
@@ -236,9 +244,11 @@ def bench_command(
             update={"summarizer": summarizer, "cache_ttl_s": 0.0, "embedder": embedder}
         )
         results: list[dict[str, object]] = []
+        interrupted = False
         with embedded(base) as settings:
 
             async def main(stop: asyncio.Event) -> None:
+                nonlocal interrupted
                 await prepare(settings)
                 key = await keys.mint(settings.dsn)
                 direct = await load_engine(engine, settings)
@@ -285,7 +295,10 @@ def bench_command(
                         work_done = measure(
                             children.api_url, inference.metrics_url, CpuMeter(roots)
                         )
-                        await children.guard(work_done)
+                        try:
+                            await until_stopped(children.guard(work_done), stop)
+                        except Stopped:
+                            interrupted = True
                 finally:
                     await pool.close()
                     await direct.close()
@@ -301,6 +314,8 @@ def bench_command(
         if not results:
             console.print("[red]the benchmark stopped before it measured anything")
             raise typer.Exit(1)
+        if interrupted:
+            console.print(f"[yellow]stopped: {len(results)} of {len(sizes)} runs measured")
         body, plot = benchmark.publish(results, settings, command)
     if as_json:
         output = results[0] if len(results) == 1 else {"runs": results, "plot": str(plot)}
@@ -326,7 +341,12 @@ def bench_policies_command(
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)
             load = [os.getloadavg()[0]]
-            runs = await bench_policies.measure(settings, requests, concurrency, rounds)
+            try:
+                runs = await until_stopped(
+                    bench_policies.measure(settings, requests, concurrency, rounds), stop
+                )
+            except Stopped:
+                return
             load.append(os.getloadavg()[0])
             micro = await bench_policies.hooks()
             body, summary = bench_policies.report(runs, micro)
@@ -338,5 +358,8 @@ def bench_policies_command(
             out.update(summary=summary, body=body)
 
         run_until_signal(main)
+    if not out:
+        console.print("[red]the benchmark stopped before it measured anything")
+        raise typer.Exit(1)
     print(out.get("body", ""))
     print(json.dumps(out.get("summary", {})))
