@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -59,6 +60,29 @@ async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) ->
     assert "Traceback" not in output
     await wait_for(lambda: all(gone(c) for c in children), timeout=10)
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
+
+
+async def test_a_parent_killed_outright_leaves_no_process(workdir: Path) -> None:
+    """``kontext up`` killed with SIGKILL (the OOM killer, a CI timeout) cannot stop what
+    it started: its broker, Postgres and worker processes stop by themselves."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
+    }
+    env["KONTEXT_DATA_DIR"] = str(workdir / f"embedded-{uuid.uuid4().hex[:6]}")
+    stack = start_stack(["up", "--engine", "tiny", "--port", "0", "--process", "api"], env, workdir)
+    children: list[psutil.Process] = []
+    try:
+        children = psutil.Process(stack.process.pid).children(recursive=True)
+        commands = [" ".join(c.cmdline()) for c in children]
+        assert any("kontext.cli worker api" in c for c in commands), commands
+        assert {"tansu", "postgres"} <= {c.name() for c in children}
+        stack.process.kill()
+        stack.process.wait(10)
+        await wait_for(lambda: all(gone(c) for c in children), timeout=60)
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
 
 async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:

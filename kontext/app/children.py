@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from kontext.app.embedded import free_port
+from kontext.app.embedded import free_port, stopped_with_parent
 from kontext.settings import Settings
 
 READY = re.compile(r"Kontext ready: (?:API (http://\S+?);|no API;)")
@@ -107,6 +108,8 @@ async def _start(
         stderr=asyncio.subprocess.STDOUT,
         # Its own session: a terminal's Ctrl-C reaches the parent, which stops it in turn.
         start_new_session=True,
+        # A parent killed outright cannot stop it: SIGTERM, a graceful stop, then.
+        preexec_fn=stopped_with_parent(signal.SIGTERM),
     )
     child = Child(tuple(services), process, log_path, f"http://127.0.0.1:{port}/metrics")
     ready: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()

@@ -7,6 +7,7 @@ and by the tests. Production points those variables at real services instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
@@ -15,9 +16,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -27,6 +29,27 @@ from kontext.settings import Settings
 log = logging.getLogger(__name__)
 
 PG_SYSTEM_USER = "embedded_postgres"
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def stopped_with_parent(sig: int) -> Callable[[], None] | None:
+    """A ``preexec_fn``: the child gets ``sig`` when the thread that spawned it ends
+    (Linux's parent-death signal), so a parent killed outright (SIGKILL, the OOM
+    killer) leaves no server or worker behind. Spawn from the main thread. None
+    where the kernel has no such signal."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    parent = os.getpid()
+
+    def arrange() -> None:
+        prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent ended before the signal was set
+            os.kill(os.getpid(), sig)
+
+    return arrange
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,9 +98,14 @@ another) and answers sooner."""
 class EmbeddedBroker:
     """A Tansu broker (Kafka wire protocol, in-memory storage) on 127.0.0.1."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, log_path: Path | None = None, with_parent: bool = False
+    ) -> None:
+        """``with_parent``: the broker stops when the thread that starts it ends
+        (``stopped_with_parent``)."""
         self.port = port or free_port()
         self.log_path = log_path
+        self.with_parent = with_parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -107,6 +135,7 @@ class EmbeddedBroker:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
             env={"TOKIO_WORKER_THREADS": BROKER_THREADS, **os.environ},
+            preexec_fn=stopped_with_parent(signal.SIGTERM) if self.with_parent else None,
         )
         wait_for_port("127.0.0.1", self.port, 10.0, self._proc)
         return self
@@ -127,9 +156,12 @@ class EmbeddedPostgres:
     The server runs as a child process; the data directory persists between runs.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, with_parent: bool = False) -> None:
+        """``with_parent``: the server stops when the thread that starts it ends
+        (``stopped_with_parent``)."""
         self.data_dir = data_dir.resolve()
         self.port = port or free_port()
+        self.with_parent = with_parent
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -207,6 +239,8 @@ class EmbeddedPostgres:
             stdin=subprocess.DEVNULL,
             user=user,
             start_new_session=True,
+            # SIGINT: fast shutdown (clients disconnected, the data directory clean).
+            preexec_fn=stopped_with_parent(signal.SIGINT) if self.with_parent else None,
         )
         log.close()
         self._wait_ready(bins, user)
@@ -253,11 +287,13 @@ def embedded(settings: Settings) -> Iterator[Settings]:
         updates: dict[str, str] = {}
         if not settings.kafka_bootstrap_servers:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-            broker = EmbeddedBroker(log_path=settings.data_dir / "broker.log").start()
+            broker = EmbeddedBroker(
+                log_path=settings.data_dir / "broker.log", with_parent=True
+            ).start()
             updates["kafka_bootstrap_servers"] = broker.bootstrap_servers
             log.info("embedded Kafka broker (Tansu) on %s", broker.bootstrap_servers)
         if not settings.database_url:
-            database = EmbeddedPostgres(settings.data_dir / "postgres").start()
+            database = EmbeddedPostgres(settings.data_dir / "postgres", with_parent=True).start()
             updates["database_url"] = database.url
             log.info("embedded PostgreSQL on 127.0.0.1:%d", database.port)
         yield settings.model_copy(update=updates)
