@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     health_file: Path | None = None
     """A running process touches this file every 5 s while all its services are ready
     (``kontext health`` checks it; container healthchecks use it)."""
+    parent_pid: int | None = None
+    """Set by the process that spawned this one (``kontext up --process``, ``kontext
+    bench``): on Linux this one stops (SIGTERM) when that one ends, even killed outright."""
     model_cache_dir: Path = Path.home() / ".cache" / "kontext" / "models"
     """Converted model weights, written once and reused."""
 

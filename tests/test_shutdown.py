@@ -62,6 +62,26 @@ async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) ->
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
 
 
+async def _kill_outright(stack: Stack, timeout: float) -> list[str]:
+    """SIGKILL ``stack``'s ``kontext`` process, then wait until every process it had
+    started is gone (any left after ``timeout`` is killed, and the wait fails); their
+    command lines."""
+    children = psutil.Process(stack.process.pid).children(recursive=True)
+    commands = []
+    for child in children:
+        with contextlib.suppress(psutil.Error):  # one that ended meanwhile
+            commands.append(" ".join(child.cmdline()))
+    try:
+        stack.process.kill()
+        stack.process.wait(10)
+        await wait_for(lambda: all(gone(c) for c in children), timeout=timeout)
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    return commands
+
+
 async def test_a_parent_killed_outright_leaves_no_process(workdir: Path) -> None:
     """``kontext up`` killed with SIGKILL (the OOM killer, a CI timeout) cannot stop what
     it started: its broker, Postgres and worker processes stop by themselves."""
@@ -70,19 +90,20 @@ async def test_a_parent_killed_outright_leaves_no_process(workdir: Path) -> None
     }
     env["KONTEXT_DATA_DIR"] = str(workdir / f"embedded-{uuid.uuid4().hex[:6]}")
     stack = start_stack(["up", "--engine", "tiny", "--port", "0", "--process", "api"], env, workdir)
-    children: list[psutil.Process] = []
-    try:
-        children = psutil.Process(stack.process.pid).children(recursive=True)
-        commands = [" ".join(c.cmdline()) for c in children]
-        assert any("kontext.cli worker api" in c for c in commands), commands
-        assert {"tansu", "postgres"} <= {c.name() for c in children}
-        stack.process.kill()
-        stack.process.wait(10)
-        await wait_for(lambda: all(gone(c) for c in children), timeout=60)
-    finally:
-        for child in children:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+    commands = " ".join(await _kill_outright(stack, timeout=60))
+    assert "kontext.cli worker api" in commands
+    assert "tansu broker" in commands and "bin/postgres" in commands
+
+
+async def test_a_worker_stops_when_the_process_that_spawned_it_is_killed_outright(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
+) -> None:
+    """The same on a broker and a database of its own, which stay up: its API worker
+    stops by itself (it has nothing else to stop it)."""
+    env = stack_env(broker, database, f"k{uuid.uuid4().hex[:8]}")
+    stack = start_stack(["up", "--engine", "tiny", "--port", "0", "--process", "api"], env, workdir)
+    commands = await _kill_outright(stack, timeout=30)
+    assert ["kontext.cli worker api" in c for c in commands] == [True]
 
 
 async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:

@@ -13,14 +13,13 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from kontext.app.embedded import free_port, stopped_with_parent
+from kontext.app.embedded import free_port
 from kontext.settings import Settings
 
 READY = re.compile(r"Kontext ready: (?:API (http://\S+?);|no API;)")
@@ -94,6 +93,8 @@ async def _start(
         "KONTEXT_ENGINES": ",".join(settings.engines),
         "KONTEXT_METRICS_HOST": "127.0.0.1",
         "KONTEXT_METRICS_PORT": str(port),
+        # A parent killed outright cannot stop it: it stops itself (SIGTERM, graceful).
+        "KONTEXT_PARENT_PID": str(os.getpid()),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -108,8 +109,6 @@ async def _start(
         stderr=asyncio.subprocess.STDOUT,
         # Its own session: a terminal's Ctrl-C reaches the parent, which stops it in turn.
         start_new_session=True,
-        # A parent killed outright cannot stop it: SIGTERM, a graceful stop, then.
-        preexec_fn=stopped_with_parent(signal.SIGTERM),
     )
     child = Child(tuple(services), process, log_path, f"http://127.0.0.1:{port}/metrics")
     ready: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import logging
 import os
@@ -32,24 +33,27 @@ PG_SYSTEM_USER = "embedded_postgres"
 
 
 PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def stop_with_parent(sig: int, parent: int) -> None:
+    """Have this process get ``sig`` when ``parent``, which spawned it, ends (Linux's
+    parent-death signal, tied to the parent's thread that spawned it: spawn from the
+    main thread), so a parent killed outright (SIGKILL, the OOM killer) leaves no
+    server or worker behind. Nothing where the kernel has no such signal."""
+    if _prctl is None:
+        return
+    _prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:  # the parent ended before the signal was set
+        os.kill(os.getpid(), sig)
 
 
 def stopped_with_parent(sig: int) -> Callable[[], None] | None:
-    """A ``preexec_fn``: the child gets ``sig`` when the thread that spawned it ends
-    (Linux's parent-death signal), so a parent killed outright (SIGKILL, the OOM
-    killer) leaves no server or worker behind. Spawn from the main thread. None
-    where the kernel has no such signal."""
-    if sys.platform != "linux":
+    """``stop_with_parent`` as a ``preexec_fn``, for a server binary started from this
+    process (before it runs threads: the child calls it between fork and exec)."""
+    if _prctl is None:
         return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
-    parent = os.getpid()
-
-    def arrange() -> None:
-        prctl(PR_SET_PDEATHSIG, sig)
-        if os.getppid() != parent:  # the parent ended before the signal was set
-            os.kill(os.getpid(), sig)
-
-    return arrange
+    return functools.partial(stop_with_parent, sig, os.getpid())
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from typing import Annotated
 
@@ -10,7 +11,7 @@ import typer
 
 from kontext import stackfile
 from kontext.app.children import spawned
-from kontext.app.embedded import embedded
+from kontext.app.embedded import embedded, stop_with_parent
 from kontext.app.process import (
     console,
     run_until_signal,
@@ -109,6 +110,8 @@ def worker(
         console.print("[red]kontext worker needs KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL")
         raise typer.Exit(2)
     ordered = [name for name in SERVICES if name in names]
+    if settings.parent_pid is not None:
+        stop_with_parent(signal.SIGTERM, settings.parent_pid)
     run_until_signal(lambda stop: serve(settings, ordered, stop))
 
 
