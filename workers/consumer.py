@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 
 from kontext.connections import FetchTempo
 from kontext.metrics import observe_lag
+from kontext.tasks import run_against
 from workers.pacing import Pacer, background_reserve
 from workers.records import BatchHandler, Flushing, Record
 
@@ -101,16 +102,8 @@ async def _fetch_until_slot(
     """What arrives within SLOT_CHECK_MS, or until ``free`` is set (a handler slot frees
     up) or the consumer stops, whichever comes first. A fetch cancelled while it waits
     has taken nothing (the records stay buffered), so none is lost."""
-    fetch = asyncio.ensure_future(_fetch(consumer, SLOT_CHECK_MS, room, tempo))
-    events = [asyncio.ensure_future(e.wait()) for e in (free, stopping) if e is not None]
-    try:
-        await asyncio.wait([fetch, *events], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for event in events:
-            event.cancel()
-        if not fetch.done():
-            fetch.cancel()
-            await asyncio.wait([fetch])
+    slot = (e.wait() for e in (free, stopping) if e is not None)
+    fetch = await run_against(_fetch(consumer, SLOT_CHECK_MS, room, tempo), *slot)
     if not fetch.cancelled():
         return fetch.result()
     return await _fetch(consumer, 0, room, tempo)  # what arrived meanwhile

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from kontext.app.embedded import free_port
 from kontext.settings import Settings
+from kontext.tasks import run_against
 
 READY = re.compile(r"Kontext ready: (?:API (http://\S+?);|no API;)")
 START_TIMEOUT_S = 180.0
@@ -61,17 +62,7 @@ class Children:
     async def guard(self, work: Awaitable[T]) -> T:
         """``work``'s result; if a child exits first, the work is cancelled and this
         raises RuntimeError naming the child's log (no wait for turns that never end)."""
-        task = asyncio.ensure_future(work)
-        exits = {asyncio.ensure_future(c.process.wait()): c for c in self.all}
-        try:
-            await asyncio.wait({task, *exits}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            for exit_ in exits:
-                exit_.cancel()
+        task = await run_against(work, *(c.process.wait() for c in self.all))
         if task.cancelled():
             gone = next(c for c in self.all if c.process.returncode is not None)
             raise RuntimeError(

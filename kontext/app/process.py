@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 
 from kontext.app.runtime import SERVICES, Runtime, run_while
 from kontext.settings import Settings
+from kontext.tasks import run_against
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -85,15 +86,7 @@ class Stopped(Exception):
 async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T:
     """``work``'s result; if ``stop`` is set first, the work is cancelled, its cleanup
     runs, and this raises Stopped."""
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+    task = await run_against(work, stop.wait())
     if task.cancelled():
         raise Stopped
     return task.result()
