@@ -64,7 +64,8 @@ class Settings(BaseSettings):
     """Where the smollm2 engine and the embedding model run; ``auto``: CUDA when torch
     sees a GPU, else CPU."""
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The smollm2 engine's weight dtype; ``auto``: float32 on CPU, bfloat16 on CUDA."""
+    """The weights' dtype of the smollm2 engine and the embedding model; ``auto``: bfloat16
+    on CUDA and on a CPU with AMX (Xeon Sapphire Rapids and newer), float32 on other CPUs."""
     smollm2_batching: Literal["auto", "static", "continuous"] = "auto"
     """How the smollm2 engine batches: ``static``, one left-padded ``generate`` call per
     micro-batch; ``continuous``, transformers' continuous batching (a request joins the

@@ -7,9 +7,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 
 from kontext.settings import Settings
-from workers.embeddings import DIMENSIONS, HashEmbedder, load_embedder
+from workers.embeddings import DIMENSIONS, SUB_BATCH, HashEmbedder, MiniLMEmbedder, load_embedder
+from workers.engines.device import dtype
 
 TEXTS = [
     "By the way, my locker code is 4821.",
@@ -51,19 +54,51 @@ def test_the_setting_chooses_the_embedder() -> None:
     assert isinstance(load_embedder(Settings(embedder="hash").embedder), HashEmbedder)
 
 
-def test_minilm_gives_each_text_its_own_vector_whatever_the_batch_holds() -> None:
-    """Texts of very different lengths, more than one sub-batch of them, in an order
-    that is not by length: each row is the vector of its text embedded alone."""
-    from workers.embeddings import SUB_BATCH, MiniLMEmbedder
+LONG = " ".join(["a long rambling line about the weather"] * 60)  # past MAX_TOKENS
+MIXED = [TEXTS[i % len(TEXTS)] if i % 7 else LONG for i in range(SUB_BATCH + 9)]
+"""Texts of very different lengths, more than one sub-batch of them, not in length order."""
 
-    model = MiniLMEmbedder()
-    long = " ".join(["a long rambling line about the weather"] * 60)  # past MAX_TOKENS
-    texts = [TEXTS[i % len(TEXTS)] if i % 7 else long for i in range(SUB_BATCH + 9)]
-    together = model.embed_sync(texts)
-    assert together.shape == (len(texts), DIMENSIONS)
+
+@pytest.fixture(scope="module")
+def minilm() -> dict[torch.dtype, MiniLMEmbedder]:
+    return {kind: MiniLMEmbedder(dtype=kind) for kind in (torch.float32, torch.bfloat16)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 4e-3)], ids=str
+)
+def test_minilm_gives_each_text_its_own_vector_whatever_the_batch_holds(
+    minilm: dict[torch.dtype, MiniLMEmbedder], kind: torch.dtype, tolerance: float
+) -> None:
+    """Each row is the vector of its text embedded alone (to bfloat16's rounding)."""
+    model = minilm[kind]
+    together = model.embed_sync(MIXED)
+    assert together.shape == (len(MIXED), DIMENSIONS) and together.dtype == np.float32
+    assert np.allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
     for i in (0, 1, 2, 3, 7, SUB_BATCH + 8):
-        alone = model.embed_sync([texts[i]])[0]
-        assert np.allclose(together[i], alone, atol=1e-5)
+        alone = model.embed_sync([MIXED[i]])[0]
+        assert np.allclose(together[i], alone, atol=tolerance)
     question, fact, weather = together[1], together[4], together[2]
     assert float(question @ fact) > float(question @ weather)
     assert model.embed_sync([]).shape == (0, DIMENSIONS)
+
+
+def test_bfloat16_and_float32_vectors_rank_alike(
+    minilm: dict[torch.dtype, MiniLMEmbedder],
+) -> None:
+    """Workers on machines that pick different dtypes share one store: a vector of either
+    kind finds the same neighbours among vectors of the other."""
+    full = minilm[torch.float32].embed_sync(MIXED)
+    half = minilm[torch.bfloat16].embed_sync(MIXED)
+    assert float(np.einsum("ij,ij->i", full, half).min()) >= 0.999
+    distinct = [0, 1, 2, 3, 7]  # the texts, once each
+    for query in distinct:
+        by_full = sorted(distinct, key=lambda i: -float(full[query] @ full[i]))
+        by_half = sorted(distinct, key=lambda i: -float(half[query] @ full[i]))
+        assert by_full == by_half
+
+
+def test_the_dtype_setting_reaches_the_embedding_model() -> None:
+    chosen = load_embedder("minilm", dtype=dtype(Settings(torch_dtype="bfloat16"), "cpu"))
+    assert isinstance(chosen, MiniLMEmbedder)
+    assert chosen.dtype == torch.bfloat16

@@ -19,13 +19,16 @@ import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from kontext.settings import EmbedderName
 from workers.pacing import Pacer
 from workers.priority_gate import PriorityGate
+
+if TYPE_CHECKING:
+    import torch
 
 DIMENSIONS = 384
 MAX_TOKENS = 256
@@ -55,19 +58,29 @@ class MiniLMEmbedder:
     time (each uses every core), interactive callers before background ones."""
 
     def __init__(
-        self, device: str = "cpu", pacer: Pacer | None = None, paced_chunk: int = 4
+        self,
+        device: str = "cpu",
+        pacer: Pacer | None = None,
+        paced_chunk: int = 4,
+        dtype: torch.dtype | None = None,
     ) -> None:
-        """``device``: where the model runs (``cpu`` or ``cuda``); vectors come back on CPU.
-        ``pacer`` paces background calls while interactive ones arrive; meanwhile a
-        background call embeds at most ``paced_chunk`` texts at a time (short turns)."""
+        """``device``: where the model runs (``cpu`` or ``cuda``); vectors come back on CPU,
+        float32. ``pacer`` paces background calls while interactive ones arrive; meanwhile a
+        background call embeds at most ``paced_chunk`` texts at a time (short turns).
+        ``dtype``: the weights' (default float32); bfloat16 vectors are float32's to a
+        cosine of 0.999 or more, so vectors of either kind rank each other alike."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import torch
         from transformers import AutoModel, AutoTokenizer
 
         path = _model_dir()
         self._tokenizer: Any = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self._model: Any = AutoModel.from_pretrained(path, local_files_only=True).to(device)
+        self._model: Any = AutoModel.from_pretrained(
+            path, local_files_only=True, dtype=dtype or torch.float32
+        ).to(device)
         self._model.eval()
         self.device = device
+        self.dtype: torch.dtype = self._model.dtype
         self._gate = PriorityGate(pacer)
         self._pacer = pacer
         self._paced_chunk = max(1, paced_chunk)
@@ -95,7 +108,7 @@ class MiniLMEmbedder:
 
         encoded = encoded.to(self.device)
         with torch.inference_mode():
-            hidden = self._model(**encoded).last_hidden_state
+            hidden = self._model(**encoded).last_hidden_state.float()
         mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         normalised = torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -161,9 +174,13 @@ class HashEmbedder:
 
 
 def load_embedder(
-    name: EmbedderName, device: str = "cpu", pacer: Pacer | None = None, paced_chunk: int = 4
+    name: EmbedderName,
+    device: str = "cpu",
+    pacer: Pacer | None = None,
+    paced_chunk: int = 4,
+    dtype: torch.dtype | None = None,
 ) -> Embedder:
     """The embedder ``name`` (loading MiniLM takes a second or two: call it off the loop)."""
     if name == "hash":
         return HashEmbedder()
-    return MiniLMEmbedder(device, pacer, paced_chunk)
+    return MiniLMEmbedder(device, pacer, paced_chunk, dtype)

@@ -26,7 +26,7 @@ from workers import catalog
 from workers.embeddings import Embedder, load_embedder
 from workers.engines import load_engine
 from workers.engines.base import Engine
-from workers.engines.device import device
+from workers.engines.device import device, dtype
 from workers.pacing import Pacer, background_reserve
 from workers.services import REGISTRY, Service
 
@@ -96,7 +96,12 @@ class Runtime:
             on = device(self.settings)
             chunk = background_reserve(self.settings.batch_max_size, self.settings.background_share)
             self._embedder = await asyncio.to_thread(
-                load_embedder, self.settings.embedder, on, self.pacer, chunk
+                load_embedder,
+                self.settings.embedder,
+                on,
+                self.pacer,
+                chunk,
+                dtype(self.settings, on),
             )
         return self._embedder
 
