@@ -45,7 +45,7 @@ from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY
 from kontext.settings import Settings
 from producers.client import KontextClient, KontextError
 from schemas.events import ChatMessage
-from workers.engines import smollm2, system_prompt
+from workers.engines import device, smollm2, system_prompt
 from workers.engines.base import Engine, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -782,8 +782,9 @@ def publish(
     bench.record(
         f"Steve Min TPS, closed-loop multi-turn: `{engine}` engine",
         f"Engine `{engine}`{what} on {results[0].get('device', 'cpu')}, embedder "
-        f"`{settings.embedder}`; processes: {results[0]['layout']}, the load generator in "
-        f"its own, submitting over {results[0].get('submitted_over', 'http')}; "
+        f"`{settings.embedder}`{embedder_setup(settings)}; processes: "
+        f"{results[0]['layout']}, the load generator in its own, submitting over "
+        f"{results[0].get('submitted_over', 'http')}; "
         f"{results[0].get('tracing', 'tracing off')}; "
         f"load average {results[0]['load_average_at_start']} at the start; "
         f"{turns} turns per conversation replaying "
@@ -798,12 +799,22 @@ def publish(
     return body, figure
 
 
+def precision(settings: Settings) -> str:
+    """The dtype that ``settings`` give the transformers models on this machine."""
+    return str(device.dtype(settings, device.device(settings))).removeprefix("torch.")
+
+
+def embedder_setup(settings: Settings) -> str:
+    """What a section says of the embedder beside its name."""
+    return f" ({precision(settings)})" if settings.embedder == "minilm" else ""
+
+
 def engine_setup(engine: str, settings: Settings) -> str:
     """What a section says of the engine beside its name (empty: nothing to say)."""
     if engine == "null":
         return " (no model: pipeline overhead only)"
     if engine == "smollm2":
-        return f" ({smollm2.batching(settings)} batching)"
+        return f" ({smollm2.batching(settings)} batching, {precision(settings)})"
     if engine == "vllm" and settings.vllm_max_num_seqs is not None:
         return f" (max_num_seqs {settings.vllm_max_num_seqs})"
     return ""
