@@ -40,5 +40,6 @@ def amx() -> bool:
     AVX512-BF16 alone included."""
     import torch
 
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+    supported = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    enabled = getattr(torch.cpu, "_init_amx", None)  # asks Linux to let this process use it
+    return bool(supported and enabled and supported() and enabled())
