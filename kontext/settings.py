@@ -22,6 +22,8 @@ from schemas.topics import Topics
 
 EmbedderName = Literal["minilm", "hash"]
 """The embedding models recall can use (``KONTEXT_EMBEDDER``)."""
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+"""The weight dtypes of the transformers models (``KONTEXT_TORCH_DTYPE``)."""
 
 
 def _split_csv(value: object) -> object:
@@ -63,7 +65,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the smollm2 engine and the embedding model run; ``auto``: CUDA when torch
     sees a GPU, else CPU."""
-    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_dtype: DtypeName = "auto"
     """The weights' dtype of the smollm2 engine and the embedding model; ``auto``: bfloat16
     on CUDA and on a CPU with AMX (Xeon Sapphire Rapids and newer), float32 on other CPUs."""
     smollm2_batching: Literal["auto", "static", "continuous"] = "auto"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kontext.settings import Settings
+from kontext.app.runtime import Runtime
+from kontext.settings import DtypeName, Settings
 from workers.embeddings import DIMENSIONS, SUB_BATCH, HashEmbedder, MiniLMEmbedder, load_embedder
 from workers.engines.device import dtype
 
@@ -98,7 +99,9 @@ def test_bfloat16_and_float32_vectors_rank_alike(
         assert by_full == by_half
 
 
-def test_the_dtype_setting_reaches_the_embedding_model() -> None:
-    chosen = load_embedder("minilm", dtype=dtype(Settings(torch_dtype="bfloat16"), "cpu"))
-    assert isinstance(chosen, MiniLMEmbedder)
-    assert chosen.dtype == torch.bfloat16
+@pytest.mark.parametrize("name", ["float32", "bfloat16", "auto"])
+async def test_the_dtype_setting_reaches_a_workers_embedding_model(name: DtypeName) -> None:
+    settings = Settings(device="cpu", torch_dtype=name)
+    embedder = await Runtime(settings).embedder()  # what the enricher and recorder share
+    assert isinstance(embedder, MiniLMEmbedder)
+    assert embedder.dtype == dtype(settings, "cpu")
