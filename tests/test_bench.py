@@ -372,3 +372,32 @@ async def test_ctrl_c_stops_the_bench_and_its_whole_stack(tmp_path: Path) -> Non
     commands = " ".join(stack.values())
     assert "tansu broker" in commands and "bin/postgres" in commands
     await wait_for(lambda: all(gone(c) for c in stack), timeout=10)
+
+
+def test_bench_embeddings_times_each_dtype_and_compares_its_vectors(tmp_path: Path) -> None:
+    """One row per dtype and batch size; float32 batched is float32 alone, bfloat16 is
+    within rounding of it; the section says what ``auto`` picks on this machine."""
+    done = run_cli(
+        ["bench-embeddings", "--texts", "12", "--batch-sizes", "1,5"], tmp_path, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    section = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "## Embeddings: MiniLM in float32 and bfloat16" in section
+    assert re.search(
+        r"AMX (yes|no), so `KONTEXT_TORCH_DTYPE=auto` picks (bfloat16|float32)", section
+    )
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][1:]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("| float32", "1"), ("| float32", "5"), ("| bfloat16", "1"), ("| bfloat16", "5")
+    ]  # fmt: skip
+    for cells in rows:
+        assert float(cells[2]) > 0 and float(cells[3]) > 0
+        low, mean = (float(c) for c in cells[4].rstrip(" |").split(", "))
+        assert low <= mean and low >= (0.99999 if cells[0] == "| float32" else 0.999)
+
+
+def test_bench_embeddings_refuses_a_batch_size_that_is_not_a_whole_number(tmp_path: Path) -> None:
+    done = run_cli(["bench-embeddings", "--batch-sizes", "1,four"], tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert "whole numbers of 1 or more" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "docs" / "benchmarks.md").exists()

@@ -1,5 +1,6 @@
-"""The benchmark commands: ``kontext bench``, ``bench-memory``, ``bench-lanes`` and
-``bench-policies``; each prints its tables and appends them to docs/benchmarks.md."""
+"""The benchmark commands: ``kontext bench``, ``bench-memory``, ``bench-embeddings``,
+``bench-lanes`` and ``bench-policies``; each prints its tables and appends them to
+docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -79,6 +80,38 @@ def bench_memory(
         f"{settings.context_budget_tokens or 'model window'}; command: "
         f"`kontext bench-memory --engine {engine} --turns {turns} --runs {runs}`.",
         body,
+    )
+
+
+def bench_embeddings(
+    texts: Annotated[int, typer.Option(min=1, help="Chat lines to embed at each size.")] = 256,
+    batch_sizes: Annotated[
+        str, typer.Option(help="Texts per model call, comma-separated.")
+    ] = "1,4,16",
+) -> None:
+    """The embedding model alone in float32 and bfloat16: time per text and how close the
+    vectors are, to see which dtype this machine's CPU runs faster."""
+    from rich.progress import Progress
+
+    from kontext.bench import embeddings as bench
+    from kontext.bench import memory
+
+    try:
+        sizes = [int(n) for n in batch_sizes.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("whole numbers of 1 or more, comma-separated: 1,4,16")
+    setup_logging(False)
+    lines = bench.chat_lines(texts)
+    with Progress(console=console, refresh_per_second=2) as progress:
+        total = len(bench.DTYPES) * len(sizes) * texts
+        task = progress.add_task("MiniLM, float32 then bfloat16", total=total)
+        rows = bench.measure(lines, sizes, lambda n: progress.advance(task, n))
+    body = bench.table(rows)
+    print(body)
+    memory.record(
+        "Embeddings: MiniLM in float32 and bfloat16", bench.setup(texts, batch_sizes), body
     )
 
 

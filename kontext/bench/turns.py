@@ -115,7 +115,7 @@ def dataset_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "dataset.json"
 
 
-def _dialogues(path: Path) -> Iterator[list[str]]:
+def dialogue_lines(path: Path) -> Iterator[list[str]]:
     """Each conversation's first speaker's lines (consecutive messages joined), by id."""
     data: dict[str, Any] = json.loads(path.read_text())
     for key in sorted(data):
@@ -134,7 +134,7 @@ def scripts(
     if turns < 2:
         raise ValueError("a benchmark conversation needs at least 2 turns (plant, then ask)")
     rng = random.Random(seed)
-    sources = _dialogues(path or dataset_path())
+    sources = dialogue_lines(path or dataset_path())
     out: list[Script] = []
     for _ in range(conversations):
         lines: list[str] = []
