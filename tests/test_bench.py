@@ -396,8 +396,18 @@ def test_bench_embeddings_times_each_dtype_and_compares_its_vectors(tmp_path: Pa
         assert low <= mean and low >= (0.99999 if cells[0] == "| float32" else 0.999)
 
 
-def test_bench_embeddings_refuses_a_batch_size_that_is_not_a_whole_number(tmp_path: Path) -> None:
-    done = run_cli(["bench-embeddings", "--batch-sizes", "1,four"], tmp_path, timeout=60)
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--batch-sizes", "1,four"], "whole numbers of 1 or more"),
+        (["--texts", "10000000"], "the dataset has only"),
+    ],
+    ids=["batch-sizes", "texts"],
+)
+def test_bench_embeddings_refuses_bad_options_in_one_line(
+    tmp_path: Path, args: list[str], said: str
+) -> None:
+    done = run_cli(["bench-embeddings", *args], tmp_path, timeout=60)
     assert done.returncode == 2
-    assert "whole numbers of 1 or more" in done.stderr and "Traceback" not in done.stderr
+    assert said in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "docs" / "benchmarks.md").exists()

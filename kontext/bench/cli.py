@@ -103,7 +103,10 @@ def bench_embeddings(
     if not sizes or min(sizes) < 1:
         raise typer.BadParameter("whole numbers of 1 or more, comma-separated: 1,4,16")
     setup_logging(False)
-    lines = bench.chat_lines(texts)
+    try:
+        lines = bench.chat_lines(texts)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--texts") from None
     with Progress(console=console, refresh_per_second=2) as progress:
         total = len(bench.DTYPES) * len(sizes) * texts
         task = progress.add_task("MiniLM, float32 then bfloat16", total=total)
