@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kontext.bench.turns import dataset_path, dialogue_lines
+from kontext.bench.turns import dataset_path, dialogue_lines, precision
 from kontext.settings import Settings
 from workers.embeddings import MiniLMEmbedder
-from workers.engines.device import amx, dtype
+from workers.engines.device import amx
 
 DTYPES = ("float32", "bfloat16")
 
@@ -98,7 +98,7 @@ def setup(texts: int, batch_sizes: str) -> str:
     torch's threads and any instruction-set cap on oneDNN."""
     import torch
 
-    auto = str(dtype(Settings(), "cpu")).removeprefix("torch.")
+    auto = precision(Settings(device="cpu"))
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return (
         f"Model all-MiniLM-L6-v2 on cpu, torch {torch.__version__}, "
