@@ -228,7 +228,7 @@ def bench_command(
     The stack runs in child processes (the API in one, the workers in another), the
     load generator in this one; the figures include CPU milliseconds per turn summed
     over every process, broker and Postgres included. Each job's timeline is always
-    kept; ``--trace`` exports every span too."""
+    kept; --trace exports every span too."""
     import json
     from contextlib import AsyncExitStack, redirect_stdout
 

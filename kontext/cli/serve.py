@@ -48,7 +48,7 @@ def up(
     verbose: bool = False,
 ) -> None:
     """Run the API and every worker: in this process, or spread over child processes
-    with ``--process`` so that every core works.
+    with --process so that every core works.
 
     Starts an embedded Kafka broker and PostgreSQL unless KAFKA_BOOTSTRAP_SERVERS
     and DATABASE_URL are set; creates topics and applies migrations.
