@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ async def test_greedy_answers_are_the_static_engines(static: Engine, continuous:
     assert got[3].finish_reason == "length" and got[3].completion_tokens == 6
     for g, w in zip(got, want, strict=True):
         assert g.mean_logprob == pytest.approx(w.mean_logprob, abs=1e-3)
+
+
+async def test_stop_sequences_cut_its_answers_as_the_static_engines(
+    static: Engine, continuous: Engine
+) -> None:
+    stops = [("Paris",), ("the", "a"), (), ("moon", "\n")]
+    batch = [
+        replace(ask(static, text, 24), stop=stop) for text, stop in zip(TEXTS, stops, strict=True)
+    ]
+    want = await static.generate(batch)
+    assert want[0].finish_reason == "stop" and "Paris" not in want[0].text
+    assert await continuous.generate(batch) == want
 
 
 async def test_a_prompt_prefilled_in_chunks_beside_decoding_requests(static: Engine) -> None:

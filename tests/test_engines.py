@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from kontext.settings import Settings
 from schemas.events import ChatMessage
 from tests.factories import ask
 from workers.engines import context_window, load_engine, load_tokenizer, smollm2
-from workers.engines.base import Engine, GenerationRequest
+from workers.engines.base import Engine, GenerationRequest, stop_index
 
 QUESTION = [ChatMessage(role="user", content="What is the capital of France?")]
+COUNT = "Count from 1 to 10, separated by commas."
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +143,30 @@ async def test_smollm2_knows_the_capital_of_france(smol: Engine) -> None:
     assert full.completion_tokens == tokenizer.count(full.text)
     assert (short.finish_reason, short.completion_tokens) == ("length", 3)
     assert full.text.startswith(short.text)
+
+
+def test_an_answer_is_cut_at_the_stop_sequence_complete_first() -> None:
+    """As a model writes from left to right: the one whose end comes first."""
+    assert stop_index("1, 2, 3, 4", ["3", "2,"]) == 3
+    assert stop_index("abcd", ["abcd", "c"]) == 2
+    assert stop_index("abcd", ["b", "bc"]) == 1
+    assert stop_index("abcd", ["x"]) is None and stop_index("abcd", []) is None
+
+
+async def test_smollm2_ends_an_answer_before_its_stop_sequence(smol: Engine) -> None:
+    tokenizer = load_tokenizer("smollm2", Settings())
+    request = ask(smol, COUNT, 40)
+    full, five, either = await smol.generate(
+        [request, replace(request, stop=("5",)), replace(request, stop=("7", "4,"))]
+    )
+    assert full.text.startswith("1, 2, 3, 4, 5, 6, 7"), full.text  # what the cuts rely on
+    assert (five.text, five.finish_reason) == ("1, 2, 3, 4, ", "stop")
+    assert (either.text, either.finish_reason) == ("1, 2, 3, ", "stop")
+    # The tokens made are counted, the stop sequence's too: up to the one that completed it.
+    ids = tokenizer.encode(full.text)
+    made = next(n for n in range(1, len(ids) + 1) if "5" in tokenizer.decode(ids[:n]))
+    assert five.completion_tokens == made < full.completion_tokens
+    assert five.prompt_tokens == full.prompt_tokens
 
 
 def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -113,6 +113,16 @@ async def test_greedy_output_is_deterministic(engine: VLLMEngine) -> None:
     assert first.completion_tokens == second.completion_tokens
 
 
+async def test_vllm_ends_an_answer_before_its_stop_sequence(engine: VLLMEngine) -> None:
+    prompt = chat(engine, "Count from 1 to 10, separated by commas.")
+    full, five = await engine.generate(
+        [GenerationRequest(prompt, 40), GenerationRequest(prompt, 40, stop=("5", "nine"))]
+    )
+    assert full.text.startswith("1, 2, 3, 4, 5"), full.text  # what the cut relies on
+    assert (five.text, five.finish_reason) == (full.text[: full.text.index("5")], "stop")
+    assert 0 < five.completion_tokens < full.completion_tokens
+
+
 async def test_a_shared_conversation_prefix_is_served_from_the_prefix_cache(
     engine: VLLMEngine,
 ) -> None:

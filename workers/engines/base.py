@@ -15,6 +15,8 @@ class GenerationRequest:
     prompt: str
     max_tokens: int
     temperature: float = 0.0
+    stop: tuple[str, ...] = ()
+    """Stop sequences: the answer ends before the first of them it produces."""
     prompt_tokens: int | None = None
     """The prompt's length under the model's tokenizer, when the enricher counted it:
     what an engine that never tokenizes (``null``) reports."""
@@ -33,6 +35,13 @@ class Generation:
     """Mean log-probability of the generated tokens under the model (None if unknown):
     how sure the model was; human review holds answers under a threshold. Not compared:
     padding in a batch moves it in the last digits."""
+
+
+def stop_index(text: str, stop: Sequence[str]) -> int | None:
+    """Where ``text`` is cut for its stop sequences: the start of the one that is
+    complete first, as a model writes ``text`` from left to right (None: none is)."""
+    ends = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]
+    return min(ends)[1] if ends else None
 
 
 class Message(Protocol):

@@ -141,6 +141,7 @@ class ContinuousHFEngine(HFEngine):
             list(out.generated_tokens),
             request.max_tokens,
             [float(x) for x in out.logprobs],
+            request.stop,
         )
 
     async def _one(self, request: GenerationRequest, prompt: list[int]) -> Any:

@@ -10,7 +10,13 @@ from typing import Any, Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
-from workers.engines.base import ChatTokenizer, Generation, GenerationRequest, Message
+from workers.engines.base import (
+    ChatTokenizer,
+    Generation,
+    GenerationRequest,
+    Message,
+    stop_index,
+)
 
 
 class TokenCodec(ChatTokenizer, Protocol):
@@ -172,25 +178,50 @@ class HFEngine:
             logprobs = chosen.finish(output).tolist()
             output = output.cpu()
         return [
-            self._result(len(prompt), row[width:].tolist(), request.max_tokens, scores)
+            self._result(
+                len(prompt), row[width:].tolist(), request.max_tokens, scores, request.stop
+            )
             for prompt, row, request, scores in zip(
                 prompts, output, requests, logprobs, strict=True
             )
         ]
 
     def _result(
-        self, prompt_tokens: int, new_ids: list[int], max_tokens: int, logprobs: list[float]
+        self,
+        prompt_tokens: int,
+        new_ids: list[int],
+        max_tokens: int,
+        logprobs: list[float],
+        stop: Sequence[str] = (),
     ) -> Generation:
-        """Cut ``new_ids`` at this request's max_tokens or at its first EOS (not counted)."""
+        """Cut ``new_ids`` at this request's max_tokens, at its first EOS (not counted),
+        or before its first stop sequence (whose tokens are counted: they were made)."""
         new_ids = new_ids[:max_tokens]
         stopped = self.tokenizer.eos_id in new_ids
         if stopped:
             new_ids = new_ids[: new_ids.index(self.tokenizer.eos_id)]
+        text = self.tokenizer.decode(new_ids)
+        cut = stop_index(text, stop)
+        if cut is not None:
+            new_ids = new_ids[: self._tokens_to_stop(new_ids, stop)]
+            text, stopped = text[:cut], True
         kept = logprobs[: len(new_ids)]
         return Generation(
-            text=self.tokenizer.decode(new_ids),
+            text=text,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids),
             finish_reason="stop" if stopped else "length",
             mean_logprob=sum(kept) / len(kept) if kept else None,
         )
+
+    def _tokens_to_stop(self, ids: list[int], stop: Sequence[str]) -> int:
+        """The fewest of ``ids`` whose text holds a stop sequence (the text of all of
+        them must): where an engine checking after each token would have stopped."""
+        low, high = 1, len(ids)
+        while low < high:
+            middle = (low + high) // 2
+            if stop_index(self.tokenizer.decode(ids[:middle]), stop) is None:
+                low = middle + 1
+            else:
+                high = middle
+        return low

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kontext.settings import Settings
-from workers.engines.base import Generation, GenerationRequest, Message
+from workers.engines.base import Generation, GenerationRequest, Message, stop_index
 
 CONTEXT_WINDOW = 8192
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -40,7 +40,7 @@ class NullEngine:
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
         return [
             Generation(
-                text=REPLY,
+                text=REPLY if (cut := stop_index(REPLY, request.stop)) is None else REPLY[:cut],
                 prompt_tokens=request.prompt_tokens
                 if request.prompt_tokens is not None
                 else self.tokenizer.count(request.prompt),

@@ -138,6 +138,7 @@ class VLLMEngine:
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
+            stop=list(request.stop) or None,  # vLLM ends the request there
             logprobs=0,  # the sampled token's own log-probability
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
