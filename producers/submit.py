@@ -66,6 +66,7 @@ def to_request(
         messages=submission.messages,
         max_tokens=max_tokens,
         temperature=submission.temperature,
+        stop=submission.stop or [],
         user=submission.user,
         recall_scope=submission.recall_scope,
         include_prompt=submission.include_prompt,

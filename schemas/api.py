@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from schemas.events import (
     ChatCompletion,
@@ -22,6 +30,21 @@ FINAL_STATUSES = ("succeeded", "failed")
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 INT64_RANGE = (-(2**63), 2**64 - 1)
 """Integers JSON (orjson) and the jsonb ledger can hold."""
+MAX_STOP_SEQUENCES = 4
+"""Stop sequences a request may name, as OpenAI allows."""
+
+
+def _listed(value: object) -> object:
+    """One stop sequence as a string, as OpenAI allows, becomes a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+StopSequences = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=256)]],
+    BeforeValidator(_listed),
+    Field(max_length=MAX_STOP_SEQUENCES),
+]
+"""``stop``: up to four strings; the answer ends before the first one it produces."""
 
 
 def storable(value: object, where: str = "body") -> None:
@@ -56,6 +79,7 @@ class JobSubmission(BaseModel):
     conversation_id: str | None = Field(default=None, pattern=CONVERSATION_ID_PATTERN)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    stop: StopSequences | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     user: str | None = Field(
         default=None, min_length=1, max_length=128, description="the end user, for recall scope"

@@ -185,6 +185,8 @@ class JobRequest(Event):
     messages: list[ChatMessage]
     max_tokens: int
     temperature: float = 0.0
+    stop: list[str] = Field(default_factory=list)
+    """Stop sequences: the answer ends before the first of them it produces."""
     kind: JobKind = "chat"
     priority: Priority = "interactive"
     user: str | None = None

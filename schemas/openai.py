@@ -2,7 +2,7 @@
 and ``/v1/models``, so the official OpenAI clients work against Kontext.
 
 A request is turned into a ``JobSubmission``; what Kontext cannot honour (several
-choices, tools, stop sequences, other sampling than temperature...) is named by
+choices, tools, other sampling than temperature...) is named by
 ``ChatCompletionRequest.unsupported`` so the route refuses it with a 400.
 """
 
@@ -75,6 +75,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, description="default 0 (greedy), not OpenAI's 1"
     )
+    stop: str | list[str] | None = None
     user: str | None = Field(default=None, min_length=1, max_length=128)
     metadata: dict[str, Any] | None = None
     stream: bool | None = None
@@ -91,7 +92,6 @@ class ChatCompletionRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    stop: str | list[str] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
@@ -122,7 +122,6 @@ class ChatCompletionRequest(BaseModel):
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
             ("logprobs", bool(self.logprobs), "logprobs are not returned"),
             ("top_logprobs", self.top_logprobs is not None, "logprobs are not returned"),
-            ("stop", bool(self.stop), "stop sequences are not supported"),
             ("tools", bool(self.tools), "tools are not supported"),
             ("tool_choice", self.tool_choice not in (None, "none"), "tools are not supported"),
             ("functions", bool(self.functions), "functions are not supported"),
@@ -170,6 +169,7 @@ class ChatCompletionRequest(BaseModel):
                 "conversation_id": conversation_id,
                 "max_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": 0.0 if self.temperature is None else self.temperature,
+                "stop": self.stop or None,
                 "user": self.user,
                 "metadata": self.metadata or {},
                 "include_prompt": self.include_prompt,

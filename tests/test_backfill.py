@@ -20,7 +20,9 @@ import orjson
 import pytest
 from standardwebhooks import Webhook
 
+from kontext.settings import Settings
 from producers.backfill import create_batch, plan
+from producers.batch_lines import parse
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.factories import batch_line, jsonl
 from tests.receiver import Receiver, serving
@@ -256,6 +258,19 @@ async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     failed = response.json()
     assert failed["status"] == "failed" and failed["failed_at"]
     assert failed["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
+
+
+def test_a_lines_stop_sequences_reach_its_job() -> None:
+    lines = [
+        batch_line("one", stop="\n"),
+        batch_line("four", stop=["a", "b", "c", "d"]),
+        batch_line("five", stop=["a", "b", "c", "d", "e"]),
+    ]
+    parsed = parse(Settings(engines=["tiny"]), jsonl(lines))
+    assert [(c, r.stop) for c, r in parsed.good] == [("one", ["\n"]), ("four", list("abcd"))]
+    [refused] = parsed.errors
+    assert (refused.line, refused.code) == (3, "invalid_request")
+    assert "body.stop" in refused.message
 
 
 async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(

@@ -172,6 +172,36 @@ async def test_a_streamed_answer_arrives_as_chunks_ending_with_done(
     assert len(events) == 4  # role, content, finish reason (no usage asked for)
 
 
+async def test_an_answer_ends_before_its_stop_sequence_and_is_remembered_so(
+    sdk: openai.AsyncOpenAI, http: httpx.AsyncClient
+) -> None:
+    count: Any = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    full = await sdk.chat.completions.create(model="smollm2", messages=count, max_tokens=40)
+    text = full.choices[0].message.content
+    assert text is not None and text.startswith("1, 2, 3, 4, 5"), text
+    # The same deterministic prompt again, now with stop sequences: not the cached answer.
+    conversation = f"stop-{uuid.uuid4().hex[:8]}"
+    cut = await sdk.chat.completions.create(
+        model="smollm2",
+        messages=count,
+        max_tokens=40,
+        stop=["5", "nine"],
+        extra_body={"conversation_id": conversation},
+    )
+    [choice] = cut.choices
+    assert (choice.message.content, choice.finish_reason) == ("1, 2, 3, 4, ", "stop")
+    assert cut.usage is not None and full.usage is not None
+    assert cut.usage.completion_tokens < full.usage.completion_tokens
+    assert not _context(cut)["cached"]
+    stored = (await http.get(f"/v1/conversations/{conversation}")).json()
+    assert stored["turns"][-1]["content"] == "1, 2, 3, 4, "
+    # One string is one stop sequence, as OpenAI takes it.
+    single = await sdk.chat.completions.create(
+        model="smollm2", messages=count, max_tokens=40, stop=", 3"
+    )
+    assert single.choices[0].message.content == "1, 2"
+
+
 async def test_models_are_listed_and_retrieved(sdk: openai.AsyncOpenAI) -> None:
     listed = [model async for model in sdk.models.list()]
     assert {m.id for m in listed} == {"tiny", "smollm2"}
@@ -205,6 +235,9 @@ async def test_errors_raise_the_sdks_own_exceptions(stack: Stack, sdk: openai.As
 
     with pytest.raises(openai.UnprocessableEntityError):
         await sdk.chat.completions.create(model="tiny", messages=[])
+    with pytest.raises(openai.UnprocessableEntityError) as stops:
+        await sdk.chat.completions.create(model="tiny", messages=hello, stop=list("abcde"))
+    assert stops.value.param == "stop"
     with pytest.raises(openai.UnprocessableEntityError) as last:
         await sdk.chat.completions.create(
             model="tiny", messages=[*hello, {"role": "assistant", "content": "Hi."}]

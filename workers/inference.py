@@ -304,6 +304,7 @@ class InferenceWorker:
             prompt=item.prompt,
             max_tokens=item.request.max_tokens,
             temperature=item.request.temperature,
+            stop=tuple(item.request.stop),
             prompt_tokens=item.context.prompt_tokens,
             background=item.request.priority == "background",
         )

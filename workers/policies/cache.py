@@ -1,8 +1,8 @@
 """The response cache: deterministic requests answered without the engine.
 
 A request is deterministic when its temperature is 0: the same model, the same
-assembled prompt (the conversation's memory included) and the same
-``max_tokens`` give the same answer. Its key is a SHA-256 of those and the
+assembled prompt (the conversation's memory included), the same ``max_tokens``
+and the same stop sequences give the same answer. Its key is a SHA-256 of those and the
 tenant (tenants never share entries). An answer is reused for
 ``KONTEXT_CACHE_TTL_S`` after the engine gave it; a tenant with
 ``tenants.cache_opt_out`` is neither answered from nor written to the cache.
@@ -13,6 +13,7 @@ one for the writes (``after_engine``, which also prunes some expired entries).
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from uuid import UUID
 
@@ -61,10 +62,16 @@ ON CONFLICT (key) DO UPDATE SET output = excluded.output,
 """
 
 
-def entry_key(tenant_id: str, model: str, max_tokens: int, prompt: str) -> str:
-    """The cache key: hex SHA-256 of the tenant, model, max_tokens and assembled prompt."""
+def entry_key(
+    tenant_id: str, model: str, max_tokens: int, prompt: str, stop: Sequence[str] = ()
+) -> str:
+    """The cache key: hex SHA-256 of the tenant, model, max_tokens, assembled prompt and
+    stop sequences (none: the key a request without them always had)."""
     digest = hashlib.sha256()
-    for part in (tenant_id, model, str(max_tokens), prompt):
+    parts = [tenant_id, model, str(max_tokens), prompt]
+    if stop:
+        parts.append(json.dumps(list(stop)))
+    for part in parts:
         digest.update(part.encode())
         digest.update(b"\x00")
     return digest.hexdigest()
@@ -75,7 +82,9 @@ def cache_key(item: EnrichedRequest) -> str | None:
     request = item.request
     if request.temperature != 0:
         return None
-    return entry_key(request.tenant_id, request.model, request.max_tokens, item.prompt)
+    return entry_key(
+        request.tenant_id, request.model, request.max_tokens, item.prompt, request.stop
+    )
 
 
 class ResponseCache(Policy):
