@@ -153,6 +153,23 @@ def test_an_answer_is_cut_at_the_stop_sequence_complete_first() -> None:
     assert stop_index("abcd", ["x"]) is None and stop_index("abcd", []) is None
 
 
+def test_a_row_stops_once_its_newest_tokens_hold_its_stop_sequence() -> None:
+    """Each row of a static batch is ended by its own stop sequences, past its prompt."""
+    import torch
+
+    from workers.engines.hf import StopSequences
+    from workers.engines.tiny import ByteTokenizer
+
+    rows = [b"> hello wo", b"> hello!!!", b"o whatever", b"> o w     "]
+    stops = [("o w",), ("o w",), (), ("zz", "o w")]
+    criteria = StopSequences(ByteTokenizer(), stops, width=2)
+    ids = torch.tensor([list(row) for row in rows])
+    assert criteria(ids, None).tolist() == [True, False, False, True]
+    # The prompt's own text never stops a row.
+    prompt_only = StopSequences(ByteTokenizer(), [("o w",)], width=3)
+    assert prompt_only(torch.tensor([list(b"o w")]), None).tolist() == [False]
+
+
 async def test_smollm2_ends_an_answer_before_its_stop_sequence(smol: Engine) -> None:
     tokenizer = load_tokenizer("smollm2", Settings())
     request = ask(smol, COUNT, 40)

@@ -21,8 +21,8 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from kontext.metrics import PREFIX_CACHED_TOKENS
-from workers.engines.base import Generation, GenerationRequest
-from workers.engines.hf import CausalLM, HFEngine, TokenCodec
+from workers.engines.base import Generation, GenerationRequest, stop_index
+from workers.engines.hf import CausalLM, HFEngine, TokenCodec, tail_tokens
 from workers.engines.paged_attention import PER_REQUEST_SDPA
 
 
@@ -145,22 +145,37 @@ class ContinuousHFEngine(HFEngine):
         )
 
     async def _one(self, request: GenerationRequest, prompt: list[int]) -> Any:
-        """Add one request to its manager and wait for its finished output."""
+        """Add one request to its manager and wait for its finished output. A request
+        with stop sequences comes back token by token, and is cancelled once its
+        newest tokens' text holds one: its output so far is the answer."""
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[Any] = loop.create_future()
-
-        def deliver(output: Any) -> None:  # on this loop, through call_soon_threadsafe
-            if output.is_finished() and not finished.done():
-                finished.set_result(output)
-
         request_id = f"{self.name}-{next(self._ids)}"
         if request.temperature > 0:
             manager, extra = self._sampling, {"temperature": request.temperature}
         else:
             manager, extra = self._greedy, {}
+        tail, decode = tail_tokens([request.stop]), self.tokenizer.decode
+
+        def deliver(output: Any) -> None:  # on this loop, through call_soon_threadsafe
+            if finished.done():
+                return
+            if output.is_finished():
+                finished.set_result(output)
+            elif stop_index(decode(output.generated_tokens[-tail:]), request.stop) is not None:
+                manager.cancel_request(request_id)
+                # transformers 5.17 drops a request's handler only once it finishes.
+                with manager.output_router._lock:
+                    manager.output_router.result_handlers.pop(request_id, None)
+                finished.set_result(output)
+
         manager.register_result_handler(request_id, deliver)
         added = manager.add_request(
-            prompt, request_id=request_id, max_new_tokens=request.max_tokens, **extra
+            prompt,
+            request_id=request_id,
+            max_new_tokens=request.max_tokens,
+            streaming=bool(request.stop),
+            **extra,
         )
         if added is None:
             raise RuntimeError(f"the {self.name} engine's batching thread takes no requests")

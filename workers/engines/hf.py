@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from workers.engines.base import (
     ChatTokenizer,
@@ -95,6 +101,32 @@ class ChosenLogprobs:
         return torch.stack(self._steps, dim=1)
 
 
+def tail_tokens(stops: Sequence[Sequence[str]]) -> int:
+    """Last tokens whose text holds any of ``stops`` when the newest token completed it:
+    a character takes at most 4 tokens (a byte-level tokenizer's UTF-8 bytes)."""
+    return 4 * max((len(s) for stop in stops for s in stop), default=0) + 4
+
+
+class StopSequences(StoppingCriteria):
+    """Ends each row of a ``generate`` call once its newest tokens' text holds one of
+    that row's stop sequences, so that no more are made for it; where the answer is
+    cut is ``HFEngine._result``'s to say."""
+
+    def __init__(self, tokenizer: TokenCodec, stops: Sequence[Sequence[str]], width: int) -> None:
+        self._decode = tokenizer.decode
+        self._stops = stops
+        self._width = width  # the padded prompts' length: new tokens start there
+        self._tail = tail_tokens(stops)
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        tails = input_ids[:, max(self._width, input_ids.shape[1] - self._tail) :].tolist()
+        done = [
+            bool(stop) and stop_index(self._decode(tail), stop) is not None
+            for stop, tail in zip(self._stops, tails, strict=True)
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 class HFEngine:
     """An engine over a transformers causal LM.
 
@@ -167,12 +199,17 @@ class HFEngine:
             **sampling,
         )
         chosen = ChosenLogprobs()
+        stops = [r.stop for r in requests]
+        stopping = StoppingCriteriaList(
+            [StopSequences(self.tokenizer, stops, width)] if any(stops) else []
+        )
         with torch.inference_mode():
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=config,
                 logits_processor=LogitsProcessorList([chosen]),
+                stopping_criteria=stopping,
             )
             assert isinstance(output, torch.Tensor)
             logprobs = chosen.finish(output).tolist()
