@@ -34,7 +34,7 @@ DEFAULT_ONLY: dict[str, object] = {
     "top_p": 1,
     "frequency_penalty": 0,
     "presence_penalty": 0,
-    "logprobs": False,
+    "top_logprobs": 0,
 }
 
 

@@ -67,6 +67,7 @@ def to_request(
         max_tokens=max_tokens,
         temperature=submission.temperature,
         stop=submission.stop or [],
+        logprobs=submission.logprobs,
         user=submission.user,
         recall_scope=submission.recall_scope,
         include_prompt=submission.include_prompt,

@@ -80,6 +80,7 @@ class JobSubmission(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     stop: StopSequences | None = None
+    logprobs: bool = False
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     user: str | None = Field(
         default=None, min_length=1, max_length=128, description="the end user, for recall scope"

@@ -187,6 +187,8 @@ class JobRequest(Event):
     temperature: float = 0.0
     stop: list[str] = Field(default_factory=list)
     """Stop sequences: the answer ends before the first of them it produces."""
+    logprobs: bool = False
+    """Return each generated token with its log-probability."""
     kind: JobKind = "chat"
     priority: Priority = "interactive"
     user: str | None = None
@@ -232,6 +234,8 @@ class JobCompletion(Event):
     """When the job was submitted (for the end-to-end latency metric)."""
     mean_logprob: float | None = None
     """The engine's mean token log-probability of ``output``, when it reports one."""
+    logprobs: list[TokenLogprob] | None = None
+    """Each generated token with its log-probability, when the request asked for them."""
     enriched_at: datetime | None = None
     """When the enricher sent the job on (its timeline; None when it never was)."""
     batched_at: datetime | None = None
@@ -262,10 +266,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TokenLogprob(BaseModel):
+    """A generated token and its log-probability, as OpenAI's ``logprobs.content``
+    items; no alternatives are given (``top_logprobs`` is always empty)."""
+
+    token: str = Field(description="its text (U+FFFD for part of a character)")
+    logprob: float
+    bytes: list[int] = Field(description="its UTF-8 bytes; a character may span tokens")
+    top_logprobs: tuple[()] = ()
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+    refusal: None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -291,6 +311,9 @@ class ChatCompletion(BaseModel):
                 Choice(
                     message=AssistantMessage(content=done.output),
                     finish_reason=done.finish_reason,
+                    logprobs=None
+                    if done.logprobs is None
+                    else ChoiceLogprobs(content=done.logprobs),
                 )
             ],
             usage=done.usage,

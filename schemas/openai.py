@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from schemas.api import CONVERSATION_ID_PATTERN, JobSubmission
-from schemas.events import ChatCompletion, RecallScope, Usage
+from schemas.events import ChatCompletion, ChoiceLogprobs, RecallScope, Usage
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 """The roles Kontext takes, and the role each is stored as (``developer`` is OpenAI's
@@ -120,8 +120,11 @@ class ChatCompletionRequest(BaseModel):
             ("presence_penalty", bool(self.presence_penalty), "penalties are not supported"),
             ("frequency_penalty", bool(self.frequency_penalty), "penalties are not supported"),
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
-            ("logprobs", bool(self.logprobs), "logprobs are not returned"),
-            ("top_logprobs", self.top_logprobs is not None, "logprobs are not returned"),
+            (
+                "top_logprobs",
+                bool(self.top_logprobs),
+                "only the chosen tokens' log-probabilities are returned (top_logprobs 0)",
+            ),
             ("tools", bool(self.tools), "tools are not supported"),
             ("tool_choice", self.tool_choice not in (None, "none"), "tools are not supported"),
             ("functions", bool(self.functions), "functions are not supported"),
@@ -170,6 +173,7 @@ class ChatCompletionRequest(BaseModel):
                 "max_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": 0.0 if self.temperature is None else self.temperature,
                 "stop": self.stop or None,
+                "logprobs": bool(self.logprobs),
                 "user": self.user,
                 "metadata": self.metadata or {},
                 "include_prompt": self.include_prompt,
@@ -193,6 +197,7 @@ class ChunkDelta(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -223,7 +228,13 @@ def chunks(completion: ChatCompletion, include_usage: bool) -> list[ChatCompleti
 
     stream = [
         chunk([ChunkChoice(delta=ChunkDelta(role="assistant", content=""))]),
-        chunk([ChunkChoice(delta=ChunkDelta(content=choice.message.content))]),
+        chunk(
+            [
+                ChunkChoice(
+                    delta=ChunkDelta(content=choice.message.content), logprobs=choice.logprobs
+                )
+            ]
+        ),
         chunk([ChunkChoice(delta=ChunkDelta(), finish_reason=choice.finish_reason or "stop")]),
     ]
     if include_usage:

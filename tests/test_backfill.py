@@ -273,6 +273,17 @@ def test_a_lines_stop_sequences_reach_its_job() -> None:
     assert "body.stop" in refused.message
 
 
+def test_a_line_may_ask_for_the_chosen_tokens_log_probabilities() -> None:
+    lines = [
+        batch_line("scored", logprobs=True, top_logprobs=0),
+        batch_line("plain", logprobs=False),
+        batch_line("alternatives", logprobs=True, top_logprobs=3),
+    ]
+    parsed = parse(Settings(engines=["tiny"]), jsonl(lines))
+    assert [(c, r.logprobs) for c, r in parsed.good] == [("scored", True), ("plain", False)]
+    assert [(e.line, e.code) for e in parsed.errors] == [(3, "unsupported_value")]
+
+
 async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(
     http: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:

@@ -77,6 +77,17 @@ async def test_stop_sequences_cut_its_answers_as_the_static_engines(
     assert await continuous.generate(batch) == want
 
 
+async def test_log_probabilities_are_the_static_engines(static: Engine, continuous: Engine) -> None:
+    batch = [replace(ask(static, text, 12), logprobs=True) for text in TEXTS]
+    want = await static.generate(batch)
+    for got, expected in zip(await continuous.generate(batch), want, strict=True):
+        assert got.tokens is not None and expected.tokens is not None
+        assert [t.bytes for t in got.tokens] == [t.bytes for t in expected.tokens]
+        assert [t.logprob for t in got.tokens] == pytest.approx(
+            [t.logprob for t in expected.tokens], abs=1e-3
+        )
+
+
 async def test_a_prompt_prefilled_in_chunks_beside_decoding_requests(static: Engine) -> None:
     """Steps of 64 tokens: the long prompt is prefilled over several steps, each later
     chunk attending to the keys before it, while the short requests already decode in

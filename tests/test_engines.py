@@ -186,6 +186,24 @@ async def test_smollm2_ends_an_answer_before_its_stop_sequence(smol: Engine) -> 
     assert five.prompt_tokens == full.prompt_tokens
 
 
+async def test_smollm2_gives_each_tokens_log_probability_when_asked(smol: Engine) -> None:
+    request = ask(smol, COUNT, 12)
+    plain, scored, stopped = await smol.generate(
+        [request, replace(request, logprobs=True), replace(request, logprobs=True, stop=("3",))]
+    )
+    assert plain.tokens is None
+    assert scored.text == plain.text and scored.tokens is not None
+    assert len(scored.tokens) == scored.completion_tokens
+    assert b"".join(t.bytes for t in scored.tokens).decode() == scored.text
+    assert all(t.logprob <= 0 for t in scored.tokens)
+    mean = sum(t.logprob for t in scored.tokens) / len(scored.tokens)
+    assert mean == pytest.approx(scored.mean_logprob)
+    # A stop sequence's tokens were made, and are listed: past the answer's text.
+    assert stopped.text == "1, 2, " and stopped.tokens is not None
+    assert len(stopped.tokens) == stopped.completion_tokens
+    assert b"".join(t.bytes for t in stopped.tokens).decode() == "1, 2, 3"
+
+
 def test_failed_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(out: Path) -> None:
         (out / "model.safetensors").write_bytes(b"half")

@@ -202,6 +202,38 @@ async def test_an_answer_ends_before_its_stop_sequence_and_is_remembered_so(
     assert single.choices[0].message.content == "1, 2"
 
 
+async def test_log_probabilities_come_with_the_answer_when_asked(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    word: Any = [{"role": "user", "content": "Write the word café three times."}]
+    plain = await sdk.chat.completions.create(model="smollm2", messages=word, max_tokens=12)
+    assert plain.choices[0].logprobs is None
+    for _ in range(2):  # the second is not answered from the cache, which keeps none
+        scored = await sdk.chat.completions.create(
+            model="smollm2", messages=word, max_tokens=12, logprobs=True, top_logprobs=0
+        )
+        [choice] = scored.choices
+        assert choice.message.content == plain.choices[0].message.content
+        assert choice.logprobs is not None and choice.logprobs.content is not None
+        tokens = choice.logprobs.content
+        assert scored.usage is not None and len(tokens) == scored.usage.completion_tokens
+        assert b"".join(bytes(t.bytes or []) for t in tokens).decode() == choice.message.content
+        assert all(t.logprob <= 0 and t.top_logprobs == [] for t in tokens)
+        assert not _context(scored)["cached"]
+
+    stream = await sdk.chat.completions.create(
+        model="smollm2", messages=word, max_tokens=12, logprobs=True, stream=True
+    )
+    streamed = [c.choices[0].logprobs for c in [chunk async for chunk in stream] if c.choices]
+    assert [len(p.content or []) for p in streamed if p is not None] == [len(tokens)]
+
+    with pytest.raises(openai.BadRequestError) as alternatives:
+        await sdk.chat.completions.create(
+            model="smollm2", messages=word, logprobs=True, top_logprobs=2
+        )
+    assert alternatives.value.param == "top_logprobs"
+
+
 async def test_models_are_listed_and_retrieved(sdk: openai.AsyncOpenAI) -> None:
     listed = [model async for model in sdk.models.list()]
     assert {m.id for m in listed} == {"tiny", "smollm2"}

@@ -120,7 +120,11 @@ async def test_a_result_matching_a_pattern_is_delivered_only_once_approved(
 ) -> None:
     hook = f"approve-{uuid.uuid4().hex[:6]}"
     job = await _submit(
-        http, "null", "Please escalate my case.", webhook={"url": f"{receiver.url}/hooks/{hook}"}
+        http,
+        "null",
+        "Please escalate my case.",
+        webhook={"url": f"{receiver.url}/hooks/{hook}"},
+        logprobs=True,
     )
     review = await _held(http, job["id"])
     assert review["status"] == "pending"
@@ -138,6 +142,7 @@ async def test_a_result_matching_a_pattern_is_delivered_only_once_approved(
     view = await _final(http, job["id"])
     assert view["result"]["choices"][0]["message"]["content"] == "ok"
     assert view["result"]["context"]["review"] == "approved"
+    assert [t["token"] for t in view["result"]["choices"][0]["logprobs"]["content"]] == ["ok"]
     await wait_for(lambda: len(receiver.calls[hook]) == 1, timeout=90, interval=0.1)
     assert receiver.calls[hook][0].json()["data"]["status"] == "succeeded"
 
@@ -164,7 +169,7 @@ async def test_an_unsure_answer_is_replaced_by_the_reviewer_and_memory_keeps_the
     http: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     conversation = f"rev-{uuid.uuid4().hex[:8]}"
-    job = await _submit(http, "tiny", "hello there", conversation_id=conversation)
+    job = await _submit(http, "tiny", "hello there", conversation_id=conversation, logprobs=True)
     review = await _held(http, job["id"])
     assert review["reasons"][0].startswith("logprob: ")
     assert review["mean_logprob"] < -1
@@ -180,6 +185,7 @@ async def test_an_unsure_answer_is_replaced_by_the_reviewer_and_memory_keeps_the
     view = await _final(http, job["id"])
     assert view["result"]["choices"][0]["message"]["content"] == replacement
     assert view["result"]["context"]["review"] == "replaced"
+    assert view["result"]["choices"][0]["logprobs"] is None  # the model's were another text's
     turns = (await http.get(f"/v1/conversations/{conversation}")).json()["turns"]
     assert [(t["role"], t["content"]) for t in turns] == [
         ("user", "hello there"),

@@ -13,8 +13,15 @@ from aiokafka import AIOKafkaProducer
 
 from kontext import tracing
 from kontext.settings import Settings
-from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, TurnRecord, Usage
-from workers.engines.base import Generation
+from schemas.events import (
+    EnrichedRequest,
+    ErrorInfo,
+    JobCompletion,
+    TokenLogprob,
+    TurnRecord,
+    Usage,
+)
+from workers.engines.base import Generation, ScoredToken
 
 
 async def publish(
@@ -80,7 +87,19 @@ def completion_for(
         usage=usage,
         new_turns=[*item.new_turns, answer],
         mean_logprob=output.mean_logprob,
+        logprobs=None if output.tokens is None else [_scored(t) for t in output.tokens],
         enriched_at=item.enriched_at,
         batched_at=batched_at,
         generated_at=generated_at,
     )
+
+
+UNLIKELY = -9999.0
+"""The log-probability given for a token of (almost) no probability, as OpenAI does:
+JSON has no -Infinity."""
+
+
+def _scored(token: ScoredToken) -> TokenLogprob:
+    text = token.bytes.decode(errors="replace").replace("\x00", "")  # Postgres holds no NUL
+    logprob = token.logprob if token.logprob > UNLIKELY else UNLIKELY  # NaN too
+    return TokenLogprob(token=text, logprob=logprob, bytes=list(token.bytes))

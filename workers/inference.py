@@ -305,6 +305,7 @@ class InferenceWorker:
             max_tokens=item.request.max_tokens,
             temperature=item.request.temperature,
             stop=tuple(item.request.stop),
+            logprobs=item.request.logprobs,
             prompt_tokens=item.context.prompt_tokens,
             background=item.request.priority == "background",
         )

@@ -81,7 +81,7 @@ async def _final(
         tokens = await count(completion.model, content)
         turns = [t for t in completion.new_turns if t.role != "assistant"]
         turns.append(TurnRecord(role="assistant", content=content, tokens=tokens))
-        update |= {"output": content, "new_turns": turns}
+        update |= {"output": content, "new_turns": turns, "logprobs": None}
     outcome = "approved" if decision.action == "approve" else "replaced"
     if completion.context is not None:
         update["context"] = completion.context.model_copy(update={"review": outcome})

@@ -123,6 +123,14 @@ async def test_vllm_ends_an_answer_before_its_stop_sequence(engine: VLLMEngine) 
     assert 0 < five.completion_tokens < full.completion_tokens
 
 
+async def test_vllm_gives_each_tokens_log_probability_when_asked(engine: VLLMEngine) -> None:
+    prompt = chat(engine, "Write the word café three times.")
+    [answer] = await engine.generate([GenerationRequest(prompt, 16, logprobs=True)])
+    assert answer.tokens is not None and len(answer.tokens) == answer.completion_tokens
+    assert b"".join(t.bytes for t in answer.tokens).decode() == answer.text
+    assert all(t.logprob <= 0 for t in answer.tokens)
+
+
 async def test_a_shared_conversation_prefix_is_served_from_the_prefix_cache(
     engine: VLLMEngine,
 ) -> None:

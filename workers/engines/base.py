@@ -17,12 +17,23 @@ class GenerationRequest:
     temperature: float = 0.0
     stop: tuple[str, ...] = ()
     """Stop sequences: the answer ends before the first of them it produces."""
+    logprobs: bool = False
+    """Return each generated token with its log-probability (``Generation.tokens``)."""
     prompt_tokens: int | None = None
     """The prompt's length under the model's tokenizer, when the enricher counted it:
     what an engine that never tokenizes (``null``) reports."""
     background: bool = False
     """A background job's (a batch line's): an engine that schedules by priority
     (``vllm``) runs waiting interactive requests first."""
+
+
+@dataclass(frozen=True)
+class ScoredToken:
+    """A generated token: its bytes (a character may span several tokens) and its
+    log-probability under the model."""
+
+    bytes: bytes
+    logprob: float
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,9 @@ class Generation:
     """Mean log-probability of the generated tokens under the model (None if unknown):
     how sure the model was; human review holds answers under a threshold. Not compared:
     padding in a batch moves it in the last digits."""
+    tokens: tuple[ScoredToken, ...] | None = field(default=None, compare=False)
+    """Each token of ``text`` (those of a stop sequence too), when the request asked for
+    log-probabilities. Not compared, as ``mean_logprob``."""
 
 
 def stop_index(text: str, stop: Sequence[str]) -> int | None:

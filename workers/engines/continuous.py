@@ -137,11 +137,7 @@ class ContinuousHFEngine(HFEngine):
         out = await self._one(request, prompt)
         self._count_prefixes()
         return self._result(
-            len(prompt),
-            list(out.generated_tokens),
-            request.max_tokens,
-            [float(x) for x in out.logprobs],
-            request.stop,
+            len(prompt), list(out.generated_tokens), [float(x) for x in out.logprobs], request
         )
 
     async def _one(self, request: GenerationRequest, prompt: list[int]) -> Any:

@@ -21,6 +21,7 @@ from workers.engines.base import (
     Generation,
     GenerationRequest,
     Message,
+    ScoredToken,
     stop_index,
 )
 
@@ -39,6 +40,10 @@ class TokenCodec(ChatTokenizer, Protocol):
         """The text of ``ids``, special tokens left out."""
         ...
 
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        """The bytes each of ``ids`` stands for (joined, the UTF-8 of their text)."""
+        ...
+
 
 class CausalLM(Protocol):
     """The part of a transformers causal LM that the engine calls."""
@@ -50,9 +55,14 @@ class HFTokenizer:
     """A transformers tokenizer with its own chat template."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
         self._tokenizer = tokenizer
         self.eos_id: int = tokenizer.eos_token_id
         self.pad_id: int = tokenizer.pad_token_id
+        # A byte-level BPE vocabulary (GPT-2's, SmolLM2's) spells each byte as a character.
+        spelling = bytes_to_unicode()  # type: ignore[no-untyped-call]
+        self._byte_of = {char: byte for byte, char in spelling.items()}
 
     def render(self, messages: Sequence[Message]) -> str:
         conversation = [{"role": m.role, "content": m.content} for m in messages]
@@ -70,6 +80,15 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        pieces = self._tokenizer.convert_ids_to_tokens(list(ids))
+        return [
+            bytes(self._byte_of[c] for c in piece)
+            if all(c in self._byte_of for c in piece)
+            else self.decode([i]).encode()  # not byte-level: the token's own text
+            for i, piece in zip(ids, pieces, strict=True)
+        ]
 
 
 class ChosenLogprobs:
@@ -215,9 +234,7 @@ class HFEngine:
             logprobs = chosen.finish(output).tolist()
             output = output.cpu()
         return [
-            self._result(
-                len(prompt), row[width:].tolist(), request.max_tokens, scores, request.stop
-            )
+            self._result(len(prompt), row[width:].tolist(), scores, request)
             for prompt, row, request, scores in zip(
                 prompts, output, requests, logprobs, strict=True
             )
@@ -227,13 +244,13 @@ class HFEngine:
         self,
         prompt_tokens: int,
         new_ids: list[int],
-        max_tokens: int,
         logprobs: list[float],
-        stop: Sequence[str] = (),
+        request: GenerationRequest,
     ) -> Generation:
-        """Cut ``new_ids`` at this request's max_tokens, at its first EOS (not counted),
+        """Cut ``new_ids`` at the request's max_tokens, at its first EOS (not counted),
         or before its first stop sequence (whose tokens are counted: they were made)."""
-        new_ids = new_ids[:max_tokens]
+        stop = request.stop
+        new_ids = new_ids[: request.max_tokens]
         stopped = self.tokenizer.eos_id in new_ids
         if stopped:
             new_ids = new_ids[: new_ids.index(self.tokenizer.eos_id)]
@@ -243,12 +260,17 @@ class HFEngine:
             new_ids = new_ids[: self._tokens_to_stop(new_ids, stop)]
             text, stopped = text[:cut], True
         kept = logprobs[: len(new_ids)]
+        tokens = None
+        if request.logprobs:
+            spelled = self.tokenizer.token_bytes(new_ids)
+            tokens = tuple(ScoredToken(b, p) for b, p in zip(spelled, kept, strict=True))
         return Generation(
             text=text,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_ids),
             finish_reason="stop" if stopped else "length",
             mean_logprob=sum(kept) / len(kept) if kept else None,
+            tokens=tokens,
         )
 
     def _tokens_to_stop(self, ids: list[int], stop: Sequence[str]) -> int:

@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kontext.settings import Settings
-from workers.engines.base import Generation, GenerationRequest, Message, stop_index
+from workers.engines.base import (
+    Generation,
+    GenerationRequest,
+    Message,
+    ScoredToken,
+    stop_index,
+)
 
 CONTEXT_WINDOW = 8192
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -38,18 +44,22 @@ class NullEngine:
         self._reply_tokens = self.tokenizer.count(REPLY)
 
     async def generate(self, batch: Sequence[GenerationRequest]) -> list[Generation]:
-        return [
-            Generation(
-                text=REPLY if (cut := stop_index(REPLY, request.stop)) is None else REPLY[:cut],
-                prompt_tokens=request.prompt_tokens
-                if request.prompt_tokens is not None
-                else self.tokenizer.count(request.prompt),
-                completion_tokens=self._reply_tokens,
-                finish_reason="stop",
-                mean_logprob=0.0,  # a fixed reply: probability 1
-            )
-            for request in batch
-        ]
+        return [self._answer(request) for request in batch]
+
+    def _answer(self, request: GenerationRequest) -> Generation:
+        text = REPLY if (cut := stop_index(REPLY, request.stop)) is None else REPLY[:cut]
+        return Generation(
+            text=text,
+            prompt_tokens=request.prompt_tokens
+            if request.prompt_tokens is not None
+            else self.tokenizer.count(request.prompt),
+            completion_tokens=self._reply_tokens,
+            finish_reason="stop",
+            mean_logprob=0.0,  # a fixed reply: probability 1
+            tokens=tuple(ScoredToken(w.encode(), 0.0) for w in text.split())
+            if request.logprobs
+            else None,
+        )
 
     async def forget_prefixes(self) -> None:
         """Nothing kept."""

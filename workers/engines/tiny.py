@@ -41,6 +41,9 @@ class ByteTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if i != EOS_ID).decode(errors="replace")
 
+    def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
+        return [b"" if i == EOS_ID else bytes([i]) for i in ids]
+
 
 def load_tokenizer(settings: Settings) -> ByteTokenizer:
     return ByteTokenizer()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from kontext.metrics import PREFIX_CACHED_TOKENS
 from kontext.settings import Settings
 from workers.engines import smollm2
-from workers.engines.base import Generation, GenerationRequest
+from workers.engines.base import Generation, GenerationRequest, ScoredToken
 
 if TYPE_CHECKING:
     from workers.engines.hf import HFTokenizer
@@ -163,12 +163,17 @@ class VLLMEngine:
         cached = final.num_cached_tokens or 0
         self.prefix_cached_tokens += cached
         PREFIX_CACHED_TOKENS.labels(self.name).inc(cached)
+        scored = None
+        if request.logprobs:
+            spelled = self.tokenizer.token_bytes(tokens)
+            scored = tuple(ScoredToken(b, p) for b, p in zip(spelled, logprobs, strict=True))
         return Generation(
             text=choice.text,
             prompt_tokens=len(prompt),
             completion_tokens=len(tokens),
             finish_reason="stop" if choice.finish_reason == "stop" else "length",
             mean_logprob=sum(logprobs) / len(logprobs) if logprobs else None,
+            tokens=scored,
         )
 
     async def forget_prefixes(self) -> None:

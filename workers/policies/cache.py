@@ -2,8 +2,9 @@
 
 A request is deterministic when its temperature is 0: the same model, the same
 assembled prompt (the conversation's memory included), the same ``max_tokens``
-and the same stop sequences give the same answer. Its key is a SHA-256 of those and the
-tenant (tenants never share entries). An answer is reused for
+and the same stop sequences give the same answer. Its key is a SHA-256 of those
+and the tenant (tenants never share entries). A request for log-probabilities is
+neither answered from nor written to the cache: its entries keep none. An answer is reused for
 ``KONTEXT_CACHE_TTL_S`` after the engine gave it; a tenant with
 ``tenants.cache_opt_out`` is neither answered from nor written to the cache.
 One Postgres round trip per micro-batch for the lookups (``before_engine``) and
@@ -80,7 +81,7 @@ def entry_key(
 def cache_key(item: EnrichedRequest) -> str | None:
     """The entry ``item`` is answered from, or None when it is not deterministic."""
     request = item.request
-    if request.temperature != 0:
+    if request.temperature != 0 or request.logprobs:
         return None
     return entry_key(
         request.tenant_id, request.model, request.max_tokens, item.prompt, request.stop
