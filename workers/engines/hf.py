@@ -121,8 +121,9 @@ class ChosenLogprobs:
 
 
 def tail_tokens(stops: Sequence[Sequence[str]]) -> int:
-    """Last tokens whose text holds any of ``stops`` when the newest token completed it:
-    a character takes at most 4 tokens (a byte-level tokenizer's UTF-8 bytes)."""
+    """How many of the newest tokens to decode to see a stop sequence of ``stops`` that
+    the newest one completed: a character takes at most 4 tokens (a byte-level
+    tokenizer's UTF-8 bytes)."""
     return 4 * max((len(s) for stop in stops for s in stop), default=0) + 4
 
 
