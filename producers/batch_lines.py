@@ -31,7 +31,6 @@ IGNORED = frozenset({"store", "service_tier", "seed"})
 DEFAULT_ONLY: dict[str, object] = {
     "n": 1,
     "stream": False,
-    "top_p": 1,
     "frequency_penalty": 0,
     "presence_penalty": 0,
     "top_logprobs": 0,

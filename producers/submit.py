@@ -66,6 +66,7 @@ def to_request(
         messages=submission.messages,
         max_tokens=max_tokens,
         temperature=submission.temperature,
+        top_p=submission.top_p,
         stop=submission.stop or [],
         logprobs=submission.logprobs,
         user=submission.user,

@@ -79,6 +79,7 @@ class JobSubmission(BaseModel):
     conversation_id: str | None = Field(default=None, pattern=CONVERSATION_ID_PATTERN)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
     stop: StopSequences | None = None
     logprobs: bool = False
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)

@@ -185,6 +185,8 @@ class JobRequest(Event):
     messages: list[ChatMessage]
     max_tokens: int
     temperature: float = 0.0
+    top_p: float = 1.0
+    """Nucleus sampling at temperatures above 0 (1: every token)."""
     stop: list[str] = Field(default_factory=list)
     """Stop sequences: the answer ends before the first of them it produces."""
     logprobs: bool = False

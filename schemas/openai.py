@@ -2,7 +2,7 @@
 and ``/v1/models``, so the official OpenAI clients work against Kontext.
 
 A request is turned into a ``JobSubmission``; what Kontext cannot honour (several
-choices, tools, other sampling than temperature...) is named by
+choices, tools, penalties...) is named by
 ``ChatCompletionRequest.unsupported`` so the route refuses it with a 400.
 """
 
@@ -75,6 +75,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, description="default 0 (greedy), not OpenAI's 1"
     )
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     stop: str | list[str] | None = None
     user: str | None = Field(default=None, min_length=1, max_length=128)
     metadata: dict[str, Any] | None = None
@@ -86,7 +87,6 @@ class ChatCompletionRequest(BaseModel):
 
     # Taken only with the value that changes nothing (see ``unsupported``).
     n: int | None = Field(default=None, ge=1, le=128)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -116,7 +116,6 @@ class ChatCompletionRequest(BaseModel):
         """The first parameter Kontext cannot honour, and why; None when all can be."""
         checks: list[tuple[str, bool, str]] = [
             ("n", self.n not in (None, 1), "only one choice (n=1) is generated"),
-            ("top_p", self.top_p not in (None, 1.0), "only top_p=1 is supported"),
             ("presence_penalty", bool(self.presence_penalty), "penalties are not supported"),
             ("frequency_penalty", bool(self.frequency_penalty), "penalties are not supported"),
             ("logit_bias", bool(self.logit_bias), "logit_bias is not supported"),
@@ -172,6 +171,7 @@ class ChatCompletionRequest(BaseModel):
                 "conversation_id": conversation_id,
                 "max_tokens": self.max_completion_tokens or self.max_tokens,
                 "temperature": 0.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p,
                 "stop": self.stop or None,
                 "logprobs": bool(self.logprobs),
                 "user": self.user,

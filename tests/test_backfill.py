@@ -273,14 +273,15 @@ def test_a_lines_stop_sequences_reach_its_job() -> None:
     assert "body.stop" in refused.message
 
 
-def test_a_line_may_ask_for_the_chosen_tokens_log_probabilities() -> None:
+def test_a_line_may_ask_for_log_probabilities_and_a_nucleus() -> None:
     lines = [
-        batch_line("scored", logprobs=True, top_logprobs=0),
+        batch_line("scored", logprobs=True, top_logprobs=0, temperature=0.5, top_p=0.25),
         batch_line("plain", logprobs=False),
         batch_line("alternatives", logprobs=True, top_logprobs=3),
     ]
     parsed = parse(Settings(engines=["tiny"]), jsonl(lines))
     assert [(c, r.logprobs) for c, r in parsed.good] == [("scored", True), ("plain", False)]
+    assert [r.top_p for _, r in parsed.good] == [0.25, 1.0]
     assert [(e.line, e.code) for e in parsed.errors] == [(3, "unsupported_value")]
 
 

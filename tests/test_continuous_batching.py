@@ -88,6 +88,17 @@ async def test_log_probabilities_are_the_static_engines(static: Engine, continuo
         )
 
 
+async def test_a_nucleus_of_the_likeliest_token_alone_samples_the_greedy_answer(
+    static: Engine, continuous: Engine
+) -> None:
+    """top_p 0 keeps only the likeliest token, whatever the temperature."""
+    greedy = [ask(static, text, 16) for text in TEXTS]
+    nucleus = [replace(r, temperature=1.5, top_p=top_p) for r in greedy for top_p in (0.0, 1e-6)]
+    want = [a.text for a in await static.generate(greedy) for _ in range(2)]
+    for engine in (static, continuous):
+        assert [a.text for a in await engine.generate(nucleus)] == want
+
+
 async def test_a_prompt_prefilled_in_chunks_beside_decoding_requests(static: Engine) -> None:
     """Steps of 64 tokens: the long prompt is prefilled over several steps, each later
     chunk attending to the keys before it, while the short requests already decode in

@@ -234,6 +234,18 @@ async def test_log_probabilities_come_with_the_answer_when_asked(
     assert alternatives.value.param == "top_logprobs"
 
 
+async def test_top_p_reaches_the_engine(sdk: openai.AsyncOpenAI) -> None:
+    """A nucleus of the likeliest token alone samples what greedy decoding answers."""
+    hello: Any = [{"role": "user", "content": "hello"}]
+    greedy = await sdk.chat.completions.create(model="tiny", messages=hello, max_tokens=8)
+    nucleus = await sdk.chat.completions.create(
+        model="tiny", messages=hello, max_tokens=8, temperature=1.5, top_p=0
+    )
+    assert nucleus.choices[0].message.content == greedy.choices[0].message.content
+    with pytest.raises(openai.UnprocessableEntityError):
+        await sdk.chat.completions.create(model="tiny", messages=hello, top_p=1.5)
+
+
 async def test_models_are_listed_and_retrieved(sdk: openai.AsyncOpenAI) -> None:
     listed = [model async for model in sdk.models.list()]
     assert {m.id for m in listed} == {"tiny", "smollm2"}

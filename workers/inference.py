@@ -304,6 +304,7 @@ class InferenceWorker:
             prompt=item.prompt,
             max_tokens=item.request.max_tokens,
             temperature=item.request.temperature,
+            top_p=item.request.top_p,
             stop=tuple(item.request.stop),
             logprobs=item.request.logprobs,
             prompt_tokens=item.context.prompt_tokens,

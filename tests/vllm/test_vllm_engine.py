@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import psutil
 import pytest
@@ -129,6 +130,16 @@ async def test_vllm_gives_each_tokens_log_probability_when_asked(engine: VLLMEng
     assert answer.tokens is not None and len(answer.tokens) == answer.completion_tokens
     assert b"".join(t.bytes for t in answer.tokens).decode() == answer.text
     assert all(t.logprob <= 0 for t in answer.tokens)
+
+
+async def test_vllm_samples_the_greedy_answer_from_a_nucleus_of_one_token(
+    engine: VLLMEngine,
+) -> None:
+    greedy = GenerationRequest(chat(engine, "Name a colour of the rainbow."), max_tokens=16)
+    [want] = await engine.generate([greedy])
+    for top_p in (0.0, 1e-6):
+        [got] = await engine.generate([replace(greedy, temperature=1.5, top_p=top_p)])
+        assert got.text == want.text
 
 
 async def test_a_shared_conversation_prefix_is_served_from_the_prefix_cache(

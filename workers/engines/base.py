@@ -15,6 +15,9 @@ class GenerationRequest:
     prompt: str
     max_tokens: int
     temperature: float = 0.0
+    top_p: float = 1.0
+    """Nucleus sampling at temperatures above 0: the smallest set of likeliest tokens
+    whose probabilities reach ``top_p`` is sampled from (1: every token)."""
     stop: tuple[str, ...] = ()
     """Stop sequences: the answer ends before the first of them it produces."""
     logprobs: bool = False

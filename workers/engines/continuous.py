@@ -5,7 +5,7 @@ over a paged KV cache: a request joins the running batch at the next step and
 leaves it at its own end, and prompts are not padded to the longest. Attention is
 per request (``paged_attention``), not over the whole step. Greedy
 requests go to one manager, sampled ones (temperature above 0) to a second, made
-on first use, whose temperature is set per request; a sampled answer's
+on first use, whose temperature and top_p are set per request; a sampled answer's
 log-probabilities are taken after its temperature.
 """
 
@@ -41,6 +41,9 @@ BLOCK_SIZE = 16
 
 DEFAULT_TEMPERATURE = 0.7
 """The sampling manager's own temperature; each request sets its own."""
+DEFAULT_TOP_P = 0.9
+"""The sampling manager's own top_p (below 1, so that it filters at all); each
+request sets its own."""
 
 # transformers' own logger for continuous batching, which prints to stderr by itself:
 # its INFO lines (cache sizes, the thread starting and stopping) are noise in a worker.
@@ -90,7 +93,12 @@ class ContinuousHFEngine(HFEngine):
 
     def _start(self, do_sample: bool) -> Any:
         sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": DEFAULT_TEMPERATURE, "top_k": None, "top_p": None}
+            {
+                "do_sample": True,
+                "temperature": DEFAULT_TEMPERATURE,
+                "top_k": None,
+                "top_p": DEFAULT_TOP_P,
+            }
             if do_sample
             else {"do_sample": False}
         )
@@ -148,7 +156,8 @@ class ContinuousHFEngine(HFEngine):
         finished: asyncio.Future[Any] = loop.create_future()
         request_id = f"{self.name}-{next(self._ids)}"
         if request.temperature > 0:
-            manager, extra = self._sampling, {"temperature": request.temperature}
+            manager = self._sampling
+            extra = {"temperature": request.temperature, "top_p": request.top_p}
         else:
             manager, extra = self._greedy, {}
         tail, decode = tail_tokens([request.stop]), self.tokenizer.decode

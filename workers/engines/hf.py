@@ -150,7 +150,8 @@ class StopSequences(StoppingCriteria):
 class HFEngine:
     """An engine over a transformers causal LM.
 
-    Requests with the same temperature share one ``generate`` call (greedy at 0);
+    Requests with the same temperature and top_p share one ``generate`` call (greedy
+    at temperature 0, whatever their top_p);
     it runs in a worker thread so the event loop stays free.
     """
 
@@ -179,17 +180,18 @@ class HFEngine:
         """Nothing to release: the weights are freed with the engine."""
 
     def _generate(self, batch: list[GenerationRequest]) -> list[Generation]:
-        groups: defaultdict[float, list[int]] = defaultdict(list)
+        groups: defaultdict[tuple[float, float], list[int]] = defaultdict(list)
         for index, request in enumerate(batch):
-            groups[request.temperature].append(index)
+            sampled = request.temperature > 0  # greedy decoding has no nucleus
+            groups[request.temperature, request.top_p if sampled else 1.0].append(index)
         results: dict[int, Generation] = {}
-        for temperature, indices in groups.items():
-            outputs = self._generate_group([batch[i] for i in indices], temperature)
+        for (temperature, top_p), indices in groups.items():
+            outputs = self._generate_group([batch[i] for i in indices], temperature, top_p)
             results.update(zip(indices, outputs, strict=True))
         return [results[i] for i in range(len(batch))]
 
     def _generate_group(
-        self, requests: list[GenerationRequest], temperature: float
+        self, requests: list[GenerationRequest], temperature: float, top_p: float = 1.0
     ) -> list[Generation]:
         """One ``generate`` call up to the group's largest max_tokens."""
         pad = self.tokenizer.pad_id
@@ -208,7 +210,7 @@ class HFEngine:
             [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device
         )
         sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
+            {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": top_p}
             if temperature > 0
             else {"do_sample": False}
         )

@@ -43,6 +43,8 @@ CONCURRENT_BATCHES = 4
 engine keeps working on one batch while the next comes in and the last goes out."""
 INTERACTIVE, BACKGROUND = 0, 1
 """vLLM's request priorities: the lower runs first."""
+SMALLEST_TOP_P = 1e-6
+"""What top_p 0 (only the likeliest token) is given to vLLM as: it takes above 0."""
 SMALL_CPU = 4
 """On this many CPUs or fewer the engine binds its threads to all of them."""
 INSTALL_HINT = (
@@ -138,6 +140,7 @@ class VLLMEngine:
         params = SamplingParams(
             max_tokens=request.max_tokens,
             temperature=request.temperature,
+            top_p=request.top_p or SMALLEST_TOP_P,  # vLLM takes no 0
             stop=list(request.stop) or None,  # vLLM ends the request there
             logprobs=0,  # the sampled token's own log-probability
             output_kind=RequestOutputKind.FINAL_ONLY,
