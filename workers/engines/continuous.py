@@ -4,8 +4,10 @@ transformers' ``ContinuousBatchingManager`` runs the model in a thread of its ow
 over a paged KV cache: a request joins the running batch at the next step and
 leaves it at its own end, and prompts are not padded to the longest. Attention is
 per request (``paged_attention``), not over the whole step. Greedy
-requests go to one manager, sampled ones (temperature above 0) to a second, made
-on first use, whose temperature and top_p are set per request; a sampled answer's
+requests go to one manager; sampled ones (temperature above 0) to a second, made on
+first use, whose temperature is set per request; and sampled ones with a top_p below
+1 to a third, which also filters each step by each request's own top_p (sorting every
+row's scores: a third slower on a CPU, so the others do without). A sampled answer's
 log-probabilities are taken after its temperature.
 """
 
@@ -42,8 +44,8 @@ BLOCK_SIZE = 16
 DEFAULT_TEMPERATURE = 0.7
 """The sampling manager's own temperature; each request sets its own."""
 DEFAULT_TOP_P = 0.9
-"""The sampling manager's own top_p (below 1, so that it filters at all); each
-request sets its own."""
+"""The nucleus manager's own top_p (below 1, so that it filters at all); each request
+sets its own."""
 
 # transformers' own logger for continuous batching, which prints to stderr by itself:
 # its INFO lines (cache sizes, the thread starting and stopping) are noise in a worker.
@@ -54,7 +56,7 @@ class ContinuousHFEngine(HFEngine):
     """An ``HFEngine`` whose calls share one running batch, whenever they are made.
 
     ``kv_cache_tokens``: tokens the KV cache holds over all running requests (at
-    least the context window; the sampled requests' batch has a cache of its own);
+    least the context window; each batch of sampled requests has a cache of its own);
     ``max_batch_tokens``: tokens one forward step takes (prompts are prefilled in
     chunks of it).
     """
@@ -84,20 +86,20 @@ class ContinuousHFEngine(HFEngine):
         self._own_attention = model.config._attn_implementation
         model.set_attn_implementation(PER_REQUEST_SDPA)
         self._greedy = self._start(do_sample=False)
-        self._sampling: Any = None
+        self._sampled: dict[bool, Any] = {}  # by nucleus (a top_p below 1), on first use
         self._ids = itertools.count()
         self._lock = asyncio.Lock()
         self.prefix_cached_tokens = 0
         """Prompt tokens taken from blocks the KV cache kept, since the engine started."""
         self._prefixes_seen = 0  # of the running managers' own counts
 
-    def _start(self, do_sample: bool) -> Any:
+    def _start(self, do_sample: bool, nucleus: bool = False) -> Any:
         sampling: dict[str, Any] = (
             {
                 "do_sample": True,
                 "temperature": DEFAULT_TEMPERATURE,
                 "top_k": None,
-                "top_p": DEFAULT_TOP_P,
+                "top_p": DEFAULT_TOP_P if nucleus else None,
             }
             if do_sample
             else {"do_sample": False}
@@ -113,7 +115,7 @@ class ContinuousHFEngine(HFEngine):
                 max_batch_tokens=self._max_batch_tokens,
                 use_async_batching=False,
                 return_logprobs=True,
-                per_request_processors=do_sample,  # each request's own temperature
+                per_request_processors=do_sample,  # each request's own temperature, top_p
                 use_cuda_graph=False,  # the attention plans each step on the host
             ),
         )
@@ -130,10 +132,11 @@ class ContinuousHFEngine(HFEngine):
         request, done when that request leaves the batch."""
         if not batch:
             return []
-        if any(r.temperature > 0 for r in batch):
+        kinds = {r.top_p < 1 for r in batch if r.temperature > 0}
+        if kinds - self._sampled.keys():
             async with self._lock:
-                if self._sampling is None:
-                    self._sampling = await asyncio.to_thread(self._start, True)
+                for nucleus in kinds - self._sampled.keys():
+                    self._sampled[nucleus] = await asyncio.to_thread(self._start, True, nucleus)
         encode = self.tokenizer.encode
         prompts = await asyncio.to_thread(lambda: [encode(r.prompt) for r in batch])
         return [
@@ -156,8 +159,11 @@ class ContinuousHFEngine(HFEngine):
         finished: asyncio.Future[Any] = loop.create_future()
         request_id = f"{self.name}-{next(self._ids)}"
         if request.temperature > 0:
-            manager = self._sampling
-            extra = {"temperature": request.temperature, "top_p": request.top_p}
+            nucleus = request.top_p < 1
+            manager = self._sampled[nucleus]
+            extra = {"temperature": request.temperature}
+            if nucleus:
+                extra["top_p"] = request.top_p
         else:
             manager, extra = self._greedy, {}
         tail, decode = tail_tokens([request.stop]), self.tokenizer.decode
@@ -197,8 +203,8 @@ class ContinuousHFEngine(HFEngine):
         that starts with the same blocks reads them instead of computing them."""
         total = sum(
             manager.batch_processor.cache._total_prefix_length  # transformers 5.17
-            for manager in (self._greedy, self._sampling)
-            if manager is not None and manager.batch_processor is not None
+            for manager in self._managers()
+            if manager.batch_processor is not None
         )
         if total > self._prefixes_seen:
             PREFIX_CACHED_TOKENS.labels(self.name).inc(total - self._prefixes_seen)
@@ -208,17 +214,19 @@ class ContinuousHFEngine(HFEngine):
     async def _stop(self) -> None:
         """Stop the batching threads, each once its requests are done."""
         self._count_prefixes()
-        for manager in (self._sampling, self._greedy):
-            if manager is not None:
-                await asyncio.to_thread(manager.stop, block=True, timeout=30)
+        for manager in self._managers():
+            await asyncio.to_thread(manager.stop, block=True, timeout=30)
         self._prefixes_seen = 0
 
+    def _managers(self) -> list[Any]:
+        return [self._greedy, *self._sampled.values()]
+
     async def forget_prefixes(self) -> None:
-        """Start the batches again, on empty KV caches (the sampled requests' batch once
-        one comes)."""
+        """Start the batches again, on empty KV caches (the sampled requests' batches
+        once such requests come)."""
         async with self._lock:
             await self._stop()
-            self._sampling = None
+            self._sampled = {}
             self._greedy = await asyncio.to_thread(self._start, False)
 
     async def close(self) -> None:
