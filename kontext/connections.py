@@ -12,12 +12,42 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from pgvector.asyncpg import register_vector
 
 from kontext.settings import Settings
+from kontext.stackfile import without_password
 
 log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long the first connection to Postgres may take before it counts as unreachable."""
+
+
+class Unreachable(Exception):
+    """Postgres or Kafka cannot be reached where the settings point, or refused the
+    login: the message says which, where (password hidden) and why, in one line."""
+
+
+def _postgres_unreachable(settings: Settings, exc: BaseException) -> Unreachable:
+    where = without_password(settings.dsn)
+    named = " (DATABASE_URL)" if settings.database_url else ""
+    return Unreachable(f"cannot connect to Postgres at {where}{named}: {exc}")
+
+
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """One plain connection (for a command's few statements); Unreachable if Postgres
+    is not there, or refuses the role, password or database."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(settings.dsn, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _postgres_unreachable(settings, exc) from exc
+    return conn
+
+
+async def reach_postgres(settings: Settings) -> None:
+    """Connect once and close: Unreachable, as ``connect``, if that fails."""
+    await (await connect(settings)).close()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -37,14 +67,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """An asyncpg pool with jsonb as Python objects and pgvector's vector type."""
-    pool: asyncpg.Pool = await asyncpg.create_pool(
-        settings.dsn,
-        min_size=min_size,
-        max_size=max_size,
-        init=_init_connection,
-        reset=_keep_session,
-    )
+    """An asyncpg pool with jsonb as Python objects and pgvector's vector type;
+    Unreachable if its first connections cannot be made."""
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            settings.dsn,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            reset=_keep_session,
+            timeout=CONNECT_TIMEOUT_S,
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise _postgres_unreachable(settings, exc) from exc
     return pool
 
 
@@ -82,9 +117,15 @@ def create_consumer(
 
 
 async def ensure_topics(settings: Settings, topics: list[str]) -> None:
-    """Create the topics that do not exist yet (never rely on auto-creation)."""
+    """Create the topics that do not exist yet (never rely on auto-creation); the
+    first contact with the broker: Unreachable if there is none."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-    await admin.start()
+    try:
+        await admin.start()
+    except KafkaConnectionError as exc:
+        await admin.close()
+        named = " (KAFKA_BOOTSTRAP_SERVERS)" if settings.kafka_bootstrap_servers else ""
+        raise Unreachable(f"cannot connect to Kafka at {settings.bootstrap}{named}: {exc}") from exc
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]

@@ -26,7 +26,21 @@ from kontext.tasks import run_against
 READY = re.compile(r"Kontext ready: (?:API (http://\S+?);|no API;)")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 2.0
+"""How long an exited child's last output is waited for."""
 T = TypeVar("T")
+
+
+class ChildExited(RuntimeError):
+    """A child process exited while its parent still needed it."""
+
+    def __init__(self, child: Child, code: int | None, before_ready: bool = False) -> None:
+        when = " before it was ready" if before_ready else ""
+        said = f": {child.last_line}" if child.last_line else ""
+        super().__init__(
+            f"the {', '.join(child.services)} process exited{when} (code {code}){said};"
+            f" see {child.log}"
+        )
 
 
 @dataclass
@@ -40,6 +54,8 @@ class Child:
     api_url: str | None = None
     pump: asyncio.Task[None] | None = None
     """Copies its output to its log."""
+    last_line: str = ""
+    """The last line it wrote: why it stopped, when it stopped on an error."""
 
     @property
     def pid(self) -> int:
@@ -61,14 +77,15 @@ class Children:
 
     async def guard(self, work: Awaitable[T]) -> T:
         """``work``'s result; if a child exits first, the work is cancelled and this
-        raises RuntimeError naming the child's log (no wait for turns that never end)."""
+        raises ChildExited, with its last line and its log (no wait for turns that never
+        end)."""
         task = await run_against(work, *(c.process.wait() for c in self.all))
         if task.cancelled():
             gone = next(c for c in self.all if c.process.returncode is not None)
-            raise RuntimeError(
-                f"the {', '.join(gone.services)} process exited "
-                f"(code {gone.process.returncode}); see {gone.log}"
-            )
+            if gone.pump is not None:  # its last lines, unless a grandchild keeps its pipe
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(gone.pump), DRAIN_TIMEOUT_S)
+            raise ChildExited(gone, gone.process.returncode)
         return task.result()
 
 
@@ -121,12 +138,13 @@ async def _pump(child: Child, ready: asyncio.Future[str | None]) -> None:
         async for line in child.process.stdout:
             log.write(line)
             log.flush()
-            if not ready.done() and (match := READY.search(line.decode(errors="replace"))):
+            text = line.decode(errors="replace")
+            if text.strip():
+                child.last_line = text.strip()
+            if not ready.done() and (match := READY.search(text)):
                 ready.set_result(match.group(1))
     if not ready.done():
-        ready.set_exception(
-            RuntimeError(f"the {', '.join(child.services)} process exited; see {child.log}")
-        )
+        ready.set_exception(ChildExited(child, await child.process.wait(), before_ready=True))
 
 
 async def _stop(child: Child) -> None:

@@ -17,7 +17,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from kontext import metrics, migrate, tracing
 from kontext.app import health
-from kontext.connections import create_consumer, create_pool, create_producer, ensure_topics
+from kontext.connections import (
+    create_consumer,
+    create_pool,
+    create_producer,
+    ensure_topics,
+    reach_postgres,
+)
 from kontext.settings import Settings
 from producers import submissions
 from producers.api.server import ApiService
@@ -211,5 +217,7 @@ async def run_while(
 
 
 async def prepare(settings: Settings) -> None:
-    """Apply migrations (blocking work, off the loop)."""
+    """Apply migrations (blocking work, off the loop), once Postgres answers
+    (``Unreachable`` otherwise)."""
+    await reach_postgres(settings)
     await asyncio.to_thread(migrate.upgrade, settings.dsn)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from kontext.app.children import ChildExited
 from kontext.bench import cli as bench
 from kontext.cli import backfill, keys, serve, webhooks
+from kontext.connections import Unreachable
 
 app = typer.Typer(help="Kontext: an event-driven LLM job pipeline.", no_args_is_help=True)
 
@@ -22,3 +24,13 @@ app.command("bench-memory")(bench.bench_memory)
 app.command("bench-embeddings")(bench.bench_embeddings)
 app.command("bench-lanes")(bench.bench_lanes)
 app.command("bench-policies")(bench.bench_policies_command)
+
+
+def main() -> None:
+    """The ``kontext`` console script: Postgres or Kafka out of reach, or a child process
+    that exited, is one line on stderr and exit code 1, not a traceback."""
+    try:
+        app()
+    except (Unreachable, ChildExited) as exc:
+        typer.echo(f"kontext: {exc}", err=True)
+        raise SystemExit(1) from None

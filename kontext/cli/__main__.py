@@ -1,5 +1,5 @@
 """``python -m kontext.cli``: the ``kontext`` command."""
 
-from kontext.cli import app
+from kontext.cli import main
 
-app()
+main()

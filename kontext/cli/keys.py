@@ -6,24 +6,25 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kontext import stackfile
+from kontext.connections import connect
+from kontext.settings import Settings
 from kontext.store import keys
 
 app = typer.Typer(help="API keys: create one (and its tenant), list them, revoke one.")
 err = Console(stderr=True)
 
 
-def _dsn() -> str:
+def _settings() -> Settings:
     settings = stackfile.settings()
     if not settings.database_url:
         err.print(f"[red]{stackfile.missing('DATABASE_URL')}")
         raise typer.Exit(2)
-    return settings.dsn
+    return settings
 
 
 @app.command("create")
@@ -34,10 +35,10 @@ def create(
     ] = False,
 ) -> None:
     """Create a key; it is printed once, alone on the last line of output."""
-    dsn = _dsn()
+    settings = _settings()
 
     async def main() -> keys.NewKey:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(settings)
         try:
             return await keys.create(conn, tenant, operator=operator)
         finally:
@@ -56,10 +57,10 @@ def create(
 @app.command("list")
 def list_command() -> None:
     """Every key: prefix, tenant, operator, created, revoked (never the key)."""
-    dsn = _dsn()
+    settings = _settings()
 
     async def main() -> list[keys.KeyRow]:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(settings)
         try:
             return await keys.list_keys(conn)
         finally:
@@ -80,10 +81,10 @@ def list_command() -> None:
 @app.command("revoke")
 def revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix (kx_...).")]) -> None:
     """Revoke a key: every API process refuses it at once (401)."""
-    dsn = _dsn()
+    settings = _settings()
 
     async def main() -> keys.KeyRow | None:
-        conn = await asyncpg.connect(dsn)
+        conn = await connect(settings)
         try:
             return await keys.revoke(conn, prefix)
         finally:

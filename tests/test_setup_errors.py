@@ -1,0 +1,83 @@
+"""Postgres or Kafka out of reach where the settings point: the ``kontext`` command
+says which, where and why in one line on stderr (a password hidden) and exits 1,
+without a traceback; a child process that exits says so through its parent."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres, free_port
+
+
+def _kontext(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kontext.cli", *args],
+        env={**os.environ, "KONTEXT_DATA_DIR": str(cwd / "data"), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def _said(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line of the error: the last on stderr."""
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_an_unreachable_postgres_is_one_line_naming_it(
+    broker: EmbeddedBroker, workdir: Path
+) -> None:
+    closed = f"postgresql://kontext:hunter2@127.0.0.1:{free_port()}/kontext"
+    for command in (["up", "--engine", "null", "--port", "0"], ["keys", "list"]):
+        done = _kontext(
+            *command,
+            cwd=workdir,
+            DATABASE_URL=closed,
+            KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+        )
+        said = _said(done)
+        assert said.startswith("kontext: cannot connect to Postgres at postgresql://kontext:***@")
+        assert "(DATABASE_URL)" in said and "hunter2" not in done.stderr + done.stdout
+
+
+def test_a_missing_database_is_one_line_naming_it(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
+) -> None:
+    missing = database.url.rsplit("/", 1)[0] + "/no_such_database"
+    done = _kontext(
+        "up",
+        "--engine",
+        "null",
+        "--port",
+        "0",
+        cwd=workdir,
+        DATABASE_URL=missing,
+        KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+    )
+    said = _said(done)
+    assert "cannot connect to Postgres" in said
+    assert 'database "no_such_database" does not exist' in said
+
+
+def test_an_unreachable_kafka_is_one_line_naming_it_also_from_a_child(
+    database: EmbeddedPostgres, workdir: Path
+) -> None:
+    closed = f"127.0.0.1:{free_port()}"
+    env = {"DATABASE_URL": database.url, "KAFKA_BOOTSTRAP_SERVERS": closed}
+    alone = _said(_kontext("up", "--engine", "null", "--port", "0", cwd=workdir, **env))
+    assert alone.startswith(f"kontext: cannot connect to Kafka at {closed}")
+    assert "(KAFKA_BOOTSTRAP_SERVERS)" in alone
+
+    spread = _kontext(
+        "up", "--engine", "null", "--port", "0", "--process", "api", cwd=workdir, **env
+    )
+    said = _said(spread)
+    assert said.startswith("kontext: the api process exited before it was ready (code 1): ")
+    assert f"cannot connect to Kafka at {closed}" in said
+    assert said.endswith(f"see {workdir / 'data' / 'api.log'}")
