@@ -186,8 +186,18 @@ class Backfill:
         self.console = console
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Returns the exit status: 0 once the batch completed, 1 if it ended otherwise,
-        2 if the API refused it, 130 if interrupted."""
+        """Returns the exit status: 0 once the batch completed, 1 if it ended otherwise
+        or the API could not be reached, 2 if the API refused it, 130 if interrupted."""
+        try:
+            return await self._run(stop)
+        except httpx.TransportError as exc:
+            self.console.print(
+                f"[red]cannot reach the Kontext API at {self.api}: {exc or type(exc).__name__}"
+                "[/]; rerun the same command once it answers (a batch it took goes on there)"
+            )
+            return 1
+
+    async def _run(self, stop: asyncio.Event) -> int:
         todo = plan(self.source, self.out)
         if not todo.lines:
             self.console.print(

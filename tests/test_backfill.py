@@ -260,6 +260,25 @@ async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     assert failed["request_counts"] == {"total": 2, "completed": 0, "failed": 2}
 
 
+async def test_an_api_out_of_reach_is_one_line_and_exit_code_1(tmp_path: Path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kontext.app.embedded import free_port
+    from producers.backfill import Backfill
+
+    source = tmp_path / "in.jsonl"
+    source.write_text(jsonl([batch_line("a")]))
+    out, said = tmp_path / "out.jsonl", StringIO()
+    api = f"http://127.0.0.1:{free_port()}"
+    runner = Backfill(api, source, out, tmp_path / "errors.jsonl", Console(file=said, width=400))
+    assert await runner.run(asyncio.Event()) == 1
+    [line] = said.getvalue().splitlines()
+    assert line.startswith(f"cannot reach the Kontext API at {api}: ")
+    assert not out.exists()
+
+
 def test_a_lines_stop_sequences_reach_its_job() -> None:
     lines = [
         batch_line("one", stop="\n"),
