@@ -186,6 +186,19 @@ async def test_smollm2_ends_an_answer_before_its_stop_sequence(smol: Engine) -> 
     assert five.prompt_tokens == full.prompt_tokens
 
 
+def test_each_tokens_bytes_join_into_the_text_special_tokens_left_out() -> None:
+    from workers.engines.hf import HFTokenizer
+    from workers.engines.tiny import ByteTokenizer
+
+    smol = load_tokenizer("smollm2", Settings())
+    assert isinstance(smol, HFTokenizer)
+    for tokenizer in (smol, ByteTokenizer()):
+        ids = [*tokenizer.encode("Hi café ☕, 3 × 4"), tokenizer.eos_id]
+        spelled = tokenizer.token_bytes(ids)
+        assert len(spelled) == len(ids) and spelled[-1] == b""
+        assert b"".join(spelled).decode() == tokenizer.decode(ids) == "Hi café ☕, 3 × 4"
+
+
 async def test_smollm2_gives_each_tokens_log_probability_when_asked(smol: Engine) -> None:
     request = ask(smol, COUNT, 12)
     plain, scored, stopped = await smol.generate(

@@ -63,6 +63,7 @@ class HFTokenizer:
         # A byte-level BPE vocabulary (GPT-2's, SmolLM2's) spells each byte as a character.
         spelling = bytes_to_unicode()  # type: ignore[no-untyped-call]
         self._byte_of = {char: byte for byte, char in spelling.items()}
+        self._special = set(tokenizer.all_special_ids)  # left out of text, so of bytes
 
     def render(self, messages: Sequence[Message]) -> str:
         conversation = [{"role": m.role, "content": m.content} for m in messages]
@@ -84,7 +85,9 @@ class HFTokenizer:
     def token_bytes(self, ids: Sequence[int]) -> list[bytes]:
         pieces = self._tokenizer.convert_ids_to_tokens(list(ids))
         return [
-            bytes(self._byte_of[c] for c in piece)
+            b""
+            if i in self._special
+            else bytes(self._byte_of[c] for c in piece)
             if all(c in self._byte_of for c in piece)
             else self.decode([i]).encode()  # not byte-level: the token's own text
             for i, piece in zip(ids, pieces, strict=True)
