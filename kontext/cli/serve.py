@@ -148,28 +148,35 @@ DEMO_TURNS = (
     "Suggest one hobby for a rainy afternoon, in one sentence.",
     "What is my name, and in which city do I live?",
 )
+DEMO_FACTS = ("Ada", "Lisbon")
+"""What the first turn tells and the last asks for: the last turn's prompt must carry it."""
 
 
 def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> None:
-    """Start everything on the embedded defaults and run a scripted 3-turn conversation."""
+    """Start everything on the embedded defaults and run a scripted 3-turn conversation;
+    exit 1 if the last turn's prompt did not carry what the first told."""
     from producers.client import KontextClient
 
     setup_logging(False)
+    remembered = False
     with embedded(settings_for([engine], 0)) as settings:
 
         async def conversation(runtime: Runtime, url: str) -> None:
+            nonlocal remembered
             key = await keys.mint(settings.dsn)
             async with KontextClient(
                 url, settings.bootstrap, topics=settings.topics, api_key=key
             ) as client:
                 conversation_id = None
                 for number, text in enumerate(DEMO_TURNS, 1):
+                    last = number == len(DEMO_TURNS)
                     began = time.perf_counter()
                     reply = await client.chat(
                         model=engine,
                         messages=[{"role": "user", "content": text}],
                         conversation_id=conversation_id,
                         max_tokens=48,
+                        include_prompt=last,
                         timeout=120,
                     )
                     elapsed = (time.perf_counter() - began) * 1000
@@ -182,6 +189,18 @@ def demo(engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2") -> 
                     print(f"\n[turn {number}] user: {text}")
                     print(f"[turn {number}] assistant: {answer}")
                     print(f"[turn {number}] {elapsed:.0f} ms, {earlier} earlier turns in context")
+                    if last:
+                        prompt = context.prompt if context else None
+                        carried = prompt is not None and all(f in prompt for f in DEMO_FACTS)
+                        print(
+                            f"[turn {number}] memory: its prompt carried turn 1's "
+                            f"{' and '.join(DEMO_FACTS)}: {'yes' if carried else 'NO'}. "
+                            "Answering from them is the model's part (SmolLM2-135M, the "
+                            "default, often does not)."
+                        )
+                        remembered = carried
             print(f"\nconversation {conversation_id}: {len(DEMO_TURNS)} turns", flush=True)
 
         run_work(settings, conversation)
+    if not remembered:
+        raise typer.Exit(1)
