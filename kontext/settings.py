@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.events import WebhookSecret
@@ -336,3 +336,25 @@ class Settings(BaseSettings):
         if not self.database_url:
             raise RuntimeError("DATABASE_URL is not set (kontext up starts a database)")
         return self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+class BadSetting(ValueError):
+    """A setting (a variable of the environment, or a command's option) that cannot be
+    used; the message names it, in one line."""
+
+
+def bad_settings(exc: ValidationError) -> BadSetting:
+    """Settings' validation errors, each named by its environment variable."""
+
+    def variable(field: object) -> str:
+        info = Settings.model_fields.get(str(field))
+        alias = info.validation_alias if info is not None else None
+        if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+            return alias.choices[0]
+        return f"KONTEXT_{str(field).upper()}"
+
+    return BadSetting(
+        "; ".join(
+            f"{variable(e['loc'][0]) if e['loc'] else 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+    )

@@ -1,6 +1,7 @@
-"""Postgres or Kafka out of reach where the settings point: the ``kontext`` command
-says which, where and why in one line on stderr (a password hidden) and exits 1,
-without a traceback; a child process that exits says so through its parent."""
+"""Setup errors are one line on stderr, without a traceback: a setting that cannot be
+used names its variable (exit code 2); Postgres or Kafka out of reach where the
+settings point says which, where (a password hidden) and why (exit code 1); a child
+process that exits says so through its parent."""
 
 from __future__ import annotations
 
@@ -23,11 +24,26 @@ def _kontext(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[s
     )
 
 
-def _said(done: subprocess.CompletedProcess[str]) -> str:
+def _said(done: subprocess.CompletedProcess[str], code: int = 1) -> str:
     """The one line of the error: the last on stderr."""
-    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.returncode == code, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_setting_that_cannot_be_used_is_named_by_its_variable(tmp_path: Path) -> None:
+    bad = {"KONTEXT_BATCH_MAX_SIZE": "-3", "KONTEXT_EMBEDDER": "bert"}
+    for command in (["up"], ["bench", "--engine", "null"], ["keys", "list"]):
+        said = _said(_kontext(*command, cwd=tmp_path, **bad), code=2)
+        assert said == (
+            "kontext: KONTEXT_BATCH_MAX_SIZE: Input should be greater than or equal to 1;"
+            " KONTEXT_EMBEDDER: Input should be 'minilm' or 'hash'"
+        )
+    for engines, env in ((["--engine", "gpt4"], {}), ([], {"KONTEXT_ENGINES": "tiny,gpt4"})):
+        said = _said(_kontext("up", *engines, cwd=tmp_path, **env), code=2)
+        assert said.startswith("kontext: unknown engine 'gpt4' (--engine or KONTEXT_ENGINES)")
+        assert said.endswith("known engines: smollm2, vllm, tiny, null")
+    assert not (tmp_path / "data").exists()  # refused before anything started
 
 
 def test_an_unreachable_postgres_is_one_line_naming_it(

@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from kontext.app.runtime import SERVICES, Runtime, run_while
-from kontext.settings import Settings
+from kontext.settings import BadSetting, Settings
 from kontext.tasks import run_against
+from workers.engines import ENGINE_NAMES
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -38,14 +39,22 @@ def setup_logging(verbose: bool) -> None:
 
 
 def settings_for(engines: list[str] | None, port: int | None) -> Settings:
-    """The environment's settings, with the engines and API port a command was given."""
+    """The environment's settings, with the engines and API port a command was given;
+    BadSetting names an engine that does not exist."""
     settings = Settings()
     updates: dict[str, object] = {}
     if engines:
         updates["engines"] = engines
     if port is not None:
         updates["api_port"] = port
-    return settings.model_copy(update=updates)
+    settings = settings.model_copy(update=updates)
+    unknown = [name for name in settings.engines if name not in ENGINE_NAMES]
+    if unknown:
+        raise BadSetting(
+            f"unknown engine {', '.join(map(repr, unknown))} (--engine or KONTEXT_ENGINES);"
+            f" known engines: {', '.join(ENGINE_NAMES)}"
+        )
+    return settings
 
 
 GC_YOUNG_THRESHOLD = 20_000

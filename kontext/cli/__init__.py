@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import typer
+from pydantic import ValidationError
 
 from kontext.app.children import ChildExited
 from kontext.bench import cli as bench
 from kontext.cli import backfill, keys, serve, webhooks
 from kontext.connections import Unreachable
+from kontext.settings import BadSetting, Settings, bad_settings
 
 app = typer.Typer(help="Kontext: an event-driven LLM job pipeline.", no_args_is_help=True)
 
@@ -27,10 +31,21 @@ app.command("bench-policies")(bench.bench_policies_command)
 
 
 def main() -> None:
-    """The ``kontext`` console script: Postgres or Kafka out of reach, or a child process
-    that exited, is one line on stderr and exit code 1, not a traceback."""
+    """The ``kontext`` console script: a setting that cannot be used (exit code 2),
+    Postgres or Kafka out of reach, or a child process that exited (exit code 1), is
+    one line on stderr, not a traceback."""
     try:
         app()
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise  # not the environment's: a fault of Kontext's own
+        _fail(bad_settings(exc), 2)
+    except BadSetting as exc:
+        _fail(exc, 2)
     except (Unreachable, ChildExited) as exc:
-        typer.echo(f"kontext: {exc}", err=True)
-        raise SystemExit(1) from None
+        _fail(exc, 1)
+
+
+def _fail(error: Exception, code: int) -> NoReturn:
+    typer.echo(f"kontext: {error}", err=True)
+    raise SystemExit(code) from None
