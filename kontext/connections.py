@@ -29,6 +29,11 @@ class Unreachable(Exception):
     login: the message says which, where (password hidden) and why, in one line."""
 
 
+POSTGRES_REFUSALS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What a first connection raises when Postgres is not there, or refuses the role,
+password or database."""
+
+
 def _postgres_unreachable(settings: Settings, exc: BaseException) -> Unreachable:
     where = without_password(settings.dsn)
     named = " (DATABASE_URL)" if settings.database_url else ""
@@ -40,7 +45,7 @@ async def connect(settings: Settings) -> asyncpg.Connection:
     is not there, or refuses the role, password or database."""
     try:
         conn: asyncpg.Connection = await asyncpg.connect(settings.dsn, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except POSTGRES_REFUSALS as exc:
         raise _postgres_unreachable(settings, exc) from exc
     return conn
 
@@ -78,7 +83,7 @@ async def create_pool(settings: Settings, *, min_size: int = 1, max_size: int = 
             reset=_keep_session,
             timeout=CONNECT_TIMEOUT_S,
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except POSTGRES_REFUSALS as exc:
         raise _postgres_unreachable(settings, exc) from exc
     return pool
 

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from kontext.settings import Settings
+from kontext.settings import BadSetting, Settings
 
 NAME = "stack.env"
 
@@ -62,6 +62,15 @@ def settings() -> Settings:
     if not found.is_file():
         return Settings()
     return Settings(_env_file=found)  # type: ignore[call-arg]
+
+
+def database_settings() -> Settings:
+    """``settings()`` for a command that needs Postgres; BadSetting (``missing``) when
+    neither the environment nor a running stack names one."""
+    found = settings()
+    if not found.database_url:
+        raise BadSetting(missing("DATABASE_URL"))
+    return found
 
 
 def missing(what: str) -> str:

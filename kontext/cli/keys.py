@@ -12,19 +12,10 @@ from rich.table import Table
 
 from kontext import stackfile
 from kontext.connections import connect
-from kontext.settings import Settings
 from kontext.store import keys
 
 app = typer.Typer(help="API keys: create one (and its tenant), list them, revoke one.")
 err = Console(stderr=True)
-
-
-def _settings() -> Settings:
-    settings = stackfile.settings()
-    if not settings.database_url:
-        err.print(f"[red]{stackfile.missing('DATABASE_URL')}")
-        raise typer.Exit(2)
-    return settings
 
 
 @app.command("create")
@@ -35,7 +26,7 @@ def create(
     ] = False,
 ) -> None:
     """Create a key; it is printed once, alone on the last line of output."""
-    settings = _settings()
+    settings = stackfile.database_settings()
 
     async def main() -> keys.NewKey:
         conn = await connect(settings)
@@ -57,7 +48,7 @@ def create(
 @app.command("list")
 def list_command() -> None:
     """Every key: prefix, tenant, operator, created, revoked (never the key)."""
-    settings = _settings()
+    settings = stackfile.database_settings()
 
     async def main() -> list[keys.KeyRow]:
         conn = await connect(settings)
@@ -81,7 +72,7 @@ def list_command() -> None:
 @app.command("revoke")
 def revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix (kx_...).")]) -> None:
     """Revoke a key: every API process refuses it at once (401)."""
-    settings = _settings()
+    settings = stackfile.database_settings()
 
     async def main() -> keys.KeyRow | None:
         conn = await connect(settings)

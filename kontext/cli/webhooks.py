@@ -10,17 +10,8 @@ import typer
 
 from kontext import stackfile
 from kontext.app.process import console
-from kontext.settings import Settings
 
 app = typer.Typer(help="Webhook deliveries: list them, redeliver one.")
-
-
-def _database_settings() -> Settings:
-    settings = stackfile.settings()
-    if not settings.database_url:
-        console.print(f"[red]{stackfile.missing('DATABASE_URL')}")
-        raise typer.Exit(2)
-    return settings
 
 
 @app.command("list")
@@ -34,7 +25,7 @@ def webhooks_list(
     from kontext.store import deliveries
     from schemas.webhooks import DeliveryStatus
 
-    settings = _database_settings()
+    settings = stackfile.database_settings()
     if status not in (None, "pending", "delivered", "dead"):
         console.print(f"[red]unknown status {status!r}")
         raise typer.Exit(2)
@@ -64,7 +55,7 @@ def webhooks_redeliver(
     from kontext.connections import create_pool
     from kontext.store import deliveries
 
-    settings = _database_settings()
+    settings = stackfile.database_settings()
     try:
         wanted = UUID(delivery_id)
     except ValueError:
