@@ -39,8 +39,12 @@ def test_a_setting_that_cannot_be_used_is_named_by_its_variable(tmp_path: Path) 
             "kontext: KONTEXT_BATCH_MAX_SIZE: Input should be greater than or equal to 1;"
             " KONTEXT_EMBEDDER: Input should be 'minilm' or 'hash'"
         )
-    for engines, env in ((["--engine", "gpt4"], {}), ([], {"KONTEXT_ENGINES": "tiny,gpt4"})):
-        said = _said(_kontext("up", *engines, cwd=tmp_path, **env), code=2)
+    for command, env in (
+        (["up", "--engine", "gpt4"], {}),
+        (["up"], {"KONTEXT_ENGINES": "tiny,gpt4"}),
+        (["bench", "--engine", "gpt4"], {}),
+    ):
+        said = _said(_kontext(*command, cwd=tmp_path, **env), code=2)
         assert said.startswith("kontext: unknown engine 'gpt4' (--engine or KONTEXT_ENGINES)")
         assert said.endswith("known engines: smollm2, vllm, tiny, null")
     assert not (tmp_path / "data").exists()  # refused before anything started

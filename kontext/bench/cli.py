@@ -39,6 +39,15 @@ def without_inference(separate: bool) -> list[str]:
     return [s for s in SERVICES if not (separate and s == "inference")]
 
 
+def _positive_ints(text: str) -> list[int]:
+    """A comma-separated option's whole numbers of 1 or more; empty if any is not one."""
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        return []
+    return numbers if min(numbers) >= 1 else []
+
+
 def bench_memory(
     engine: Annotated[str, typer.Option("--engine", "-e")] = "smollm2",
     turns: Annotated[str, typer.Option(help="Conversation lengths, comma-separated.")] = "10,20,40",
@@ -50,7 +59,9 @@ def bench_memory(
     from producers.client import KontextClient
 
     setup_logging(False)
-    lengths = [int(n) for n in turns.split(",")]
+    lengths = _positive_ints(turns)
+    if not lengths:
+        raise typer.BadParameter("whole numbers of 1 or more, comma-separated: 10,20,40")
     # No response cache: repeated runs of the same script must reach the engine.
     base = settings_for([engine], 0).model_copy(update={"cache_ttl_s": 0})
     with embedded(base) as settings:
@@ -96,11 +107,8 @@ def bench_embeddings(
     from kontext.bench import embeddings as bench
     from kontext.bench import memory
 
-    try:
-        sizes = [int(n) for n in batch_sizes.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
+    sizes = _positive_ints(batch_sizes)
+    if not sizes:
         raise typer.BadParameter("whole numbers of 1 or more, comma-separated: 1,4,16")
     setup_logging(False)
     try:
@@ -240,20 +248,14 @@ def bench_command(
     from kontext.bench.cpu import CpuMeter, stack_roots
     from kontext.connections import create_pool
     from producers.client import KontextClient
-    from workers.engines import ENGINE_NAMES, load_engine
+    from workers.engines import load_engine
 
-    try:
-        sizes = [int(n) for n in conversations.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1 or summarizer not in ("extractive", "model"):
+    sizes = _positive_ints(conversations)
+    if not sizes or summarizer not in ("extractive", "model"):
         console.print(
             "[red]--conversations takes positive integers (1,4,16); "
             "--summarizer extractive or model"
         )
-        raise typer.Exit(2)
-    if engine not in ENGINE_NAMES:
-        console.print(f"[red]unknown engine {engine!r}; known: {', '.join(ENGINE_NAMES)}")
         raise typer.Exit(2)
     if embedder not in ("minilm", "hash"):
         console.print(f"[red]unknown embedder {embedder!r}; known: minilm, hash")
