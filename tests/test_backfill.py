@@ -353,6 +353,45 @@ async def test_cancel_stops_the_batch_and_accounts_for_everybatch_line(
     assert (await http.post(f"/v1/batches/{uuid.uuid4()}/cancel")).status_code == 404
 
 
+async def test_an_expired_batch_accounts_for_every_line_even_those_running(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """The lines running when the batch expires finish (or fail before the engine); the
+    batch turns ``expired``, with its files, only once none is left to run."""
+    ids = [f"e-{i}" for i in range(3000)]
+    response = await _post(http, jsonl([batch_line(c) for c in ids]))
+    assert response.status_code == 202
+    batch_id = response.json()["id"]
+
+    async def running() -> bool:
+        return bool(
+            await pool.fetchval(
+                "SELECT count(*) FROM jobs WHERE batch_id = $1 AND status = 'running'",
+                uuid.UUID(batch_id),
+            )
+        )
+
+    await wait_for(running, timeout=60, interval=0.01)
+    await pool.execute("UPDATE batches SET expires_at = now() WHERE id = $1", uuid.UUID(batch_id))
+    done = await _wait_status(http, batch_id, ("expired",))
+    assert done["expired_at"] and done["completed_at"] is None
+    counts = done["request_counts"]
+    assert counts["total"] == len(ids) and counts["failed"] > 0
+    assert counts["completed"] + counts["failed"] == len(ids)
+
+    output = await _jsonl_lines(http, done["output_file_id"])
+    errors = await _jsonl_lines(http, done["error_file_id"])
+    assert len(output) == counts["completed"] and len(errors) == counts["failed"]
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(ids)
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    still = await pool.fetchval(
+        "SELECT count(*) FROM jobs WHERE batch_id = $1 AND status NOT IN ('succeeded', 'failed')",
+        uuid.UUID(batch_id),
+    )
+    assert still == 0
+    assert (await http.post(f"/v1/batches/{batch_id}/cancel")).status_code == 409
+
+
 async def test_every_line_a_batch_admits_names_its_batch(
     http: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:

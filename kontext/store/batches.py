@@ -91,7 +91,7 @@ class BatchRow:
             finalizing_at=_unix(self.finalizing_at),
             completed_at=_unix(self.completed_at),
             failed_at=_unix(self.failed_at),
-            expired_at=_unix(self.expired_at),
+            expired_at=_unix(self.expired_at) if self.status == "expired" else None,
             cancelling_at=_unix(self.cancelling_at),
             cancelled_at=_unix(self.cancelled_at),
         )
@@ -318,16 +318,17 @@ async def _fail_queued(conn: asyncpg.Connection, batch_ids: list[UUID], error: E
 
 
 async def stopped(pool: asyncpg.Pool, batch_ids: Sequence[UUID]) -> dict[UUID, ErrorInfo]:
-    """Of ``batch_ids``, those cancelled (or cancelling) or expired, with the error their
-    lines not yet run end with."""
+    """Of ``batch_ids``, those cancelled (or cancelling) or expired (or expiring), with the
+    error their lines not yet run end with."""
     rows = await pool.fetch(
         """
-        SELECT id, status FROM batches
-        WHERE id = ANY($1::uuid[]) AND status IN ('cancelling', 'cancelled', 'expired')
+        SELECT id, status IN ('cancelling', 'cancelled') AS cancelled FROM batches
+        WHERE id = ANY($1::uuid[])
+            AND (status IN ('cancelling', 'cancelled', 'expired') OR expired_at IS NOT NULL)
         """,
         list(batch_ids),
     )
-    return {row["id"]: EXPIRED if row["status"] == "expired" else CANCELLED for row in rows}
+    return {row["id"]: CANCELLED if row["cancelled"] else EXPIRED for row in rows}
 
 
 async def refresh(
@@ -339,35 +340,46 @@ async def refresh(
     """Recount open batches from their jobs, in one statement: those of ``job_ids``, or
     every open batch when None, plus ``batch_ids`` whatever their status.
 
-    A batch with no job left to run moves on: ``in_progress`` to ``finalizing``,
-    ``cancelling`` to ``cancelled``. Returns the ids of the batches now finalizing.
+    A batch with no job left to run (none queued, running or held for review) moves on:
+    ``cancelling`` to ``cancelled``, an expiring one to ``expired``, ``in_progress`` to
+    ``finalizing``. Returns the ids of the batches now finalizing.
     """
     rows = await conn.fetch(
         """
         WITH touched AS (
             SELECT id FROM batches
-            WHERE status IN ('in_progress', 'cancelling') AND ($1::uuid[] IS NULL
-                OR id IN (SELECT batch_id FROM jobs WHERE id = ANY($1::uuid[])))
+            WHERE (status IN ('in_progress', 'cancelling')
+                    OR status = 'validating' AND expired_at IS NOT NULL)
+                AND ($1::uuid[] IS NULL
+                    OR id IN (SELECT batch_id FROM jobs WHERE id = ANY($1::uuid[])))
             UNION
             SELECT unnest($2::uuid[])
         ), counts AS (
             SELECT t.id,
                 count(*) FILTER (WHERE j.status = 'succeeded') AS completed,
                 count(*) FILTER (WHERE j.status = 'failed') AS failed,
-                count(*) FILTER (WHERE j.status IN ('queued', 'running')) AS open
+                count(*) FILTER (WHERE j.status IN ('queued', 'running', 'needs_review')) AS open
             FROM touched t LEFT JOIN jobs j ON j.batch_id = t.id
             GROUP BY t.id
+        ), moved AS (
+            SELECT b.id,
+                CASE WHEN c.open > 0 OR b.status NOT IN ('validating', 'in_progress', 'cancelling')
+                        THEN b.status
+                     WHEN b.status = 'cancelling' THEN 'cancelled'
+                     WHEN b.expired_at IS NOT NULL THEN 'expired'
+                     WHEN b.status = 'in_progress' THEN 'finalizing'
+                     ELSE b.status END AS status
+            FROM batches b JOIN counts c ON c.id = b.id
         )
         UPDATE batches b SET completed = c.completed, failed = c.failed, updated_at = now(),
-            status = CASE WHEN c.open > 0 THEN b.status
-                          WHEN b.status = 'in_progress' THEN 'finalizing'
-                          WHEN b.status = 'cancelling' THEN 'cancelled'
-                          ELSE b.status END,
-            finalizing_at = CASE WHEN c.open = 0 AND b.status = 'in_progress' THEN now()
-                                 ELSE b.finalizing_at END,
-            cancelled_at = CASE WHEN c.open = 0 AND b.status = 'cancelling' THEN now()
-                                ELSE b.cancelled_at END
-        FROM counts c
+            status = m.status,
+            finalizing_at = CASE WHEN m.status = 'finalizing' AND b.status <> 'finalizing'
+                                 THEN now() ELSE b.finalizing_at END,
+            cancelled_at = CASE WHEN m.status = 'cancelled' AND b.status <> 'cancelled'
+                                THEN now() ELSE b.cancelled_at END,
+            expired_at = CASE WHEN m.status = 'expired' AND b.status <> 'expired'
+                              THEN now() ELSE b.expired_at END
+        FROM counts c JOIN moved m ON m.id = c.id
         WHERE b.id = c.id
         RETURNING b.id, b.status
         """,
@@ -389,12 +401,16 @@ async def complete(conn: asyncpg.Connection, batch_ids: Sequence[UUID] | None = 
 
 
 async def expire(conn: asyncpg.Connection) -> list[UUID]:
-    """Expire open batches past ``expires_at`` and fail their jobs not yet started;
-    returns the expired batches."""
+    """Start expiring open batches past ``expires_at``: fail their jobs not yet started
+    and mark them (``expired_at``), so that their lines past the enricher fail before
+    the engine; returns those batches. Each becomes ``expired``, with its files, once
+    no job of it is left to run (``refresh``): the lines already running finish, and
+    every line ends in the output or the error file."""
     rows = await conn.fetch(
         """
-        UPDATE batches SET status = 'expired', expired_at = now(), updated_at = now()
+        UPDATE batches SET expired_at = now(), updated_at = now()
         WHERE status IN ('validating', 'in_progress') AND expires_at <= now()
+            AND expired_at IS NULL
         RETURNING id
         """
     )
