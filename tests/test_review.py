@@ -15,13 +15,15 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.store import keys
+from producers.backfill import create_batch
 from schemas.events import ContextInfo, EnrichedRequest
 from tests.conftest import Stack, stack_env, start_stack, wait_for
-from tests.factories import job_request
+from tests.factories import batch_line, job_request, jsonl
 from tests.receiver import Receiver, serving
 from workers.completions import completion_for
 from workers.engines.base import Generation
@@ -337,3 +339,49 @@ async def test_a_held_job_run_again_stays_held_whatever_its_new_answer(
     held = await step.after_engine([(item, rerun), (stranger, other)])
     assert held == {request.job_id}
     assert (await _status(http, job["id"]))["status"] == "needs_review"
+
+
+async def test_a_batch_with_a_held_line_stays_in_progress_until_it_is_decided(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    text = jsonl(
+        [
+            batch_line("plain", "hello", model="null"),
+            batch_line("held", "Please escalate this line.", model="null"),
+        ]
+    )
+    created = await create_batch(http, text.encode())
+    assert created.status_code == 202, created.text
+    batch_id = created.json()["id"]
+    held_id = await pool.fetchval(
+        "SELECT id FROM jobs WHERE batch_id = $1 AND custom_id = 'held'", uuid.UUID(batch_id)
+    )
+    await _held(http, str(held_id))
+    since = await pool.fetchval("SELECT now()")
+
+    async def swept() -> bool:  # a sweep recounted the batch once the line was held
+        return bool(
+            await pool.fetchval(
+                "SELECT updated_at > $2 AND completed = 1 FROM batches WHERE id = $1",
+                uuid.UUID(batch_id),
+                since,
+            )
+        )
+
+    await wait_for(swept, timeout=60, interval=0.1)
+    batch = (await http.get(f"/v1/batches/{batch_id}")).json()
+    assert batch["status"] == "in_progress" and batch["output_file_id"] is None
+    decided = await http.post(f"/v1/jobs/{held_id}/review", json={"action": "approve"})
+    assert decided.status_code == 200, decided.text
+
+    async def completed() -> bool:
+        batch.update((await http.get(f"/v1/batches/{batch_id}")).json())
+        return batch["status"] == "completed"
+
+    await wait_for(completed, timeout=60, interval=0.1)
+    assert batch["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+    output = await http.get(f"/v1/files/{batch['output_file_id']}/content")
+    assert sorted(orjson.loads(line)["custom_id"] for line in output.content.splitlines()) == [
+        "held",
+        "plain",
+    ]
