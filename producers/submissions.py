@@ -265,12 +265,17 @@ class SubmissionGateway:
                     _refusal(404, "reply_topic_not_found", f"no topic {sent.reply_topic}")
                 )
             topic = sent.reply_topic
-        if len(correlation) > CORRELATION_ID_MAX_LENGTH or not correlation.strip():
+        if (
+            len(correlation) > CORRELATION_ID_MAX_LENGTH
+            or not correlation.strip()
+            or "\x00" in correlation
+        ):
             return refused(
                 _refusal(
                     422,
                     "invalid_correlation_id",
-                    f"a correlation id has 1 to {CORRELATION_ID_MAX_LENGTH} characters",
+                    f"a correlation id has 1 to {CORRELATION_ID_MAX_LENGTH} characters,"
+                    " none of them NUL",
                 )
             )
         if len(record.value or b"") > self.settings.max_body_bytes:
@@ -307,9 +312,25 @@ class SubmissionGateway:
             if answer is None:
                 raise  # Postgres or Kafka down: the batch is retried, nothing is lost
             return refused(answer)
-        if created or job.status not in FINAL_STATUSES:
+        if created:
             return None
-        # A resent correlation id whose job is final: its outcome, once more.
+        first = (job.request or {}).get("reply_to")
+        first_route = ReplyRoute.model_validate(first) if first else None
+        if job.status not in FINAL_STATUSES:
+            if first_route is not None and first_route.correlation_id == correlation:
+                return None  # the job's one reply answers this resend too
+            return refused(
+                _refusal(
+                    409,
+                    "idempotency_key_in_use",
+                    f"job {job.id} of this idempotency key is still running, and answers"
+                    " the submission that made it; send this one again once it is final",
+                )
+            )
+        # A resent correlation id whose job is final: its outcome, once more, where the
+        # job's first submission asked (never a private topic's result on a shared one).
+        if first_route is not None:
+            topic = first_route.topic
         reply = JobReply(
             job_id=job.id,
             conversation_id=job.conversation_id,

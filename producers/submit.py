@@ -32,6 +32,32 @@ class SubmissionRejected(Exception):
         self.served_models = served_models
 
 
+ASKED = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "logprobs",
+        "user",
+        "recall_scope",
+        "include_prompt",
+        "metadata",
+        "webhook",
+    }
+)
+"""What a request asks, as its submission gave it: two submissions with one idempotency
+key must agree on these (and on the conversation, when the later one names it)."""
+
+
+def asks_the_same(earlier: JobRequest, request: JobRequest, conversation_named: bool) -> bool:
+    """Whether ``request`` asks what ``earlier`` asked (a retry, not a new request)."""
+    fields = {*ASKED, "conversation_id"} if conversation_named else set(ASKED)
+    return earlier.model_dump(include=fields) == request.model_dump(include=fields)
+
+
 def to_request(
     settings: Settings,
     submission: JobSubmission,
@@ -106,7 +132,9 @@ async def submit(
     reply_to: ReplyRoute | None = None,
 ) -> tuple[ledger.JobRow, bool]:
     """Validate a tenant's submission against this deployment and the policy chain's
-    ``check_submit`` (which raises Refused), then enqueue it."""
+    ``check_submit`` (which raises Refused), then enqueue it. A known idempotency key
+    returns its job (with its request), unless that job asked for something else:
+    SubmissionRejected ``idempotency_key_reused``."""
     request = to_request(
         settings, submission, tenant_id=tenant_id, key_id=key_id, reply_to=reply_to
     )
@@ -119,7 +147,7 @@ async def submit(
     secret = submission.webhook.secret if submission.webhook else None
     try:
         with _intake_span(request):
-            return await enqueue(
+            job, created = await enqueue(
                 settings, admitter, producer, request, submission.idempotency_key, secret
             )
     except ledger.ConversationNotOwned:
@@ -128,6 +156,15 @@ async def submit(
             "conversation_not_found",
             f"no conversation {request.conversation_id}; choose another conversation_id",
         ) from None
+    if not created and job.request is not None:
+        earlier = JobRequest.model_validate(job.request)
+        if not asks_the_same(earlier, request, submission.conversation_id is not None):
+            raise SubmissionRejected(
+                "idempotency_key_reused",
+                f"idempotency key {submission.idempotency_key!r} was used for another"
+                f" request (job {job.id}); send this one with a new key",
+            )
+    return job, created
 
 
 def _intake_span(request: JobRequest) -> contextlib.AbstractContextManager[object]:

@@ -4,6 +4,7 @@ headers, every answer read back from a reply topic by its correlation id."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import defaultdict
@@ -15,16 +16,24 @@ import asyncpg
 import httpx
 import orjson
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from confluent_kafka import Consumer, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
+from kontext.connections import ensure_topics
+from kontext.settings import Settings
 from kontext.store import keys
 from producers.client import KontextClient, KontextError
+from producers.key_cache import KeyCache
+from producers.policies import IntakePolicies
+from producers.submissions import SubmissionGateway
 from schemas.events import DeadLetter, JobReply
 from schemas.submissions import SubmissionRefused
 from tests.conftest import Stack, wait_for
 from tests.receiver import serving
+from workers.records import Record
 
 TIMEOUT_S = 90.0
 BURST = 1000
@@ -234,7 +243,7 @@ async def test_a_submission_is_answered_on_the_reply_topic_with_its_result(
     )
     reply = replies.one(first).reply
     assert reply.status == "succeeded" and reply.result is not None
-    assert reply.conversation_id == conversation
+    assert reply.conversation_id == conversation and reply.tenant_id == tenants.tenant_a
     assert reply.result.model == "tiny"
     assert reply.result.choices[0].message.content
 
@@ -274,6 +283,11 @@ async def test_a_job_is_answered_on_the_reply_topic_it_names(
         )
         reply = custom.one(mine).reply
         assert reply.status == "succeeded" and reply.result is not None
+        # Resent without a reply topic once final: answered again where it was first asked.
+        _send(stack, [(_body("routed"), _headers(tenants.a, mine))])
+        custom.until(lambda: len(custom.found[mine]) == 2)
+        again = custom.found[mine][1].reply
+        assert (again.job_id, again.result) == (reply.job_id, reply.result)
         refused = replies.one(outside).refusal
         assert (refused.status, refused.error.code) == (422, "reply_topic_refused")
         refused = replies.one(missing).refusal
@@ -555,3 +569,63 @@ async def test_the_python_client_submits_over_kafka(stack: Stack, tenants: Tenan
     assert again.result is not None and again.result.context is not None
     assert "My name is Ada." in (again.result.context.prompt or "")
     assert (refused.value.status, refused.value.code) == (400, "unknown_model")
+
+
+async def test_an_idempotency_key_answers_its_own_request_only(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, pool: asyncpg.Pool
+) -> None:
+    """A gateway on topics no enricher reads, so its job stays queued: a resend of the
+    job's correlation id waits on the job's one reply; another correlation id with the
+    job's idempotency key is told the key is in use, and another request with it that
+    the key was used (neither is dropped without an answer)."""
+    settings = Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        database_url=database.url,
+        topic_prefix=f"idem{uuid.uuid4().hex[:8]}",
+        topic_partitions=1,
+        engines=["tiny"],
+    )
+    topics = settings.topics
+    await ensure_topics(settings, topics.all(settings.engines))
+    key = await keys.create(pool, f"idem-{uuid.uuid4().hex[:8]}")
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    reader = AIOKafkaConsumer(
+        topics.replies, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
+    )
+    cache = KeyCache(settings.dsn, settings.auth_cache_ttl_s)
+    policies = IntakePolicies(settings)
+    await producer.start()
+    await reader.start()
+    try:
+        gateway = SubmissionGateway(settings, pool, producer, cache, policies.chain)
+        idempotency = f"idem-{uuid.uuid4().hex}"
+        body = _body("only once", idempotency_key=idempotency)
+        offsets = iter(range(100))
+
+        def record(value: bytes, correlation: bytes) -> Record:
+            headers = [("authorization", key.key.encode()), ("correlation-id", correlation)]
+            return Record(topics.submissions, 0, next(offsets), None, value, headers)
+
+        await gateway.handle([record(body, b"first")])
+        await gateway.handle([record(body, b"first")])  # a producer's retry
+        await gateway.handle([record(body, b"second")])
+        await gateway.handle([record(_body("another", idempotency_key=idempotency), b"third")])
+        await gateway.handle([record(body, b"nul\x00")])
+        answers = [await asyncio.wait_for(reader.getone(), 30) for _ in range(3)]
+        got = {
+            dict(a.headers)["correlation-id"]: SubmissionRefused.model_validate_json(a.value)
+            for a in answers
+        }
+        assert {k: (v.status, v.error.code) for k, v in got.items()} == {
+            b"second": (409, "idempotency_key_in_use"),
+            b"third": (409, "idempotency_key_reused"),
+            b"nul\x00": (422, "invalid_correlation_id"),
+        }
+        [job] = await _jobs(pool, key.tenant_id, idempotency)
+        assert job["status"] == "queued" and str(job["id"]) in got[b"second"].error.message
+        assert not await reader.getmany(timeout_ms=500)  # nothing for "first" until it is final
+    finally:
+        await reader.stop()
+        await producer.stop()
+        await policies.close()
+        await cache.close()

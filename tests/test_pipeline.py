@@ -92,9 +92,14 @@ async def test_same_idempotency_key_returns_the_same_job(
     async with httpx.AsyncClient(base_url=stack.api_url, headers=stack.headers) as http:
         first = await http.post("/v1/jobs", json=body)
         second = await http.post("/v1/jobs", json=body)
+        other = {**body, "messages": [{"role": "user", "content": "something else"}]}
+        reused = await http.post("/v1/jobs", json=other)
     assert first.status_code == 202
     assert second.status_code == 200
     assert first.json()["id"] == second.json()["id"]
+    assert reused.status_code == 409, reused.text
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    assert first.json()["id"] in reused.json()["error"]["message"]
     job_id = uuid.UUID(first.json()["id"])
     reply = await client.result(job_id, timeout=60)
     assert reply.status == "succeeded"

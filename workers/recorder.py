@@ -174,6 +174,7 @@ class Recorder:
         reply = JobReply(
             job_id=outcome.job_id,
             conversation_id=outcome.conversation_id,
+            tenant_id=outcome.tenant_id,
             status=status,
             result=outcome.result,
             error=ErrorInfo.model_validate(outcome.error) if outcome.error else None,

@@ -40,6 +40,8 @@ class JobRow:
     error: dict[str, Any] | None
     created_at: datetime
     completed_at: datetime | None
+    request: dict[str, Any] | None = None
+    """Its request, only when ``admit`` found the job by its idempotency key."""
 
 
 _JOB_COLUMNS = "id, conversation_id, model, status, result, error, created_at, completed_at"
@@ -63,8 +65,8 @@ async def admit(
     webhook_secret: str | None = None,
 ) -> tuple[JobRow, bool]:
     """Record a new queued job of ``request.tenant_id``; with a known idempotency key
-    (of that tenant), return that job instead. ``webhook_secret`` (the job's own
-    signing secret) is kept in its own column, never in the request.
+    (of that tenant), return that job instead, with its request. ``webhook_secret``
+    (the job's own signing secret) is kept in its own column, never in the request.
 
     A new conversation id becomes the tenant's conversation; one that another tenant
     owns raises ConversationNotOwned (nothing is stored). Returns the job and
@@ -107,7 +109,7 @@ async def admit(
             if idempotency_key is not None:
                 # A statement after the insert sees the committed winner of the key.
                 existing = await conn.fetchrow(
-                    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant_id = $1 "
+                    f"SELECT {_JOB_COLUMNS}, request FROM jobs WHERE tenant_id = $1 "
                     "AND idempotency_key = $2",
                     request.tenant_id,
                     idempotency_key,
@@ -311,6 +313,7 @@ class Outcome:
     """When the job turned final (by this batch when ``fresh``)."""
     reply_to: ReplyRoute | None = None
     """Where its reply goes, for a job from the submissions topic (its request's)."""
+    tenant_id: str = "default"
     kind: JobKind = "chat"
     """``chat``, or ``summary`` for a summary the model writes."""
     summary_of: dict[str, Any] | None = None
@@ -467,26 +470,27 @@ WITH input AS (
 SELECT 'outcome' AS part, f.id, f.conversation_id, true AS fresh, f.status, NULL::jsonb AS result,
     f.error, f.replied_at IS NOT NULL OR f.id = ANY($13::uuid[]) AS replied,
     NULL::jsonb AS request, coalesce(f.priority, 'interactive') AS priority, f.completed_at,
-    f.reply_to, f.kind, f.summary_of, NULL::bigint AS turn_id, NULL::text AS content
+    f.reply_to, f.kind, f.summary_of, NULL::bigint AS turn_id, NULL::text AS content,
+    f.tenant_id
 FROM fresh f
 UNION ALL
 SELECT 'outcome', j.id, j.conversation_id, false, j.status, j.result, j.error,
     j.replied_at IS NOT NULL OR j.id = ANY($13::uuid[]), NULL,
     coalesce(j.request->>'priority', 'interactive'), j.completed_at, j.request->'reply_to',
-    j.kind, j.request->'metadata'->'summary', NULL, NULL
+    j.kind, j.request->'metadata'->'summary', NULL, NULL, j.tenant_id
 FROM jobs j
 WHERE j.id = ANY((SELECT ids FROM stale)::uuid[])
 UNION ALL
 -- By id, never by the status index: the ledger's statistics say no job is queued,
 -- and a scan of every queued job costs as much as the backlog is long.
 SELECT 'redrive', j.id, j.conversation_id, false, j.status, NULL, NULL, false,
-    j.request, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+    j.request, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM jobs j
 WHERE j.id = ANY(ARRAY(SELECT id FROM next_up)) AND coalesce(j.status, '') = 'queued'
 UNION ALL
 -- The turns stored without an embedding (all but recall's query): embedded after the replies.
 SELECT 'turn', NULL, s.conversation_id, true, NULL, NULL, NULL, false,
-    NULL, NULL, NULL, NULL, NULL, NULL, s.id, s.content
+    NULL, NULL, NULL, NULL, NULL, NULL, s.id, s.content, NULL
 FROM stored s
 WHERE s.unembedded
 """
@@ -593,6 +597,7 @@ async def record(
             priority=row["priority"],
             completed_at=row["completed_at"],
             reply_to=ReplyRoute.model_validate(row["reply_to"]) if row["reply_to"] else None,
+            tenant_id=row["tenant_id"],
             kind=row["kind"],
             summary_of=row["summary_of"],
         )
