@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import asyncpg
 import httpx
+import pytest
+from aiokafka import AIOKafkaProducer
 
+from kontext.app.embedded import EmbeddedBroker
+from kontext.connections import ensure_topics
+from kontext.settings import Settings
+from kontext.store import ledger
 from producers.client import KontextClient
 from tests.conftest import Stack
+from tests.factories import job_request
+from workers.intake import EnqueueFailed, enqueue
 
 
 async def test_job_travels_from_http_to_reply_topic_and_ledger(
@@ -152,3 +161,37 @@ async def test_a_prompt_that_cannot_fit_fails_the_job_with_a_reason(client: Kont
     assert reply.error is not None
     assert reply.error.code == "prompt_too_long"
     assert "tokens" in reply.error.message
+
+
+async def test_a_job_that_could_not_be_queued_leaves_its_idempotency_key_free(
+    tmp_path: Path, broker: EmbeddedBroker, pool: asyncpg.Pool
+) -> None:
+    """The broker is gone: the job fails as ``enqueue_failed`` (503 at the API), and a
+    retry with the same key, once the broker is back, runs as a new job."""
+    key = f"unqueued-{uuid.uuid4().hex}"
+    admitter = ledger.Admitter(pool)
+    gone = EmbeddedBroker(log_path=tmp_path / "gone.log").start()
+    lost = Settings(kafka_bootstrap_servers=gone.bootstrap_servers, topic_prefix="gone")
+    producer = AIOKafkaProducer(bootstrap_servers=lost.bootstrap, request_timeout_ms=2000)
+    await producer.start()
+    gone.stop()
+    first = job_request("queue me")
+    try:
+        with pytest.raises(EnqueueFailed):
+            await enqueue(lost, admitter, producer, first, key)
+    finally:
+        await producer.stop()
+    failed = await ledger.get(pool, first.job_id)
+    assert failed is not None and failed.status == "failed"
+    assert failed.error is not None and failed.error["code"] == "enqueue_failed"
+
+    back = Settings(kafka_bootstrap_servers=broker.bootstrap_servers, topic_prefix="back")
+    await ensure_topics(back, [back.topics.requests])
+    producer = AIOKafkaProducer(bootstrap_servers=back.bootstrap)
+    await producer.start()
+    try:
+        retried = job_request("queue me")
+        job, created = await enqueue(back, admitter, producer, retried, key)
+    finally:
+        await producer.stop()
+    assert created and job.id == retried.job_id and job.status == "queued"

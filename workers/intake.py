@@ -65,7 +65,8 @@ async def enqueue(
     """Record a job in the ledger (with the other jobs being recorded: one statement),
     then publish it. Returns the job and whether it is new (an idempotency key seen
     before returns the earlier job, not published again). Raises
-    ``ledger.ConversationNotOwned``, or EnqueueFailed (the job is then failed)."""
+    ``ledger.ConversationNotOwned``, or EnqueueFailed (the job is then failed, and its
+    idempotency key free for a retry)."""
     job, created = await admitter.admit(request, idempotency_key, webhook_secret)
     if not created:
         return job, False
@@ -73,6 +74,6 @@ async def enqueue(
         await asyncio.gather(*await publish(settings, producer, [request]))
     except KafkaError as exc:
         log.error("could not publish job %s: %s", request.job_id, exc)
-        await ledger.fail(admitter.pool, request.job_id, QUEUE_UNAVAILABLE)
+        await ledger.fail(admitter.pool, request.job_id, QUEUE_UNAVAILABLE, free_key=True)
         raise EnqueueFailed(str(exc)) from exc
     return job, True

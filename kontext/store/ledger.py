@@ -283,15 +283,21 @@ async def ended(pool: asyncpg.Pool, job_ids: Sequence[UUID]) -> set[UUID]:
     return {row["id"] for row in rows}
 
 
-async def fail(pool: asyncpg.Pool, job_id: UUID, error: ErrorInfo) -> None:
-    """Finalise a job that never reached the pipeline (it could not be enqueued)."""
+async def fail(
+    pool: asyncpg.Pool, job_id: UUID, error: ErrorInfo, *, free_key: bool = False
+) -> None:
+    """Finalise a job that never reached the pipeline (it could not be enqueued, or its
+    request cannot be read); ``free_key``: its idempotency key is freed, so that a retry
+    with it is a new job, not this failure."""
     await pool.execute(
         """
-        UPDATE jobs SET status = 'failed', error = $2, completed_at = now(), updated_at = now()
+        UPDATE jobs SET status = 'failed', error = $2, completed_at = now(), updated_at = now(),
+            idempotency_key = CASE WHEN $3 THEN NULL ELSE idempotency_key END
         WHERE id = $1 AND status NOT IN ('succeeded', 'failed')
         """,
         job_id,
         error.model_dump(mode="json"),
+        free_key,
     )
 
 
