@@ -15,11 +15,17 @@ from kontext.ssrf import UrlGuard, UrlRefused
 from kontext.store import ledger
 from schemas.api import JobSubmission
 from schemas.events import JobRequest, ReplyRoute, WebhookTarget
+from workers.context import SAFETY_MARGIN_TOKENS
+from workers.engines import context_window
 from workers.intake import enqueue
 from workers.policies.base import Refused
 from workers.policies.chain import PolicyChain
 
 log = logging.getLogger(__name__)
+
+MIN_PROMPT_TOKENS = 64
+"""Prompt tokens a request's ``max_tokens`` must leave in its model's context window
+(a system prompt and a short message)."""
 
 
 class SubmissionRejected(Exception):
@@ -82,6 +88,13 @@ def to_request(
         raise SubmissionRejected(
             "max_tokens_out_of_range",
             f"max_tokens must be between 1 and {settings.max_tokens_limit}, got {max_tokens}",
+        )
+    roomy = context_window(model) - SAFETY_MARGIN_TOKENS - MIN_PROMPT_TOKENS
+    if max_tokens > roomy:
+        raise SubmissionRejected(
+            "max_tokens_out_of_range",
+            f"max_tokens {max_tokens} leaves no room for the prompt in the"
+            f" {context_window(model)}-token context window of model {model}: at most {roomy}",
         )
     return JobRequest(
         job_id=uuid.uuid4(),

@@ -57,6 +57,13 @@ CASES: list[tuple[str, Any, int, str, str]] = [
         "max_tokens_out_of_range",
         "between 1 and",
     ),
+    (
+        "max_tokens beyond the model's window",
+        {**GOOD, "model": "tiny", "max_tokens": 1000},
+        422,
+        "max_tokens_out_of_range",
+        "1024-token context window of model tiny: at most 952",
+    ),
     ("temperature out of range", {**GOOD, "temperature": 9}, 422, "invalid_request", "temperature"),
     ("unknown field", {**GOOD, "stream_me": True}, 422, "invalid_request", "stream_me"),
     (
