@@ -40,6 +40,7 @@ from schemas.events import JobReply
 from schemas.submissions import (
     AUTHORIZATION_HEADER,
     CORRELATION_ID_HEADER,
+    REPLY_TOPIC_HEADER,
     SubmissionRefused,
 )
 from schemas.topics import JOB_ID_HEADER, Topics
@@ -58,8 +59,30 @@ class KontextError(Exception):
         self.message = message
 
 
+class JobTimedOut(TimeoutError):
+    """No answer came in time; the job may still run. ``job_id``: wait again with
+    ``result(job_id)``; ``correlation_id`` (a Kafka-native submission): send the same
+    body again with it, which waits on the same job."""
+
+    def __init__(self, timeout: float, job_id: UUID | None, correlation_id: str | None) -> None:
+        what = f"job {job_id}" if job_id else f"correlation id {correlation_id}"
+        super().__init__(f"no answer for {what} within {timeout:g} s")
+        self.job_id = job_id
+        self.correlation_id = correlation_id
+
+
+LONG_POLL_S = 60.0
+"""The longest one ``GET /v1/jobs/{id}?wait=`` of a client with its own reply topic."""
+
+
 class KontextClient:
-    """Submits over HTTP; reads replies from Kafka, filtered by job id."""
+    """Submits over HTTP; reads replies from Kafka, filtered by job id.
+
+    With ``reply_topic`` (a tenant's own ``<prefix>.replies.<name>``) it reads that
+    topic alone, never the shared one: Kafka-native submissions name it, and jobs
+    submitted over HTTP, which are answered on the shared topic, are awaited through
+    the API's long poll instead.
+    """
 
     def __init__(
         self,
@@ -73,6 +96,7 @@ class KontextClient:
         fetch_max_wait_ms: int = 5,
         idle_fetch_max_wait_ms: int = 200,
         busy_fetch_max_wait_ms: int = 20,
+        reply_topic: str | None = None,
     ) -> None:
         """``max_connections``: HTTP connections kept open (one per request in flight,
         reused). ``fetch_max_wait_ms``: how long a fetch of the reply topic may wait for
@@ -90,7 +114,8 @@ class KontextClient:
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._topics = topics or Topics()
-        self._topic = self._topics.replies
+        self._topic = reply_topic or self._topics.replies
+        self._own_topic = self._topic != self._topics.replies
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers,
             enable_auto_commit=False,
@@ -132,18 +157,22 @@ class KontextClient:
         await self.close()
 
     async def start(self) -> None:
-        """Begin reading the reply topic from its end, before any job is submitted."""
+        """Begin reading the reply topic from its end, before any job is submitted;
+        what it opened is closed again should that fail."""
         self._session = aiohttp.ClientSession(
             headers=self._headers,
             timeout=self._timeout,
             connector=aiohttp.TCPConnector(limit=self._max_connections),
             json_serialize=lambda value: orjson.dumps(value).decode(),
         )
-        await self._consumer.start()
-        partitions = self._consumer.partitions_for_topic(self._topic)
-        if not partitions:
-            await self._consumer.stop()
-            raise RuntimeError(f"reply topic {self._topic} does not exist")
+        try:
+            await self._consumer.start()
+            partitions = self._consumer.partitions_for_topic(self._topic)
+            if not partitions:
+                raise RuntimeError(f"reply topic {self._topic} does not exist")
+        except BaseException:
+            await self.close()
+            raise
         assigned = [TopicPartition(self._topic, p) for p in sorted(partitions)]
         self._consumer.assign(assigned)
         await self._consumer.seek_to_end(*assigned)
@@ -238,11 +267,14 @@ class KontextClient:
         return JobView.model_validate(await self._call("GET", f"/v1/jobs/{job_id}"))
 
     async def result(self, job_id: UUID, timeout: float = 60.0) -> JobReply:
-        """The job's reply (succeeded or failed); TimeoutError if none comes in time.
-        A job submitted before this client started is looked up in the ledger first."""
+        """The job's reply (succeeded or failed); JobTimedOut (a TimeoutError) if none
+        comes in time. A job submitted before this client started is looked up in the
+        ledger first."""
         return await self._await(job_id, timeout, ask_first=True)
 
     async def _await(self, job_id: UUID, timeout: float, ask_first: bool) -> JobReply:
+        if self._own_topic:
+            return await self._long_poll(job_id, timeout)
         if job_id in self._recent:
             return JobReply.decode(self._recent.pop(job_id))
         waiter = self._waiters.setdefault(job_id, asyncio.get_running_loop().create_future())
@@ -255,13 +287,26 @@ class KontextClient:
                 # Its reply may have gone by unseen (a broker that lost it): ask once.
                 if (final := await self._final(job_id)) is not None:
                     return final
-                raise
+                raise JobTimedOut(timeout, job_id, None) from None
         finally:
             self._waiters.pop(job_id, None)
 
-    async def _final(self, job_id: UUID) -> JobReply | None:
-        """The job's reply as the ledger has it, if it is final."""
-        view = await self.get(job_id)
+    async def _long_poll(self, job_id: UUID, timeout: float) -> JobReply:
+        """The job's reply through ``GET /v1/jobs/{id}?wait=``, up to ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            wait = min(max(deadline - loop.time(), 0.0), LONG_POLL_S)
+            if (final := await self._final(job_id, wait)) is not None:
+                return final
+            if loop.time() >= deadline:
+                raise JobTimedOut(timeout, job_id, None)
+
+    async def _final(self, job_id: UUID, wait: float = 0.0) -> JobReply | None:
+        """The job's reply as the ledger has it, if it is final (waiting up to ``wait``
+        seconds for it)."""
+        path = f"/v1/jobs/{job_id}" + (f"?wait={wait:.3f}" if wait > 0 else "")
+        view = JobView.model_validate(await self._call("GET", path))
         if view.status not in ("succeeded", "failed"):
             return None
         return JobReply(
@@ -282,9 +327,10 @@ class KontextClient:
         self, timeout: float = 60.0, correlation_id: str | None = None, **body: Any
     ) -> JobReply:
         """Submit on the submissions topic (a ``POST /v1/jobs`` body, this client's key
-        in the ``authorization`` header) and wait for the answer with its correlation
-        id (default: a new one; the same id again never runs a second job). A refusal
-        raises KontextError with the status and code the API would have answered."""
+        in the ``authorization`` header, its reply topic if it has its own) and wait for
+        the answer with its correlation id (default: a new one; the same id again never
+        runs a second job). A refusal raises KontextError with the status and code the
+        API would have answered; no answer in time, JobTimedOut with the correlation id."""
         if self._producer is None:
             self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, linger_ms=1)
             await self._producer.start()
@@ -293,6 +339,8 @@ class KontextClient:
         headers = [(CORRELATION_ID_HEADER, correlation.encode())]
         if self._key:
             headers.append((AUTHORIZATION_HEADER, f"Bearer {self._key}".encode()))
+        if self._own_topic:
+            headers.append((REPLY_TOPIC_HEADER, self._topic.encode()))
         conversation = body.get("conversation_id")
         try:
             await self._producer.send_and_wait(
@@ -301,7 +349,10 @@ class KontextClient:
                 key=conversation.encode() if isinstance(conversation, str) else None,
                 headers=headers,
             )
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            try:
+                return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            except TimeoutError:
+                raise JobTimedOut(timeout, None, correlation) from None
         finally:
             self._answers.pop(correlation, None)
 

@@ -25,7 +25,7 @@ from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from kontext.connections import ensure_topics
 from kontext.settings import Settings
 from kontext.store import keys
-from producers.client import KontextClient, KontextError
+from producers.client import JobTimedOut, KontextClient, KontextError
 from producers.key_cache import KeyCache
 from producers.policies import IntakePolicies
 from producers.submissions import SubmissionGateway
@@ -629,3 +629,44 @@ async def test_an_idempotency_key_answers_its_own_request_only(
         await producer.stop()
         await policies.close()
         await cache.close()
+
+
+async def test_the_python_client_keeps_to_its_own_reply_topic(
+    stack: Stack, tenants: Tenants
+) -> None:
+    """With ``reply_topic``: a Kafka-native turn is answered there, a turn over HTTP
+    through the long poll; a wait that runs out says which job or correlation id to
+    wait on again, and waiting again gets the same job's answer."""
+    settings = stack.settings
+    topic = _create_topic(stack, f"{settings.topics.replies}.client-{uuid.uuid4().hex[:8]}")
+    private = Reader(stack, topic)
+    try:
+        async with KontextClient(
+            stack.api_url,
+            settings.bootstrap,
+            topics=settings.topics,
+            api_key=tenants.a,
+            reply_topic=topic,
+        ) as client:
+            body: dict[str, Any] = {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 4,
+            }
+            with pytest.raises(JobTimedOut) as late:
+                await client.chat_over_kafka(timeout=0.001, **body)
+            correlation = late.value.correlation_id
+            assert correlation is not None and late.value.job_id is None
+            over_kafka = await client.chat_over_kafka(
+                timeout=TIMEOUT_S, correlation_id=correlation, **body
+            )
+            assert over_kafka.status == "succeeded"
+            assert private.one(correlation).reply.job_id == over_kafka.job_id
+
+            with pytest.raises(JobTimedOut) as late:
+                await client.chat(timeout=0.001, **body)
+            assert late.value.job_id is not None
+            over_http = await client.result(late.value.job_id, timeout=TIMEOUT_S)
+            assert over_http.status == "succeeded" and over_http.job_id == late.value.job_id
+    finally:
+        private.close()
