@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import orjson
@@ -12,8 +13,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from kontext import metrics
+from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
 from producers.backfill import create_batch
-from tests.conftest import Stack, wait_for
+from tests.conftest import Stack, stack_env, start_stack, wait_for
 from tests.scrape import Scrape, scrape
 
 MODEL = "tiny"
@@ -169,3 +171,34 @@ def test_reason_codes_are_bounded_labels() -> None:
     )
     assert metrics.reason_code("invalid JobRequest: 1 validation error") == "invalid_jobrequest"
     assert metrics.reason_code("") == "other"
+
+
+async def test_up_with_child_processes_names_where_each_serves_its_metrics(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
+) -> None:
+    """``--process``: each child serves its own registry, at the address ``kontext up``
+    prints once ready; the inference child's shows the engine's calls."""
+    env = stack_env(broker, database, f"m{uuid.uuid4().hex[:8]}")
+    stack = start_stack(
+        ["up", "--engine", "tiny", "--port", "0", "--process", "enricher,inference,recorder"],
+        env,
+        workdir,
+    )
+    try:
+        [line] = [
+            line for line in stack.output if line.startswith("Metrics of enricher, inference")
+        ]
+        url = line.rsplit(" ", 1)[-1].strip()
+        async with httpx.AsyncClient(
+            base_url=stack.api_url, headers=stack.headers, timeout=90
+        ) as http:
+            submitted = await http.post(
+                "/v1/jobs",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+            )
+            view = await http.get(f"/v1/jobs/{submitted.json()['id']}", params={"wait": 60})
+            assert view.json()["status"] == "succeeded", view.text
+            scraped = Scrape((await http.get(url)).text)
+        assert scraped.value("kontext_engine_duration_seconds_count", model=MODEL) >= 1
+    finally:
+        assert stack.stop() == 0, "".join(stack.output[-40:])

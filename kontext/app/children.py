@@ -99,7 +99,7 @@ async def _start(
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
         "DATABASE_URL": settings.dsn,
         "KONTEXT_ENGINES": ",".join(settings.engines),
-        "KONTEXT_METRICS_HOST": "127.0.0.1",
+        "KONTEXT_METRICS_HOST": settings.metrics_host,
         "KONTEXT_METRICS_PORT": str(port),
         # A parent killed outright cannot stop it: it stops itself (SIGTERM, graceful).
         "KONTEXT_PARENT_PID": str(os.getpid()),
@@ -118,7 +118,8 @@ async def _start(
         # Its own session: a terminal's Ctrl-C reaches the parent, which stops it in turn.
         start_new_session=True,
     )
-    child = Child(tuple(services), process, log_path, f"http://127.0.0.1:{port}/metrics")
+    metrics_url = f"http://{settings.metrics_host}:{port}/metrics"
+    child = Child(tuple(services), process, log_path, metrics_url)
     ready: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
     child.pump = asyncio.create_task(_pump(child, ready), name=f"log-{'-'.join(services)}")
     try:

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from kontext import stackfile
-from kontext.app.children import spawned
+from kontext.app.children import Child, spawned
 from kontext.app.embedded import embedded, stop_with_parent
 from kontext.app.process import (
     console,
@@ -71,17 +71,24 @@ def up(
             key = await keys.mint(settings.dsn)
             print(f"Dev API key (tenant default): {key}", flush=True)
 
+            running: list[Child] = []
+
             def announce(url: str | None) -> None:
                 written = stackfile.write(settings, url, key)
+                metrics = "".join(
+                    f"Metrics of {', '.join(c.services)}: {c.metrics_url}\n" for c in running
+                )
                 print(
                     f"Kafka: {settings.bootstrap}\n"
                     f"Postgres: {stackfile.without_password(settings.dsn)}\n"
+                    f"{metrics}"
                     f"Other commands here (kontext keys, kontext backfill, the Python client) "
                     f"find this stack in {written}",
                     flush=True,
                 )
 
             async with spawned(settings, [g for g in groups if g]) as children:
+                running.extend(children.all)
                 await children.guard(
                     serve(settings, here, stop, api_url=children.api_url, on_ready=announce)
                 )
