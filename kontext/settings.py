@@ -161,6 +161,10 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(default=120.0, gt=0)
     """A job queued or running longer than this is published again by the reconciler."""
     reconcile_interval_s: float = Field(default=10.0, gt=0)
+    redrive_at_start: bool = False
+    """The reconciler publishes every open job again once, at start, without waiting
+    for leases: set by ``kontext up`` when it starts its embedded broker, which keeps
+    messages in memory (a new one has none of the jobs in the ledger)."""
     ordering_lease_s: float = Field(default=300.0, gt=0)
     """A conversation's turn in flight longer than this no longer holds back the next."""
 

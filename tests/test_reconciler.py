@@ -3,17 +3,21 @@ is driven again from the ledger and answered once."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
 
-from kontext.connections import create_producer
+from kontext.app.embedded import EmbeddedPostgres
+from kontext.connections import create_pool, create_producer
+from kontext.settings import Settings
 from kontext.store import ledger
 from producers.client import KontextClient
 from schemas.events import JobRequest
-from tests.conftest import Stack
+from tests.conftest import Stack, own_database, start_stack, wait_for
 from tests.factories import job_request
 from workers.reconciler import Reconciler
 
@@ -163,3 +167,34 @@ async def test_an_interactive_job_behind_a_backlog_is_re_driven_only_once_a_late
         )
         await reconciler.sweep()
         assert await re_driven() == {waiting.job_id}, "a job claimed after it has finished"
+
+
+async def test_up_on_a_new_embedded_broker_drives_the_ledgers_open_jobs_at_once(
+    database: EmbeddedPostgres, workdir: Path
+) -> None:
+    """The embedded broker keeps messages in memory: after ``kontext up`` stopped with jobs
+    queued, the next one's new broker has none of them. It publishes them again at
+    start, not a lease (here 600 s) later."""
+    url = await own_database(database)
+    pool = await create_pool(Settings(database_url=url))
+    try:
+        lost = job_request("queued when the last stack stopped")
+        await ledger.admit(pool, lost, None)  # in the ledger, on no broker
+        env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+        env.update(
+            DATABASE_URL=url,
+            KONTEXT_DATA_DIR=str(workdir / f"fresh-broker-{uuid.uuid4().hex[:6]}"),
+            KONTEXT_JOB_LEASE_S="600",
+        )
+        stack = start_stack(["up", "--engine", "tiny", "--port", "0"], env, workdir)
+        try:
+
+            async def answered() -> bool:
+                job = await ledger.get(pool, lost.job_id)
+                return job is not None and job.status == "succeeded"
+
+            await wait_for(answered, timeout=60, interval=0.2)
+        finally:
+            assert stack.stop() == 0, "".join(stack.output[-40:])
+    finally:
+        await pool.close()

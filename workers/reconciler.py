@@ -98,9 +98,11 @@ class Reconciler:
         self.producer = producer
         self.stopping = asyncio.Event()
 
-    async def sweep(self) -> int:
-        """Re-publish every job stuck past its lease; returns how many."""
-        lease = timedelta(seconds=self.settings.job_lease_s)
+    async def sweep(self, lease_s: float | None = None) -> int:
+        """Re-publish every job stuck past its lease (``lease_s``, default the
+        deployment's; 0: every open job not waiting behind its conversation's turn in
+        flight), at most ``REDRIVE_LIMIT``; returns how many."""
+        lease = timedelta(seconds=self.settings.job_lease_s if lease_s is None else lease_s)
         served = [*self.settings.engines, *self.settings.model_aliases]
         rows = await self.pool.fetch(STUCK_JOBS, lease, REDRIVE_LIMIT, served)
         stuck: list[JobRequest] = []
@@ -121,7 +123,21 @@ class Reconciler:
             await asyncio.gather(*await completions.publish(self.settings, self.producer, decided))
         return len(stuck) + len(decided)
 
+    async def redrive_all(self) -> None:
+        """Publish every open job again (a new broker has none of their messages)."""
+        total = 0
+        while (count := await self.sweep(lease_s=0)) > 0:
+            total += count
+            if count < REDRIVE_LIMIT:
+                break
+        log.info("re-drove the %d open job(s) of the ledger on a new broker", total)
+
     async def run(self) -> None:
+        if self.settings.redrive_at_start:
+            try:
+                await self.redrive_all()
+            except (OSError, asyncpg.PostgresError, KafkaError):
+                log.exception("could not re-drive the open jobs at start; their leases will")
         # A failing sweep (the database or broker down, or a bug) never stops the others.
         await every(
             self.settings.reconcile_interval_s,

@@ -99,6 +99,7 @@ async def _start(
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
         "DATABASE_URL": settings.dsn,
         "KONTEXT_ENGINES": ",".join(settings.engines),
+        "KONTEXT_REDRIVE_AT_START": str(settings.redrive_at_start).lower(),
         "KONTEXT_METRICS_HOST": settings.metrics_host,
         "KONTEXT_METRICS_PORT": str(port),
         # A parent killed outright cannot stop it: it stops itself (SIGTERM, graceful).

@@ -288,13 +288,14 @@ def embedded(settings: Settings) -> Iterator[Settings]:
     broker: EmbeddedBroker | None = None
     database: EmbeddedPostgres | None = None
     try:
-        updates: dict[str, str] = {}
+        updates: dict[str, object] = {}
         if not settings.kafka_bootstrap_servers:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             broker = EmbeddedBroker(
                 log_path=settings.data_dir / "broker.log", with_parent=True
             ).start()
             updates["kafka_bootstrap_servers"] = broker.bootstrap_servers
+            updates["redrive_at_start"] = True  # the ledger's open jobs are not on it
             log.info("embedded Kafka broker (Tansu) on %s", broker.bootstrap_servers)
         if not settings.database_url:
             database = EmbeddedPostgres(settings.data_dir / "postgres", with_parent=True).start()
