@@ -108,6 +108,7 @@ class Settings(BaseSettings):
     """The key those clients send (``KONTEXT_API_KEY``; the stack file holds the dev key)."""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_messages: int = Field(default=256, ge=1)
+    """Most messages one request may carry (422 ``too_many_messages`` beyond)."""
     max_tokens_limit: int = Field(default=1024, ge=1)
     default_max_tokens: int = Field(default=64, ge=1)
     chat_wait_s: float = Field(default=300.0, gt=0)

@@ -83,6 +83,13 @@ def to_request(
             + ", ".join(settings.engines),
             served_models=list(settings.engines),
         )
+    if len(submission.messages) > settings.max_messages:
+        raise SubmissionRejected(
+            "too_many_messages",
+            f"at most {settings.max_messages} messages a request, got"
+            f" {len(submission.messages)}; continue a conversation (conversation_id) to"
+            " send only the new ones",
+        )
     max_tokens = submission.max_tokens or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise SubmissionRejected(

@@ -64,6 +64,13 @@ CASES: list[tuple[str, Any, int, str, str]] = [
         "max_tokens_out_of_range",
         "1024-token context window of model tiny: at most 952",
     ),
+    (
+        "too many messages",
+        {**GOOD, "messages": [{"role": "user", "content": "hi"}] * 257},
+        422,
+        "too_many_messages",
+        "at most 256 messages a request, got 257",
+    ),
     ("temperature out of range", {**GOOD, "temperature": 9}, 422, "invalid_request", "temperature"),
     ("unknown field", {**GOOD, "stream_me": True}, 422, "invalid_request", "stream_me"),
     (
