@@ -87,9 +87,9 @@ class Envelope:
     key: str | None
 
 
-def _header(record: Record, name: str) -> str | None:
+def _header(record: Record, name: str, lenient: bool = False) -> str | None:
     """The last value of header ``name`` (case-insensitive) as text; None if absent or
-    not UTF-8."""
+    not UTF-8 (``lenient``: its bytes that are not UTF-8 replaced)."""
     found: bytes | None = None
     for key, value in record.headers:
         if key.lower() == name and value is not None:
@@ -97,14 +97,15 @@ def _header(record: Record, name: str) -> str | None:
     if found is None:
         return None
     try:
-        return found.decode()
+        return found.decode(errors="replace" if lenient else "strict")
     except UnicodeDecodeError:
         return None
 
 
 def envelope(record: Record) -> Envelope:
-    """The submission's headers; the key taken from ``Bearer <key>`` or bare."""
-    key = _header(record, AUTHORIZATION_HEADER)
+    """The submission's headers; the key taken from ``Bearer <key>`` or bare (a key that
+    is not UTF-8 is kept, to be refused as invalid rather than as missing)."""
+    key = _header(record, AUTHORIZATION_HEADER, lenient=True)
     if key is not None:
         scheme, _, rest = key.strip().partition(" ")
         key = rest.strip() if scheme.lower() == "bearer" else key.strip()

@@ -386,9 +386,15 @@ async def test_poison_messages_never_stop_the_gateway(
     letters = Reader(stack, stack.settings.topics.dead_letters, by_key=True)
     try:
         tag = uuid.uuid4().hex[:8]
-        huge, after = _ids(2)
+        huge, after, binary_key = _ids(3)
         producer = _producer(stack)
         topic = stack.settings.topics.submissions
+        # A key that is not text: refused as invalid (not as missing).
+        producer.produce(
+            topic,
+            _body(),
+            headers=[("authorization", b"kx_\xff\xfe"), ("correlation-id", binary_key.encode())],
+        )
         # No headers at all, and a correlation id that is not text: nowhere to answer.
         producer.produce(topic, b"\x00\xff not json", key=f"poison-{tag}-bare".encode())
         producer.produce(
@@ -407,6 +413,8 @@ async def test_poison_messages_never_stop_the_gateway(
             ],
         )
         assert replies.one(huge).refusal.status == 413
+        refused = replies.one(binary_key).refusal
+        assert (refused.status, refused.error.message) == (401, "invalid or revoked API key")
         assert replies.one(f"{huge}-tombstone").refusal.error.code == "malformed_json"
         assert replies.one(after).reply.status == "succeeded"
 
