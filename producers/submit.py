@@ -96,12 +96,13 @@ def to_request(
             "max_tokens_out_of_range",
             f"max_tokens must be between 1 and {settings.max_tokens_limit}, got {max_tokens}",
         )
-    roomy = context_window(model) - SAFETY_MARGIN_TOKENS - MIN_PROMPT_TOKENS
+    window = context_window(model)
+    roomy = window - SAFETY_MARGIN_TOKENS - MIN_PROMPT_TOKENS
     if max_tokens > roomy:
         raise SubmissionRejected(
             "max_tokens_out_of_range",
             f"max_tokens {max_tokens} leaves no room for the prompt in the"
-            f" {context_window(model)}-token context window of model {model}: at most {roomy}",
+            f" {window}-token context window of model {model}: at most {roomy}",
         )
     return JobRequest(
         job_id=uuid.uuid4(),
