@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import functools
 import importlib.util
 import logging
@@ -202,7 +203,8 @@ class EmbeddedPostgres:
         return PG_SYSTEM_USER
 
     def _stop_stale(self) -> None:
-        """Stop a server left on this data dir by a process that was killed."""
+        """Stop a server left on this data dir by a process that was killed (the caller
+        owns the data dir: ``embedded`` holds its ``DataDirLock``, a test its own dir)."""
         pidfile = self.data_dir / "postmaster.pid"
         if not pidfile.exists():
             return
@@ -282,15 +284,60 @@ class EmbeddedPostgres:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
+class DataDirInUse(Exception):
+    """Another running ``kontext`` process owns the data directory's embedded services."""
+
+
+class DataDirLock:
+    """An exclusive lock (``flock``) on ``<data dir>/stack.lock``, holding the pid of
+    its owner: one process at a time runs embedded services on a data directory. The
+    kernel releases it when that process ends, however it ends, so a server found
+    there while the lock is free was left by a process that is gone."""
+
+    NAME = "stack.lock"
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock; DataDirInUse (naming the owner's pid) if a process holds it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / self.NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DataDirInUse(
+                f"a stack is already running on {self.data_dir} (pid {owner}); "
+                "stop it first or set KONTEXT_DATA_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the lock
+            self._fd = None
+
+
 @contextlib.contextmanager
 def embedded(settings: Settings) -> Iterator[Settings]:
-    """Start the embedded broker and/or database where the settings name none."""
+    """Start the embedded broker and/or database where the settings name none, holding
+    the data directory's lock while they run (DataDirInUse if another process holds
+    it: nothing is started then)."""
+    if settings.kafka_bootstrap_servers and settings.database_url:
+        yield settings
+        return
+    lock = DataDirLock(settings.data_dir)
+    lock.acquire()
     broker: EmbeddedBroker | None = None
     database: EmbeddedPostgres | None = None
     try:
         updates: dict[str, object] = {}
         if not settings.kafka_bootstrap_servers:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
             broker = EmbeddedBroker(
                 log_path=settings.data_dir / "broker.log", with_parent=True
             ).start()
@@ -307,3 +354,4 @@ def embedded(settings: Settings) -> Iterator[Settings]:
             database.stop()
         if broker is not None:
             broker.stop()
+        lock.release()

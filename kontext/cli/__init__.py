@@ -8,6 +8,7 @@ import typer
 from pydantic import ValidationError
 
 from kontext.app.children import ChildExited
+from kontext.app.embedded import DataDirInUse
 from kontext.bench import cli as bench
 from kontext.cli import backfill, keys, serve, webhooks
 from kontext.connections import Unreachable
@@ -32,8 +33,8 @@ app.command("bench-policies")(bench.bench_policies_command)
 
 def main() -> None:
     """The ``kontext`` console script: a setting that cannot be used (exit code 2),
-    Postgres or Kafka out of reach, or a child process that exited (exit code 1), is
-    one line on stderr, not a traceback."""
+    Postgres or Kafka out of reach, a child process that exited, or a data directory
+    another stack runs on (exit code 1), is one line on stderr, not a traceback."""
     try:
         app()
     except ValidationError as exc:
@@ -42,7 +43,7 @@ def main() -> None:
         _fail(bad_settings(exc), 2)
     except BadSetting as exc:
         _fail(exc, 2)
-    except (Unreachable, ChildExited) as exc:
+    except (Unreachable, ChildExited, DataDirInUse) as exc:
         _fail(exc, 1)
 
 
