@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from kontext.ports import METRICS_PORT, cannot_listen
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 """Seconds: API calls are milliseconds, a turn through a CPU model is seconds."""
 
@@ -141,9 +143,13 @@ def observe_waits(stage: str, since: Iterable[tuple[datetime, str]]) -> None:
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:
     """Serve every metric over HTTP on ``port`` (0: any free one), for a worker that runs
-    without the API; the bound port, or None when ``port`` is None."""
+    without the API; the bound port, or None when ``port`` is None. CannotListen if
+    it cannot be bound."""
     if port is None:
         return None
-    server, _ = start_http_server(port, addr=host)
+    try:
+        server, _ = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise cannot_listen(host, port, METRICS_PORT, exc) from None
     bound: int = server.server_address[1]
     return bound

@@ -6,6 +6,7 @@ process that exits says so through its parent."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,54 @@ def test_an_unreachable_kafka_is_one_line_naming_it_also_from_a_child(
     assert said.startswith("kontext: the api process exited before it was ready (code 1): ")
     assert f"cannot connect to Kafka at {closed}" in said
     assert said.endswith(f"see {workdir / 'data' / 'api.log'}")
+
+
+def _listening() -> socket.socket:
+    """A socket listening on a free port of 127.0.0.1: a port another program holds."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+def _quiet(done: subprocess.CompletedProcess[str]) -> str:
+    """``_said``, with nothing on stderr of an unclosed client or a lost exception."""
+    for noise in ("Exception ignored", "Unclosed", "never retrieved"):
+        assert noise not in done.stderr, done.stderr
+    return _said(done)
+
+
+def test_a_port_in_use_is_one_line_naming_it_before_anything_starts(tmp_path: Path) -> None:
+    with _listening() as held:
+        port = held.getsockname()[1]
+        for args, env, setting in (
+            (["--port", str(port)], {}, "KONTEXT_API_PORT / --port"),
+            (["--port", "0"], {"KONTEXT_METRICS_PORT": str(port)}, "KONTEXT_METRICS_PORT"),
+        ):
+            done = _kontext("up", "--engine", "null", *args, cwd=tmp_path, **env)
+            assert _quiet(done) == f"kontext: port {port} on 127.0.0.1 is in use ({setting})"
+            assert "Dev API key" not in done.stdout
+    assert not (tmp_path / "data").exists()  # refused before the embedded services started
+
+
+def test_a_worker_on_a_port_in_use_is_one_line_naming_it(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, workdir: Path
+) -> None:
+    """Found only when the service binds it (a port taken meanwhile): what the services
+    had opened is closed, quietly."""
+    env = {
+        "DATABASE_URL": database.url,
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "KONTEXT_TOPIC_PREFIX": "taken",
+    }
+    with _listening() as held:
+        port = held.getsockname()[1]
+        api = _kontext("worker", "api", "recorder", "--port", str(port), cwd=workdir, **env)
+        assert (
+            _quiet(api)
+            == f"kontext: port {port} on 127.0.0.1 is in use (KONTEXT_API_PORT / --port)"
+        )
+        metrics = _kontext("worker", "recorder", cwd=workdir, KONTEXT_METRICS_PORT=str(port), **env)
+        assert (
+            _quiet(metrics) == f"kontext: port {port} on 127.0.0.1 is in use (KONTEXT_METRICS_PORT)"
+        )

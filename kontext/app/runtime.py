@@ -81,10 +81,19 @@ class Runtime:
         return self._producer
 
     async def start(self, names: Sequence[str]) -> None:
-        settings = self.settings
+        """Build ``names``' services; if one cannot be built (a port taken, Postgres out
+        of reach), what was opened for them is closed before the error goes on."""
         unknown = [n for n in names if n not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown services {unknown}; known: {', '.join(SERVICES)}")
+        try:
+            await self._build(names)
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _build(self, names: Sequence[str]) -> None:
+        settings = self.settings
         tracing.configure(settings, names)
         await ensure_topics(settings, settings.topics.all(settings.engines))
         if (port := metrics.serve(settings.metrics_port, settings.metrics_host)) is not None:
@@ -178,6 +187,10 @@ class Runtime:
                 task.cancel()
             except Exception:
                 log.exception("%s failed while stopping", service.name)
+        await self._close()
+
+    async def _close(self) -> None:
+        """Close what the services shared: the producer, the pool, the engines."""
         if self._producer is not None:
             await self._producer.stop()
         if self._pool is not None:

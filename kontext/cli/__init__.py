@@ -12,6 +12,7 @@ from kontext.app.embedded import DataDirInUse
 from kontext.bench import cli as bench
 from kontext.cli import backfill, keys, serve, webhooks
 from kontext.connections import Unreachable
+from kontext.ports import CannotListen
 from kontext.settings import BadSetting, Settings, bad_settings
 
 app = typer.Typer(help="Kontext: an event-driven LLM job pipeline.", no_args_is_help=True)
@@ -33,8 +34,9 @@ app.command("bench-policies")(bench.bench_policies_command)
 
 def main() -> None:
     """The ``kontext`` console script: a setting that cannot be used (exit code 2),
-    Postgres or Kafka out of reach, a child process that exited, or a data directory
-    another stack runs on (exit code 1), is one line on stderr, not a traceback."""
+    Postgres or Kafka out of reach, a child process that exited, a data directory
+    another stack runs on, or a port that cannot be bound (exit code 1), is one line
+    on stderr, not a traceback."""
     try:
         app()
     except ValidationError as exc:
@@ -43,7 +45,7 @@ def main() -> None:
         _fail(bad_settings(exc), 2)
     except BadSetting as exc:
         _fail(exc, 2)
-    except (Unreachable, ChildExited, DataDirInUse) as exc:
+    except (Unreachable, ChildExited, DataDirInUse, CannotListen) as exc:
         _fail(exc, 1)
 
 

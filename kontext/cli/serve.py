@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from kontext import stackfile
+from kontext import ports, stackfile
 from kontext.app.children import Child, spawned
 from kontext.app.embedded import embedded, stop_with_parent
 from kontext.app.process import (
@@ -64,7 +64,11 @@ def up(
         )
         raise typer.Exit(2)
     here = [name for name in SERVICES if name not in named]
-    with embedded(settings_for(engine, port)) as settings:
+    wanted = settings_for(engine, port)
+    # A taken port is refused before the embedded services start (CannotListen).
+    ports.check_free(wanted.api_host, wanted.api_port, ports.API_PORT)
+    ports.check_free(wanted.metrics_host, wanted.metrics_port, ports.METRICS_PORT)
+    with embedded(wanted) as settings:
 
         async def main(stop: asyncio.Event) -> None:
             await prepare(settings)

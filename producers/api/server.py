@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from kontext.ports import API_PORT, cannot_listen
 from kontext.settings import Settings
 from workers.services import Resources, Service, service
 
@@ -39,7 +40,11 @@ class ApiService:
         self.server = _Server(config)
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((settings.api_host, settings.api_port))
+        try:
+            self.socket.bind((settings.api_host, settings.api_port))
+        except OSError as exc:
+            self.socket.close()
+            raise cannot_listen(settings.api_host, settings.api_port, API_PORT, exc) from None
         self.port: int = self.socket.getsockname()[1]
 
     async def run(self) -> None:
