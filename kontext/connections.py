@@ -16,7 +16,7 @@ from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 from pgvector.asyncpg import register_vector
 
 from kontext.settings import Settings
-from kontext.stackfile import without_password
+from kontext.stackfile import named, without_password
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ password or database."""
 
 def _postgres_unreachable(settings: Settings, exc: BaseException) -> Unreachable:
     where = without_password(settings.dsn)
-    named = " (DATABASE_URL)" if settings.database_url else ""
-    return Unreachable(f"cannot connect to Postgres at {where}{named}: {exc}")
+    source = named("DATABASE_URL", settings.database_url, settings)
+    return Unreachable(f"cannot connect to Postgres at {where}{source}: {exc}")
 
 
 async def connect(settings: Settings) -> asyncpg.Connection:
@@ -129,8 +129,9 @@ async def ensure_topics(settings: Settings, topics: list[str]) -> None:
         await admin.start()
     except KafkaConnectionError as exc:
         await admin.close()
-        named = " (KAFKA_BOOTSTRAP_SERVERS)" if settings.kafka_bootstrap_servers else ""
-        raise Unreachable(f"cannot connect to Kafka at {settings.bootstrap}{named}: {exc}") from exc
+        where = settings.bootstrap
+        source = named("KAFKA_BOOTSTRAP_SERVERS", settings.kafka_bootstrap_servers, settings)
+        raise Unreachable(f"cannot connect to Kafka at {where}{source}: {exc}") from exc
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in topics if t not in existing]

@@ -51,6 +51,27 @@ def without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
+def named(variable: str, value: str | None, settings: Settings) -> str:
+    """How an error names where ``value``, the setting ``variable``, came from: `` (NAME)``,
+    or this stack file's, read from a ``kontext up`` that may have stopped since;
+    empty for a default."""
+    if not value:
+        return ""
+    if variable not in os.environ and _values(path(settings)).get(variable) == value:
+        return f" (from {path(settings)}: is `kontext up` running?)"
+    return f" ({variable})"
+
+
+def _values(found: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of a stack file (none if it is missing)."""
+    try:
+        lines = found.read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    return {name: value for name, value in pairs}
+
+
 def remove(settings: Settings) -> None:
     path(settings).unlink(missing_ok=True)
 

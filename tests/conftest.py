@@ -81,12 +81,15 @@ def embedded_env() -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``kontext ARGS`` on its embedded defaults, in ``cwd``; its output captured."""
+def run_cli(
+    args: list[str], cwd: Path, timeout: float, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``kontext ARGS`` on its embedded defaults (and ``env``), in ``cwd``; its output
+    captured."""
     return subprocess.run(
         [sys.executable, "-m", "kontext.cli", *args],
         cwd=cwd,
-        env=embedded_env(),
+        env={**embedded_env(), **env},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from tests.conftest import Stack, gone, stack_env, start_stack, wait_for
+from tests.conftest import Stack, gone, run_cli, stack_env, start_stack, wait_for
 
 
 async def _submit_and_finish(stack: Stack, count: int) -> list[str]:
@@ -84,15 +84,31 @@ async def _kill_outright(stack: Stack, timeout: float) -> list[str]:
 
 async def test_a_parent_killed_outright_leaves_no_process(workdir: Path) -> None:
     """``kontext up`` killed with SIGKILL (the OOM killer, a CI timeout) cannot stop what
-    it started: its broker, Postgres and worker processes stop by themselves."""
+    it started: its broker, Postgres and worker processes stop by themselves. The stack
+    file it leaves is named as such by the commands that read it, and a new stack starts
+    on its data directory."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL")
     }
-    env["KONTEXT_DATA_DIR"] = str(workdir / f"embedded-{uuid.uuid4().hex[:6]}")
+    data_dir = workdir / f"embedded-{uuid.uuid4().hex[:6]}"
+    env["KONTEXT_DATA_DIR"] = str(data_dir)
     stack = start_stack(["up", "--engine", "tiny", "--port", "0", "--process", "api"], env, workdir)
     commands = " ".join(await _kill_outright(stack, timeout=60))
     assert "kontext.cli worker api" in commands
     assert "tansu broker" in commands and "bin/postgres" in commands
+
+    # Its stack file stays (nothing removed it): a command beside it says where the
+    # address came from, not a DATABASE_URL nobody set.
+    listed = run_cli(["keys", "list"], cwd=workdir, timeout=60, KONTEXT_DATA_DIR=str(data_dir))
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    said = listed.stderr.strip().splitlines()[-1]
+    assert said.startswith("kontext: cannot connect to Postgres at postgresql://postgres@")
+    assert f"(from {data_dir / 'stack.env'}: is `kontext up` running?)" in said
+    assert "DATABASE_URL" not in said
+
+    # The data directory is free again: a new stack starts on it.
+    again = start_stack(["up", "--engine", "null", "--port", "0"], env, workdir)
+    assert again.stop() == 0, "".join(again.output[-40:])
 
 
 async def test_a_worker_stops_when_the_process_that_spawned_it_is_killed_outright(
