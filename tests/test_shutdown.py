@@ -52,12 +52,16 @@ async def test_sigterm_with_embedded_runtime_leaves_no_process(workdir: Path) ->
         names = {c.name() for c in children}
         assert "tansu" in names and "postgres" in names
         await _submit_and_finish(stack, 2)
+        async with httpx.AsyncClient(base_url=stack.api_url) as http:
+            ready = await http.get("/readyz")
+        assert ready.json() == {"status": "ready", "checks": {"postgres": "ok", "kafka": "ok"}}
     finally:
         code = stack.stop(timeout=60)
     output = "".join(stack.output)
     assert code == 0, output[-3000:]
     assert "Kontext stopped." in output
     assert "Traceback" not in output
+    assert "Warning" not in output  # e.g. a deprecation, printed on the first /readyz
     await wait_for(lambda: all(gone(c) for c in children), timeout=10)
     assert not (data_dir / "postgres" / "postmaster.pid").exists()
 

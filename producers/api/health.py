@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
-from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
 
 from producers.api.state import state
 
@@ -14,14 +15,24 @@ router = APIRouter(tags=["health"])
 CHECK_TIMEOUT_S = 2.0
 
 
+class Readiness(BaseModel):
+    """Whether this replica can serve, and each dependency's answer (``ok``, or why not)."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str]
+
+
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     """The process answers (liveness)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
-async def readyz(request: Request) -> ORJSONResponse:
+@router.get(
+    "/readyz",
+    responses={503: {"model": Readiness, "description": "a dependency is unreachable"}},
+)
+async def readyz(request: Request, response: Response) -> Readiness:
     """Postgres and Kafka both answer within 2 s: send traffic here (readiness)."""
     api = await state(request)
 
@@ -41,7 +52,5 @@ async def readyz(request: Request) -> ORJSONResponse:
         except Exception as exc:  # any failure means: not ready; say which and why
             checks[name] = f"unavailable: {type(exc).__name__}"
     ready = all(v == "ok" for v in checks.values())
-    return ORJSONResponse(
-        {"status": "ready" if ready else "unavailable", "checks": checks},
-        status_code=200 if ready else 503,
-    )
+    response.status_code = 200 if ready else 503
+    return Readiness(status="ready" if ready else "unavailable", checks=checks)
