@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import logging
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,3 +25,21 @@ async def run_against(work: Awaitable[T], *rivals: Awaitable[object]) -> asyncio
             task.cancel()
             await asyncio.wait({task})
     return task
+
+
+def settle(
+    futures: Iterable[asyncio.Future[object]],
+    log: logging.Logger,
+    what: str,
+    level: int = logging.WARNING,
+) -> None:
+    """Have each failure of ``futures``, which nothing will await (sends whose delivery
+    no one waits for), logged at ``level`` as ``what`` not delivered, rather than
+    reported as an exception never retrieved when the future is collected."""
+
+    def retrieve(future: asyncio.Future[object]) -> None:
+        if not future.cancelled() and (exc := future.exception()) is not None:
+            log.log(level, "%s not delivered: %r", what, exc)
+
+    for future in futures:
+        future.add_done_callback(retrieve)

@@ -9,6 +9,7 @@ its fallback ``null``; once it is back, they go to ``tiny`` again.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from kontext.connections import create_producer, ensure_topics
 from kontext.settings import Settings
 from schemas.limits import WorkerHeartbeat
 from tests.conftest import START_TIMEOUT_S, Stack, stack_env, start_stack, wait_for
-from workers.routing import BreakerState, CircuitBreaker, Router
+from workers.routing import BreakerState, CircuitBreaker, HeartbeatPublisher, Router
 
 
 @dataclass
@@ -233,3 +234,40 @@ async def test_lagging_model_falls_back_and_recovers(broker: EmbeddedBroker) -> 
         await router.stop()
         await following
         await producer.stop()
+
+
+async def test_a_heartbeat_lost_in_a_kafka_outage_is_logged_not_left_unretrieved(
+    workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat is not awaited: one the broker never takes (it went away) is a
+    warning, not asyncio's "Future exception was never retrieved" at some later
+    collection (after ``Kontext stopped.``, as an operator saw it)."""
+    outage = EmbeddedBroker(log_path=workdir / "outage-broker.log").start()
+    settings = Settings(
+        kafka_bootstrap_servers=outage.bootstrap_servers,
+        topic_prefix=f"hb{uuid.uuid4().hex[:8]}",
+        topic_partitions=1,
+        heartbeat_interval_s=0.1,
+    )
+    await ensure_topics(settings, [settings.topics.heartbeats])
+    # A send not delivered in a second fails (default: 40 s).
+    producer = create_producer(settings, request_timeout_ms=1000)
+    await producer.start()
+    loop = asyncio.get_running_loop()
+    unretrieved: list[str] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+    publisher = HeartbeatPublisher(settings, "tiny", producer, [])
+    running = asyncio.create_task(publisher.run())
+    try:
+        await wait_for(lambda: publisher.started)
+        outage.stop()
+        lost = "heartbeat for tiny not delivered"
+        await wait_for(lambda: lost in caplog.text, timeout=30)
+    finally:
+        await publisher.stop()
+        await running
+        await asyncio.wait_for(producer.stop(), 30)
+        outage.stop()
+        gc.collect()  # a lost send's future is freed here, and reported if unretrieved
+        loop.set_exception_handler(None)
+    assert unretrieved == []

@@ -31,6 +31,7 @@ from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
 from kontext.store import enrichment, memory
 from kontext.store.enrichment import Claim, Limits
+from kontext.tasks import settle
 from schemas.events import (
     EnrichedRequest,
     ErrorInfo,
@@ -100,6 +101,18 @@ class Enricher:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
+        try:
+            await self._queue(records, sends)
+        except BaseException:
+            # The batch runs again whole: what it had queued is only retrieved.
+            settle(sends, log, f"{self.name}: a send of a failed batch", logging.DEBUG)
+            raise
+        if sends:
+            await asyncio.gather(*sends)
+
+    async def _queue(self, records: Sequence[Record], sends: list[asyncio.Future[object]]) -> None:
+        """Decide the batch's jobs and queue their sends on ``sends``: refusals, limit
+        states, and the admitted requests with their prompts."""
         requests: dict[UUID, JobRequest] = {}
         traced = tracing.enabled()
         parents: dict[UUID, Sequence[tuple[str, bytes]]] = {}
@@ -139,8 +152,6 @@ class Enricher:
             ]
             observe_waits("enrich", admitted)
             ENRICHMENT_LATENCY.observe(time.perf_counter() - started)
-        if sends:
-            await asyncio.gather(*sends)
 
     async def _enrich(self, requests: Sequence[JobRequest]) -> enrichment.Enrichment:
         """One embedding call for the batch's new messages, then one Postgres round trip:

@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from kontext.settings import Settings
+from kontext.tasks import settle
 from schemas.limits import WorkerHeartbeat
 from workers.follower import TopicFollower
 
@@ -173,11 +174,13 @@ class HeartbeatPublisher:
                 model=self.model, worker_id=self.worker_id, at=time.time(), lag=await self.lag()
             )
             try:
-                await self.producer.send(
+                sent = await self.producer.send(
                     self.settings.topics.heartbeats, beat.encode(), key=self.model.encode()
                 )
             except KafkaError as exc:
                 log.warning("heartbeat for %s not sent: %s", self.model, exc)
+            else:  # nothing waits for its delivery, so a failed one is logged
+                settle([sent], log, f"heartbeat for {self.model}")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self.stopping.wait(), timeout=self.settings.heartbeat_interval_s
