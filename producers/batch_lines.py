@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from kontext.settings import Settings
 from producers.submit import SubmissionRejected, to_request
-from schemas.api import JobSubmission
+from schemas.api import JobSubmission, storable
 from schemas.batches import ENDPOINT, LineError
 from schemas.events import JobRequest
 
@@ -81,9 +81,19 @@ def _submission(body: dict[str, Any]) -> JobSubmission:
 
 
 def _custom_id(line: object) -> str | None:
+    """The line's custom_id, when it is a string Postgres can hold."""
     if isinstance(line, dict) and isinstance(line.get("custom_id"), str):
+        try:
+            storable(line["custom_id"], "custom_id")
+        except ValueError:
+            return None
         return str(line["custom_id"])
     return None
+
+
+def _storable_text(text: str) -> str:
+    """A message naming the line's own keys as Postgres can hold it (NUL escaped)."""
+    return text.replace("\x00", "\\u0000")
 
 
 def _request(settings: Settings, line: object) -> tuple[str, JobRequest]:
@@ -92,7 +102,8 @@ def _request(settings: Settings, line: object) -> tuple[str, JobRequest]:
     custom_id = _custom_id(line)
     if not custom_id or len(custom_id) > MAX_CUSTOM_ID:
         raise LineRefused(
-            "invalid_custom_id", f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
+            "invalid_custom_id",
+            f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters, without NUL",
         )
     unknown = sorted(set(line) - LINE_KEYS)
     if unknown:
@@ -131,7 +142,10 @@ def parse(settings: Settings, text: str) -> ParsedInput:
         except LineRefused as exc:
             parsed.errors.append(
                 LineError(
-                    code=exc.code, message=exc.message, line=number, custom_id=_custom_id(line)
+                    code=exc.code,
+                    message=_storable_text(exc.message),
+                    line=number,
+                    custom_id=_custom_id(line),
                 )
             )
             continue

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.api import storable
 from schemas.events import WebhookTarget
 
 BatchStatus = Literal[
@@ -38,6 +39,12 @@ class BatchCreate(BaseModel):
     )
     webhook: WebhookTarget | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _storable(self) -> BatchCreate:
+        stored = self.model_dump(mode="python", exclude_none=True, exclude={"output_expires_after"})
+        storable(stored, "")
+        return self
 
 
 class LineError(BaseModel):

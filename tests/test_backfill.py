@@ -21,8 +21,9 @@ import pytest
 from standardwebhooks import Webhook
 
 from kontext.settings import Settings
-from producers.backfill import create_batch, plan
+from producers.backfill import create_batch, plan, upload
 from producers.batch_lines import parse
+from schemas.batches import ENDPOINT
 from tests.conftest import WEBHOOK_SECRETS, Stack, wait_for
 from tests.factories import batch_line, jsonl
 from tests.receiver import Receiver, serving
@@ -302,6 +303,45 @@ def test_a_line_may_ask_for_log_probabilities_and_a_nucleus() -> None:
     assert [(c, r.logprobs) for c, r in parsed.good] == [("scored", True), ("plain", False)]
     assert [r.top_p for _, r in parsed.good] == [0.25, 1.0]
     assert [(e.line, e.code) for e in parsed.errors] == [(3, "unsupported_value")]
+
+
+async def test_nul_characters_are_refused_and_nothing_is_left_validating(
+    http: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """Postgres holds no NUL: a line with one in its custom_id (or a key) is a bad line,
+    one in the batch's own fields a 422; the connection keeps serving."""
+    began = await pool.fetchval("SELECT now()")
+    text = jsonl(
+        [
+            batch_line("fine"),
+            batch_line("nul\x00id"),
+            {**batch_line("nul-key"), "\x00": 1},
+        ]
+    )
+    response = await _post(http, text)
+    assert response.status_code == 202, response.text
+    batch = response.json()
+    reported = {(e["line"], e["code"]) for e in batch["errors"]["data"]}
+    assert reported == {(2, "invalid_custom_id"), (3, "invalid_line")}
+    done = await _wait_status(http, batch["id"], ("completed",))
+    errors = await _jsonl_lines(http, done["error_file_id"])
+    assert [(e["error"]["line"], e["custom_id"]) for e in errors] == [(2, None), (3, "nul-key")]
+    assert "\\u0000" in errors[1]["error"]["message"]
+
+    uploaded = (await upload(http, jsonl([batch_line("x")]).encode())).json()["id"]
+    body = {"input_file_id": uploaded, "endpoint": ENDPOINT, "completion_window": "24h"}
+    for extra in (
+        {"metadata": {"k": "v\x00"}},
+        {"metadata": {"k\x00": "v"}},
+        {"idempotency_key": "key\x00"},
+    ):
+        refused = await http.post("/v1/batches", json={**body, **extra})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["code"] == "invalid_request"
+        assert "NUL" in refused.json()["error"]["message"]
+    stuck = "SELECT count(*) FROM batches WHERE status = 'validating' AND created_at >= $1"
+    assert await pool.fetchval(stuck, began) == 0
+    assert (await http.post("/v1/batches", json=body)).status_code == 202
 
 
 async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(
