@@ -37,7 +37,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from schemas.batches import ENDED, ENDPOINT, BatchView
+from schemas.batches import ENDED, ENDPOINT, BatchView, jsonl_lines
 
 T = TypeVar("T")
 
@@ -81,7 +81,7 @@ def _succeeded(out: Path) -> dict[str, bytes]:
     done: dict[str, bytes] = {}
     if not out.exists():
         return done
-    for raw in out.read_bytes().splitlines():
+    for raw in out.read_bytes().split(b"\n"):
         with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
             line = orjson.loads(raw)
             if line["response"]["status_code"] == 200 and isinstance(line["custom_id"], str):
@@ -92,7 +92,7 @@ def _succeeded(out: Path) -> dict[str, bytes]:
 def plan(source: Path, out: Path) -> Plan:
     """The lines of ``source`` whose custom_id has no succeeded line in ``out`` yet."""
     result = Plan(done=_succeeded(out))
-    for number, raw in enumerate(source.read_text().splitlines(), 1):
+    for number, raw in enumerate(jsonl_lines(source.read_text()), 1):
         if not raw.strip():
             continue
         custom_id = _custom_id(raw)
@@ -283,7 +283,7 @@ class Backfill:
             return []
         response = await http.get(f"/v1/files/{file_id}/content")
         response.raise_for_status()
-        return [line for line in response.content.splitlines() if line.strip()]
+        return [line for line in response.content.split(b"\n") if line.strip()]
 
     async def _save(self, http: httpx.AsyncClient, batch: BatchView, todo: Plan) -> None:
         results = dict(todo.done)

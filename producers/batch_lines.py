@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from kontext.settings import Settings
 from producers.submit import SubmissionRejected, to_request
 from schemas.api import JobSubmission, storable
-from schemas.batches import ENDPOINT, LineError
+from schemas.batches import ENDPOINT, LineError, jsonl_lines
 from schemas.events import JobRequest
 
 LINE_KEYS = frozenset({"custom_id", "method", "url", "body"})
@@ -126,7 +126,7 @@ def parse(settings: Settings, text: str) -> ParsedInput:
     """Validate every non-blank line; a repeated custom_id is refused after its first line."""
     parsed = ParsedInput(sha256=hashlib.sha256(text.encode()).hexdigest())
     seen: set[str] = set()
-    for number, raw in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(jsonl_lines(text), 1):
         if not raw.strip():
             continue
         parsed.total += 1

@@ -23,7 +23,7 @@ from kontext.settings import Settings
 from kontext.store import batches
 from producers.batch_lines import ParsedInput, parse
 from producers.submit import SubmissionRejected, check_webhook
-from schemas.batches import BatchCreate, LineError
+from schemas.batches import BatchCreate, LineError, jsonl_lines
 from schemas.events import ErrorInfo, JobRequest
 from workers import batch_files
 from workers.intake import EnqueueFailed, publish
@@ -81,7 +81,7 @@ async def refuse_foreign_conversations(
     refused = {c: r.conversation_id for c, r in parsed.good if r.conversation_id in foreign}
     parsed.good = [(c, r) for c, r in parsed.good if c not in refused]
     bad = {error.line for error in parsed.errors}
-    for number, raw in enumerate(text.splitlines(), 1):  # their line numbers (rare path)
+    for number, raw in enumerate(jsonl_lines(text), 1):  # their line numbers (rare path)
         if number in bad:
             continue
         try:

@@ -24,6 +24,12 @@ ENDED: tuple[BatchStatus, ...] = ("failed", "completed", "expired", "cancelled")
 ENDPOINT = "/v1/chat/completions"
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text, split at newlines alone (a JSON string may hold
+    U+2028, U+0085 and their kin raw), each without its CRLF's CR, a leading BOM skipped."""
+    return [line.removesuffix("\r") for line in text.removeprefix("\ufeff").split("\n")]
+
+
 class BatchCreate(BaseModel):
     """``POST /v1/batches``: an uploaded input file (purpose ``batch``) and the batch's
     options, as OpenAI takes them; ``webhook`` and ``idempotency_key`` are Kontext's."""

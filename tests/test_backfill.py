@@ -5,6 +5,7 @@ token per request)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -342,6 +343,29 @@ async def test_nul_characters_are_refused_and_nothing_is_left_validating(
     stuck = "SELECT count(*) FROM batches WHERE status = 'validating' AND created_at >= $1"
     assert await pool.fetchval(stuck, began) == 0
     assert (await http.post("/v1/batches", json=body)).status_code == 202
+
+
+async def test_lines_split_at_newlines_alone_and_a_bom_is_skipped(
+    stack: Stack, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A JSON string may hold U+2028, U+2029 and U+0085 raw (``ensure_ascii=False``);
+    a Windows editor adds CRLFs and a BOM. None of them makes a bad line."""
+    raw = ["line\u2028separator", "paragraph\u2029separator", "next\u0085line"]
+    lines = [json.dumps(batch_line(f"u-{i}", c), ensure_ascii=False) for i, c in enumerate(raw)]
+    text = "\ufeff" + "\r\n".join(lines) + "\r\n"
+    response = await _post(http, text)
+    assert response.status_code == 202, response.text
+    assert response.json()["errors"] is None
+    assert response.json()["request_counts"]["total"] == 3
+    done = await _wait_status(http, response.json()["id"], ("completed",))
+    assert done["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_bytes(text.encode())
+    code, output = await _finish(await _cli(stack, source, "-o", out), 120)
+    assert code == 0, output
+    assert "3 succeeded, 0 failed, 0 bad lines" in output
+    _assert_complete_output(out, ["u-0", "u-1", "u-2"])
 
 
 async def test_a_retried_submission_returns_the_same_batch_and_never_duplicates(
