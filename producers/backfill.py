@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import httpx
 import orjson
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -47,6 +48,10 @@ LONG = httpx.Timeout(30.0, read=600.0)
 INTERRUPTED = 130
 
 
+class BadInput(Exception):
+    """An input the run cannot read, or an output it cannot write: nothing is submitted."""
+
+
 @dataclass
 class Plan:
     """What a run submits: the input's lines minus those already done."""
@@ -58,6 +63,8 @@ class Plan:
     """Succeeded output lines kept from an earlier run, by custom_id."""
     order: list[str] = field(default_factory=list)
     """Every custom_id of the input, in input order."""
+    total: int = 0
+    """The input's request lines (its lines that are not blank)."""
 
     @property
     def text(self) -> str:
@@ -89,12 +96,38 @@ def _succeeded(out: Path) -> dict[str, bytes]:
     return done
 
 
+def _text(source: Path) -> str:
+    """The input file's text; BadInput if it cannot be read or is not UTF-8."""
+    try:
+        return source.read_bytes().decode()
+    except IsADirectoryError:
+        raise BadInput(f"{source} is a directory, not a JSONL file") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read {source}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{source} is not UTF-8 text (byte {exc.start})") from None
+
+
+def writable(path: Path) -> None:
+    """BadInput unless the file can be written: its temporary file is created and removed."""
+    if path.is_dir():
+        raise BadInput(f"{path} is a directory; give a file to write")
+    temporary = _temporary(path)
+    try:
+        temporary.touch()
+        temporary.unlink()
+    except OSError as exc:
+        raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def plan(source: Path, out: Path) -> Plan:
-    """The lines of ``source`` whose custom_id has no succeeded line in ``out`` yet."""
+    """The lines of ``source`` whose custom_id has no succeeded line in ``out`` yet;
+    BadInput if ``source`` cannot be read or has no request line."""
     result = Plan(done=_succeeded(out))
-    for number, raw in enumerate(jsonl_lines(source.read_text()), 1):
+    for number, raw in enumerate(jsonl_lines(_text(source)), 1):
         if not raw.strip():
             continue
+        result.total += 1
         custom_id = _custom_id(raw)
         if custom_id is not None:
             result.order.append(custom_id)
@@ -102,6 +135,8 @@ def plan(source: Path, out: Path) -> Plan:
                 continue
         result.lines.append(raw)
         result.origin.append(number)
+    if not result.total:
+        raise BadInput(f"{source}: the input has no request lines")
     return result
 
 
@@ -113,10 +148,14 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.1f} req/s" if speed else "- req/s", style="progress.data.speed")
 
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
 def _write(path: Path, lines: Iterable[bytes]) -> int:
     """Write lines to ``path`` through a temporary file renamed into place."""
     count = 0
-    temporary = path.with_name(f".{path.name}.partial")
+    temporary = _temporary(path)
     with temporary.open("wb") as handle:
         for line in lines:
             handle.write(line.rstrip(b"\n") + b"\n")
@@ -187,9 +226,13 @@ class Backfill:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Returns the exit status: 0 once the batch completed, 1 if it ended otherwise
-        or the API could not be reached, 2 if the API refused it, 130 if interrupted."""
+        or the API could not be reached, 2 if the input or an output path cannot be used
+        or the API refused the batch, 130 if interrupted."""
         try:
             return await self._run(stop)
+        except BadInput as exc:
+            self.console.print(f"[red]{escape(str(exc))}", soft_wrap=True)
+            return 2
         except httpx.TransportError as exc:
             self.console.print(
                 f"[red]cannot reach the Kontext API at {self.api}: {exc or type(exc).__name__}"
@@ -198,6 +241,8 @@ class Backfill:
             return 1
 
     async def _run(self, stop: asyncio.Event) -> int:
+        writable(self.out)
+        writable(self.errors)
         todo = plan(self.source, self.out)
         if not todo.lines:
             self.console.print(

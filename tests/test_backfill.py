@@ -281,6 +281,35 @@ async def test_an_api_out_of_reach_is_one_line_and_exit_code_1(tmp_path: Path) -
     assert not out.exists()
 
 
+async def test_bad_input_and_unwritable_outputs_are_one_line_and_exit_code_2(
+    stack: Stack, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Found before anything is submitted, not after the batch ran; no traceback."""
+    name = f"{uuid.uuid4().hex}.jsonl"
+    good, empty, latin = tmp_path / name, tmp_path / "empty" / name, tmp_path / "latin" / name
+    for path in (empty, latin):
+        path.parent.mkdir()
+    good.write_text(jsonl([batch_line("p-1")]))
+    empty.write_text("\n  \n")
+    latin.write_bytes(jsonl([batch_line("caf\xe9")]).encode("latin-1"))
+    out = tmp_path / "out.jsonl"
+    cases: list[tuple[tuple[str | Path, ...], str]] = [
+        ((empty, "-o", out), "the input has no request lines"),
+        ((tmp_path, "-o", out), "is a directory"),
+        ((latin, "-o", out), "is not UTF-8 text"),
+        ((good, "-o", tmp_path / "missing" / "out.jsonl"), "cannot write"),
+        ((good, "-o", tmp_path), "is a directory"),
+        ((good, "-o", out, "--errors", tmp_path / "missing" / "errors.jsonl"), "cannot write"),
+    ]
+    for args, said in cases:
+        code, output = await _finish(await _cli(stack, *args), 60)
+        assert code == 2, output
+        [line] = output.splitlines()
+        assert said in line
+    assert not out.exists()
+    assert await pool.fetchval("SELECT count(*) FROM files WHERE filename = $1", name) == 0
+
+
 def test_a_lines_stop_sequences_reach_its_job() -> None:
     lines = [
         batch_line("one", stop="\n"),
