@@ -6,7 +6,8 @@ Resumable by construction. Custom_ids that already have a succeeded line in the
 output file are not submitted again; the rest is submitted with an idempotency
 key derived from its content (``backfill:<sha256>``), so a rerun after an
 interruption attaches to the same batch instead of creating a second one (the file
-uploaded again is then deleted). The
+uploaded again is then deleted), while that batch is open; once it has ended, the
+next key names it (``backfill:<sha256>:after:<batch id>``) and a new batch runs. The
 output and error files are written only once the batch has ended, each to a
 temporary file renamed into place: an interrupted run leaves them as they were.
 """
@@ -274,24 +275,41 @@ class Backfill:
         if uploaded.status_code >= 400:
             return uploaded.text
         file_id = uploaded.json()["id"]
-        response = await http.post(
-            "/v1/batches",
-            json={"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h"},
-            headers={"idempotency-key": todo.key},
-        )
-        if response.status_code >= 400:
-            await http.delete(f"/v1/files/{file_id}")
-            return response.text
-        batch = BatchView.model_validate_json(response.content)
-        if batch.input_file_id != file_id:  # resumed: the batch has its own copy
-            await http.delete(f"/v1/files/{file_id}")
-        state = "resumed" if response.status_code == 200 else "submitted"
+        found = await self._open_batch(http, file_id, todo.key)
+        if isinstance(found, str) or found[0].input_file_id != file_id:
+            await http.delete(f"/v1/files/{file_id}")  # refused, or resumed: it has its own
+        if isinstance(found, str):
+            return found
+        batch, resumed = found
         bad = len(batch.bad_lines)
         self.console.print(
-            f"batch {batch.id} {state}: {batch.request_counts.total} lines, "
+            f"batch {batch.id} {'resumed' if resumed else 'submitted'}: "
+            f"{batch.request_counts.total} lines, "
             f"{batch.request_counts.total - bad} requests, {bad} bad lines"
         )
         return batch
+
+    async def _open_batch(
+        self, http: httpx.AsyncClient, file_id: str, key: str
+    ) -> tuple[BatchView, bool] | str:
+        """The batch of these lines still open (resumed), else a new one; the API's
+        refusal as text. An earlier batch of theirs that ended (a run cancelled, failed,
+        expired or completed) is passed over: its key, with its id, names the next."""
+        body = {"input_file_id": file_id, "endpoint": ENDPOINT, "completion_window": "24h"}
+        attempt = key
+        while True:
+            response = await http.post(
+                "/v1/batches", json=body, headers={"idempotency-key": attempt}
+            )
+            if response.status_code >= 400:
+                return response.text
+            batch = BatchView.model_validate_json(response.content)
+            if response.status_code != 200:
+                return batch, False
+            if batch.status not in ENDED:
+                return batch, True
+            self.console.print(f"batch {batch.id} of these lines ended {batch.status}")
+            attempt = f"{key}:after:{batch.id}"
 
     def _report_bad_lines(self, batch: BatchView, todo: Plan) -> None:
         for bad in batch.bad_lines:

@@ -168,6 +168,31 @@ async def test_an_interrupted_backfill_resumes_without_duplicates_or_gaps(
     assert code == 0 and "nothing to do" in output, output
 
 
+async def test_a_rerun_submits_again_what_an_ended_batch_left_undone(
+    stack: Stack, http: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A rerun attaches to its lines' batch only while that batch is open: one that
+    ended (here cancelled, then one completed) is passed over for a new one."""
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = _input(source, 20, "ended")
+    todo = plan(source, out)
+    cancelled = (await _post(http, todo.text, todo.key)).json()["id"]
+    await http.post(f"/v1/batches/{cancelled}/cancel")
+    await _wait_status(http, cancelled, ("cancelled",))
+
+    code, output = await _finish(await _cli(stack, source, "-o", out), 120)
+    assert code == 0, output
+    assert f"batch {cancelled} of these lines ended cancelled" in output
+    assert "submitted" in output and "resumed" not in output
+    _assert_complete_output(out, ids)
+
+    out.unlink()
+    code, output = await _finish(await _cli(stack, source, "-o", out), 120)
+    assert code == 0, output
+    assert output.count("of these lines ended") == 2 and "submitted" in output
+    _assert_complete_output(out, ids)
+
+
 @pytest.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
