@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import os
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class Plan:
     """Every custom_id of the input, in input order."""
     total: int = 0
     """The input's request lines (its lines that are not blank)."""
+    bad: list[bytes] = field(default_factory=list)
+    """Error-file lines of the bad input lines an earlier run reported, each line unchanged
+    since: they can never succeed, so they are reported again, not submitted."""
 
     @property
     def text(self) -> str:
@@ -83,6 +87,30 @@ def _custom_id(raw: str | bytes) -> str | None:
         return None
     value = line.get("custom_id") if isinstance(line, dict) else None
     return value if isinstance(value, str) else None
+
+
+def _sha256(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def _reported_bad(errors: Path) -> dict[int, tuple[str, bytes]]:
+    """The bad input lines of an earlier run's error file: by line number, the sha256
+    of the line it refused and its error-file line."""
+    found: dict[int, tuple[str, bytes]] = {}
+    if not errors.is_file():
+        return found
+    for raw in errors.read_bytes().split(b"\n"):
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            error = orjson.loads(raw)["error"]
+            if isinstance(error["line"], int) and isinstance(error["line_sha256"], str):
+                found[error["line"]] = (error["line_sha256"], raw)
+    return found
+
+
+def _line_number(raw: bytes) -> float:
+    """An error-file line's input line number; a failed request's (none) sorts last."""
+    line = orjson.loads(raw)["error"].get("line")
+    return line if isinstance(line, int) else math.inf
 
 
 def _succeeded(out: Path) -> dict[str, bytes]:
@@ -121,14 +149,20 @@ def writable(path: Path) -> None:
         raise BadInput(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def plan(source: Path, out: Path) -> Plan:
-    """The lines of ``source`` whose custom_id has no succeeded line in ``out`` yet;
-    BadInput if ``source`` cannot be read or has no request line."""
+def plan(source: Path, out: Path, errors: Path | None = None) -> Plan:
+    """The lines of ``source`` whose custom_id has no succeeded line in ``out`` yet, less
+    those ``errors`` reports as bad lines; BadInput if ``source`` cannot be read or has
+    no request line."""
     result = Plan(done=_succeeded(out))
+    reported = _reported_bad(errors) if errors is not None else {}
     for number, raw in enumerate(jsonl_lines(_text(source)), 1):
         if not raw.strip():
             continue
         result.total += 1
+        sha256, error_line = reported.get(number, ("", b""))
+        if sha256 == _sha256(raw):
+            result.bad.append(error_line)
+            continue
         custom_id = _custom_id(raw)
         if custom_id is not None:
             result.order.append(custom_id)
@@ -244,12 +278,12 @@ class Backfill:
     async def _run(self, stop: asyncio.Event) -> int:
         writable(self.out)
         writable(self.errors)
-        todo = plan(self.source, self.out)
+        todo = plan(self.source, self.out, self.errors)
+        for raw in todo.bad:
+            error = orjson.loads(raw)["error"]
+            self._say_bad(error["line"], error["code"], error["message"])
         if not todo.lines:
-            self.console.print(
-                f"all {len(todo.done)} custom_ids already succeeded in {self.out}; nothing to do"
-            )
-            return 0
+            return self._nothing_to_do(todo)
         if todo.done:
             self.console.print(f"{len(todo.done)} custom_ids already succeeded in {self.out}")
         async with httpx.AsyncClient(base_url=self.api, timeout=LONG, headers=self.headers) as http:
@@ -311,10 +345,24 @@ class Backfill:
             self.console.print(f"batch {batch.id} of these lines ended {batch.status}")
             attempt = f"{key}:after:{batch.id}"
 
+    def _nothing_to_do(self, todo: Plan) -> int:
+        """Every line succeeded or is bad: the error file keeps the bad ones; 0 when a
+        line succeeded, as the run that found them (1 when none did: its batch failed)."""
+        _write(self.errors, todo.bad)
+        bad = f" and {len(todo.bad)} lines are bad (in {self.errors})" if todo.bad else ""
+        self.console.print(
+            f"all {len(todo.done)} custom_ids already succeeded in {self.out}{bad}; nothing to do"
+        )
+        return 0 if todo.done else 1
+
     def _report_bad_lines(self, batch: BatchView, todo: Plan) -> None:
         for bad in batch.bad_lines:
-            line = todo.origin[bad.line - 1] if bad.line is not None else "?"
-            self.console.print(f"[yellow]line {line}[/]: {bad.code}: {bad.message}")
+            self._say_bad(
+                todo.origin[bad.line - 1] if bad.line is not None else "?", bad.code, bad.message
+            )
+
+    def _say_bad(self, line: int | str, code: str, message: str) -> None:
+        self.console.print(f"[yellow]line {line}[/]: {code}: {escape(message)}")
 
     async def _follow(
         self, http: httpx.AsyncClient, batch: BatchView, stop: asyncio.Event
@@ -357,23 +405,27 @@ class Backfill:
         ordered = [results.pop(c) for c in dict.fromkeys(todo.order) if c in results]
         written = _write(self.out, [*ordered, *results.values()])
         failures = [
-            self._renumber(raw, todo) for raw in await self._lines(http, batch.error_file_id)
+            *todo.bad,
+            *(self._renumber(raw, todo) for raw in await self._lines(http, batch.error_file_id)),
         ]
-        _write(self.errors, failures)
-        counts = batch.request_counts
+        _write(self.errors, sorted(failures, key=_line_number))
+        counts, bad = batch.request_counts, len(batch.bad_lines)
         self.console.print(
             f"batch {batch.id} {batch.status}: {counts.completed} succeeded, "
-            f"{counts.failed - len(batch.bad_lines)} failed, {len(batch.bad_lines)} bad lines; "
+            f"{counts.failed - bad} failed, {bad + len(todo.bad)} bad lines; "
             f"{self.out}: {written} lines, {self.errors}: {len(failures)} lines"
         )
 
     @staticmethod
     def _renumber(raw: bytes, todo: Plan) -> bytes:
-        """An error line with ``error.line`` counted in the input file, not the submission."""
+        """An error line with ``error.line`` counted in the input file, not the submission,
+        and ``error.line_sha256`` the sha256 of that line (a rerun skips it while unchanged)."""
         line: dict[str, Any] = orjson.loads(raw)
         error = line.get("error") or {}
         if isinstance(error.get("line"), int):
-            error["line"] = todo.origin[error["line"] - 1]
+            submitted = error["line"] - 1
+            error["line"] = todo.origin[submitted]
+            error["line_sha256"] = _sha256(todo.lines[submitted])
         return orjson.dumps(line)
 
 

@@ -193,6 +193,59 @@ async def test_a_rerun_submits_again_what_an_ended_batch_left_undone(
     _assert_complete_output(out, ids)
 
 
+async def test_a_rerun_reports_bad_lines_again_and_submits_only_lines_that_changed(
+    stack: Stack, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    """Bad input lines can never succeed: a rerun keeps them in the error file and exits
+    as the first run did, without a batch; a line fixed since is submitted."""
+    name = f"{uuid.uuid4().hex}.jsonl"
+    source, out, errors = tmp_path / name, tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    lines: list[Any] = [
+        batch_line("a"),
+        "{not json",
+        batch_line("b"),
+        batch_line("a", "again"),
+        batch_line("m", model="gpt-4o"),
+    ]
+    source.write_text(jsonl(lines))
+    expected = [(2, "invalid_json"), (4, "duplicate_custom_id"), (5, "unknown_model")]
+
+    def reported() -> list[tuple[int, str]]:
+        return [(e["error"]["line"], e["error"]["code"]) for e in _read(errors)]
+
+    code, output = await _finish(await _cli(stack, source, "-o", out), 120)
+    assert code == 0, output
+    assert reported() == expected
+    kept = out.read_bytes()
+    for _ in range(2):
+        code, output = await _finish(await _cli(stack, source, "-o", out), 60)
+        assert code == 0, output
+        assert "2 custom_ids already succeeded" in output and "nothing to do" in output
+        assert "line 4" in output and "duplicate_custom_id" in output
+        assert reported() == expected
+        assert out.read_bytes() == kept
+    uploads = "SELECT count(*) FROM files WHERE filename = $1"
+    assert await pool.fetchval(uploads, name) == 1
+
+    lines[4] = batch_line("m")  # fixed: it runs
+    source.write_text(jsonl(lines))
+    code, output = await _finish(await _cli(stack, source, "-o", out), 120)
+    assert code == 0, output
+    assert "1 requests, 0 bad lines" in output
+    _assert_complete_output(out, ["a", "b", "m"])
+    assert reported() == expected[:2]
+
+    # Every line bad: the first run's batch failed (exit 1), and so does every rerun.
+    source.write_text(jsonl(["[]", batch_line("x", model="nope")]))
+    out.unlink()
+    errors.unlink()
+    for _ in range(2):
+        code, output = await _finish(await _cli(stack, source, "-o", out), 60)
+        assert code == 1, output
+        assert reported() == [(1, "invalid_line"), (2, "unknown_model")]
+    assert await pool.fetchval(uploads, name) == 3
+
+
 @pytest.fixture
 async def http(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
