@@ -189,6 +189,41 @@ async def test_batches_are_listed_newest_first_page_by_page(
         assert [b.id async for b in client.batches.list(limit=1)] == made[::-1]
 
 
+async def test_a_header_key_and_a_body_key_must_agree_and_a_stray_cursor_ends_the_list(
+    stack: Stack, pool: asyncpg.Pool
+) -> None:
+    async with await _tenant_client(stack, pool) as client:
+        uploaded = await client.files.create(
+            file=("input.jsonl", jsonl([batch_line("k")]).encode()), purpose="batch"
+        )
+
+        async def create(**extra: Any) -> Batch:
+            return await client.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                **extra,
+            )
+
+        key = f"agree-{uuid.uuid4().hex}"
+        with pytest.raises(openai.BadRequestError) as refused:
+            await create(
+                extra_headers={"Idempotency-Key": key},
+                extra_body={"idempotency_key": f"{key}-other"},
+            )
+        assert refused.value.code == "idempotency_key_conflict"
+        assert [b.id async for b in client.batches.list()] == []
+        made = await create(
+            extra_headers={"Idempotency-Key": key}, extra_body={"idempotency_key": key}
+        )
+        assert (await create(extra_body={"idempotency_key": key})).id == made.id
+
+        for stray in ("garbage", str(uuid.uuid4())):
+            page = await client.batches.list(after=stray)
+            assert page.data == [] and not page.has_more
+            assert [f.id async for f in client.files.list(after=stray)] == []
+
+
 async def test_files_are_listed_retrieved_and_deleted(stack: Stack, pool: asyncpg.Pool) -> None:
     async with await _tenant_client(stack, pool) as client:
         contents = [jsonl([batch_line(f"f-{i}")]).encode() for i in range(3)]

@@ -42,7 +42,16 @@ async def create_batch(
 ) -> BatchView | JSONResponse:
     """Validate every line of the input file and run the good ones as background jobs;
     bad lines are listed in ``errors`` by line number. An ``Idempotency-Key`` header (or
-    ``idempotency_key``) seen before returns that batch (200)."""
+    ``idempotency_key``; both must agree) seen before returns that batch (200)."""
+    if idempotency_key and create.idempotency_key not in (None, idempotency_key):
+        return error_response(
+            400,
+            ApiError(
+                code="idempotency_key_conflict",
+                message="the body's idempotency_key and the Idempotency-Key header differ",
+                param="idempotency_key",
+            ),
+        )
     file = parse_file_id(create.input_file_id)
     found = None if file is None else await files.content(api.pool, file, principal.tenant_id)
     if found is None or file is None:
@@ -94,10 +103,14 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(max_length=64)] = None,
 ) -> BatchList:
-    """The tenant's batches, newest first; page with ``after`` (the previous page's last id)."""
-    rows, more = await batches.page(
-        api.pool, principal.tenant_id, limit=limit, after=None if after is None else _uuid(after)
-    )
+    """The tenant's batches, newest first; page with ``after`` (the previous page's last
+    id). An ``after`` that names none of its batches ends the list: an empty page, as for
+    files."""
+    try:
+        cursor = None if after is None else UUID(after)
+    except ValueError:
+        return BatchList(data=[], first_id=None, last_id=None, has_more=False)
+    rows, more = await batches.page(api.pool, principal.tenant_id, limit=limit, after=cursor)
     data = [row.view() for row in rows]
     return BatchList(
         data=data,
