@@ -101,15 +101,16 @@ def _reported_bad(errors: Path) -> dict[int, tuple[str, bytes]]:
         return found
     for raw in errors.read_bytes().split(b"\n"):
         with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            error = orjson.loads(raw)["error"]
-            if isinstance(error["line"], int) and isinstance(error["line_sha256"], str):
-                found[error["line"]] = (error["line_sha256"], raw)
+            error = orjson.loads(raw).get("error") or {}
+            line, sha256 = error.get("line"), error.get("line_sha256")
+            if isinstance(line, int) and isinstance(sha256, str):
+                found[line] = (sha256, raw)
     return found
 
 
 def _line_number(raw: bytes) -> float:
     """An error-file line's input line number; a failed request's (none) sorts last."""
-    line = orjson.loads(raw)["error"].get("line")
+    line = (orjson.loads(raw).get("error") or {}).get("line")
     return line if isinstance(line, int) else math.inf
 
 
