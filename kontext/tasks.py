@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -28,7 +28,7 @@ async def run_against(work: Awaitable[T], *rivals: Awaitable[object]) -> asyncio
 
 
 def settle(
-    futures: Iterable[asyncio.Future[object]],
+    futures: Iterable[asyncio.Future[Any]],
     log: logging.Logger,
     what: str,
     level: int = logging.WARNING,
@@ -37,7 +37,7 @@ def settle(
     no one waits for), logged at ``level`` as ``what`` not delivered, rather than
     reported as an exception never retrieved when the future is collected."""
 
-    def retrieve(future: asyncio.Future[object]) -> None:
+    def retrieve(future: asyncio.Future[Any]) -> None:
         if not future.cancelled() and (exc := future.exception()) is not None:
             log.log(level, "%s not delivered: %r", what, exc)
 

@@ -10,9 +10,10 @@ import uuid
 from pathlib import Path
 
 import httpx
+import psutil
 
 from kontext.app.embedded import EmbeddedBroker, EmbeddedPostgres
-from tests.conftest import Stack, stack_env, wait_for
+from tests.conftest import Stack, stack_env, start_stack, wait_for
 
 
 async def test_readiness_checks_postgres_and_kafka_without_a_key(stack: Stack) -> None:
@@ -63,3 +64,34 @@ async def test_a_worker_whose_event_loop_stops_fails_its_healthcheck(
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 0
     assert _healthy(env, 3600) is False, "a stopped worker leaves no heartbeat"
+
+
+async def test_readiness_answers_in_its_limit_while_postgres_hangs(
+    broker: EmbeddedBroker, database: EmbeddedPostgres, tmp_path: Path, workdir: Path
+) -> None:
+    """A Postgres that stopped answering (here: stopped) makes the replica unready at
+    once, not once the hung query's cleanup gives up."""
+    own = EmbeddedPostgres(tmp_path / "postgres").start()
+    try:
+        env = stack_env(broker, database, prefix=f"r{uuid.uuid4().hex[:8]}")
+        env["DATABASE_URL"] = own.url
+        stack = start_stack(["up", "--engine", "tiny", "--port", "0"], env, workdir)
+        assert own.pid is not None
+        server = psutil.Process(own.pid)
+        frozen = [server, *server.children(recursive=True)]
+        try:
+            for process in frozen:
+                process.suspend()
+            async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as http:
+                ready = await http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"] == {
+                "postgres": "unavailable: TimeoutError",
+                "kafka": "ok",
+            }
+        finally:
+            for process in frozen:
+                process.resume()
+            assert stack.stop() == 0, "".join(stack.output[-40:])
+    finally:
+        own.stop()
