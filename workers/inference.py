@@ -32,6 +32,7 @@ from kontext import tracing
 from kontext.connections import FetchTempo
 from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY, ENGINE_REQUESTS, TOKENS, observe_waits
 from kontext.settings import Settings
+from kontext.tasks import settle
 from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest, utcnow
 from schemas.topics import LANES, Group
 from workers import completions
@@ -107,36 +108,43 @@ class InferenceWorker:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        batch: dict[UUID, EnrichedRequest] = {}
-        decoded = await self.dead_letters.decode(
-            records, EnrichedRequest.decode, "EnrichedRequest", sends
-        )
-        traced = tracing.enabled()
-        parents: dict[UUID, Sequence[tuple[str, bytes]]] = {}
-        for record, item in decoded:
-            batch.setdefault(item.request.job_id, item)
-            if traced:
-                parents.setdefault(item.request.job_id, record.headers)
-        if len(decoded) < len(records):
-            sends += await completions.publish(
-                self.settings, self.producer, unrunnable(records, decoded)
+        try:
+            batch: dict[UUID, EnrichedRequest] = {}
+            decoded = await self.dead_letters.decode(
+                records, EnrichedRequest.decode, "EnrichedRequest", sends
             )
-        items = list(batch.values())
-        observe_waits("inference", [(item.enriched_at, item.request.priority) for item in items])
-        answered = await self.policies.before_engine(items) if items else {}
-        if answered:
-            cached = [
-                (item, answered[item.request.job_id])
-                for item in items
-                if item.request.job_id in answered
-            ]
-            headers = self._job_spans(cached, parents, set()) if traced else None
-            sends += await completions.publish(
-                self.settings, self.producer, [done for _, done in cached], headers
+            traced = tracing.enabled()
+            parents: dict[UUID, Sequence[tuple[str, bytes]]] = {}
+            for record, item in decoded:
+                batch.setdefault(item.request.job_id, item)
+                if traced:
+                    parents.setdefault(item.request.job_id, record.headers)
+            if len(decoded) < len(records):
+                sends += await completions.publish(
+                    self.settings, self.producer, unrunnable(records, decoded)
+                )
+            items = list(batch.values())
+            observe_waits(
+                "inference", [(item.enriched_at, item.request.priority) for item in items]
             )
-        to_run = [item for item in items if item.request.job_id not in answered]
-        if to_run:
-            sends += await self._run(to_run, parents if traced else None)
+            answered = await self.policies.before_engine(items) if items else {}
+            if answered:
+                cached = [
+                    (item, answered[item.request.job_id])
+                    for item in items
+                    if item.request.job_id in answered
+                ]
+                headers = self._job_spans(cached, parents, set()) if traced else None
+                sends += await completions.publish(
+                    self.settings, self.producer, [done for _, done in cached], headers
+                )
+            to_run = [item for item in items if item.request.job_id not in answered]
+            if to_run:
+                sends += await self._run(to_run, parents if traced else None)
+        except BaseException:
+            # The batch runs again whole: what it had queued is only retrieved.
+            settle(sends, log, f"{self.name}: a send of a failed batch", logging.DEBUG)
+            raise
         if sends:
             await asyncio.gather(*sends)
 

@@ -39,6 +39,7 @@ from kontext.connections import FetchTempo, create_consumer
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
+from kontext.tasks import settle
 from schemas.events import (
     ErrorInfo,
     FinalStatus,
@@ -106,33 +107,38 @@ class Recorder:
         sends: list[asyncio.Future[object]] = []
         replied: list[UUID] = []
         recorded: ledger.Recorded | None = None
-        pairs = await self.dead_letters.decode(
-            records, JobCompletion.decode, "JobCompletion", sends
-        )
-        if pairs:
-            spans = _record_spans(pairs) if tracing.enabled() else {}
-            recorded, stored = await self._record(pairs, sends, spans)
-            outcomes = recorded.outcomes
-            if spans:
-                _end_record_spans(spans, outcomes)
-            _observe_e2e(outcomes, [done for _, done in stored])
-            known = {o.job_id for o in outcomes}
-            for record, done in stored:
-                if done.job_id not in known:
-                    reason = f"JobCompletion for unknown job {done.job_id}"
-                    sends.append(await self.dead_letters.send(record, reason))
-            # Finalised by an earlier recorder, their replies perhaps published already.
-            unsure = [o for o in outcomes if not o.fresh and not o.replied]
-            on_topic = await self._already_replied(unsure) if unsure else set()
-            for outcome in outcomes:
-                if outcome.replied:
-                    continue
-                replied.append(outcome.job_id)
-                if outcome.job_id in on_topic:
-                    continue
-                sends.append(await self._reply(outcome, spans.get(outcome.job_id)))
-            # The next turns of their conversations, held back until these were recorded.
-            sends += await publish(self.settings, self.producer, recorded.redrive)
+        try:
+            pairs = await self.dead_letters.decode(
+                records, JobCompletion.decode, "JobCompletion", sends
+            )
+            if pairs:
+                spans = _record_spans(pairs) if tracing.enabled() else {}
+                recorded, stored = await self._record(pairs, sends, spans)
+                outcomes = recorded.outcomes
+                if spans:
+                    _end_record_spans(spans, outcomes)
+                _observe_e2e(outcomes, [done for _, done in stored])
+                known = {o.job_id for o in outcomes}
+                for record, done in stored:
+                    if done.job_id not in known:
+                        reason = f"JobCompletion for unknown job {done.job_id}"
+                        sends.append(await self.dead_letters.send(record, reason))
+                # Finalised by an earlier recorder, their replies perhaps published already.
+                unsure = [o for o in outcomes if not o.fresh and not o.replied]
+                on_topic = await self._already_replied(unsure) if unsure else set()
+                for outcome in outcomes:
+                    if outcome.replied:
+                        continue
+                    replied.append(outcome.job_id)
+                    if outcome.job_id in on_topic:
+                        continue
+                    sends.append(await self._reply(outcome, spans.get(outcome.job_id)))
+                # The next turns of their conversations, held back until these were recorded.
+                sends += await publish(self.settings, self.producer, recorded.redrive)
+        except BaseException:
+            # The batch runs again whole: what it had queued is only retrieved.
+            settle(sends, log, f"{self.name}: a send of a failed batch", logging.DEBUG)
+            raise
         if sends:
             await asyncio.gather(*sends)
         if replied:
