@@ -130,6 +130,10 @@ async def test_a_result_matching_a_pattern_is_delivered_only_once_approved(
     )
     review = await _held(http, job["id"])
     assert review["status"] == "pending"
+    timeline = (await http.get(f"/v1/jobs/{job['id']}", params={"timeline": True})).json()
+    stages = timeline["timeline"]
+    assert stages["enriched"] and stages["batched"] and stages["generated"], stages
+    assert stages["recorded"] is None and stages["replied"] is None
     assert review["reasons"] == [f"request_pattern: {PATTERN}"]
     assert review["original_output"] == "ok" and review["mean_logprob"] == 0.0
     assert review["request"] == [{"role": "user", "content": "Please escalate my case."}]

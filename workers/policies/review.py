@@ -41,8 +41,12 @@ WITH input AS (
     ON CONFLICT (job_id) DO NOTHING
     RETURNING job_id
 ), marked AS (
-    UPDATE jobs SET status = 'needs_review', updated_at = now()
-    FROM held WHERE jobs.id = held.job_id
+    -- Its timeline shows the stages it went through (the recorder stamps the rest).
+    UPDATE jobs SET status = 'needs_review', updated_at = now(),
+        enriched_at = (i.completion->>'enriched_at')::timestamptz,
+        batched_at = (i.completion->>'batched_at')::timestamptz,
+        generated_at = (i.completion->>'generated_at')::timestamptz
+    FROM held JOIN input i ON i.job_id = held.job_id WHERE jobs.id = held.job_id
 )
 SELECT job_id FROM held
 UNION
