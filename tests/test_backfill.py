@@ -282,6 +282,21 @@ async def _jsonl_lines(http: httpx.AsyncClient, file_id: str | None) -> list[dic
     return [orjson.loads(raw) for raw in response.content.splitlines()]
 
 
+async def _assert_every_line_in_one_file(
+    http: httpx.AsyncClient, done: dict[str, Any], ids: list[str], code: str
+) -> None:
+    """An ended batch that stopped some of its lines: each line is counted, and in its
+    output file or (failed with ``code``) its error file, once."""
+    counts = done["request_counts"]
+    assert counts["total"] == len(ids) and counts["failed"] > 0
+    assert counts["completed"] + counts["failed"] == len(ids)
+    output = await _jsonl_lines(http, done["output_file_id"])
+    errors = await _jsonl_lines(http, done["error_file_id"])
+    assert len(output) == counts["completed"] and len(errors) == counts["failed"]
+    assert sorted(line["custom_id"] for line in output + errors) == sorted(ids)
+    assert {e["error"]["code"] for e in errors} == {code}
+
+
 async def test_bad_lines_are_reported_by_line_number_and_good_lines_still_run(
     http: httpx.AsyncClient,
 ) -> None:
@@ -505,15 +520,7 @@ async def test_cancel_stops_the_batch_and_accounts_for_everybatch_line(
     assert response.json()["cancelling_at"]
     done = await _wait_status(http, batch_id, ("cancelled",))
     assert done["cancelled_at"] and done["completed_at"] is None
-    counts = done["request_counts"]
-    assert counts["total"] == len(ids) and counts["failed"] > 0
-    assert counts["completed"] + counts["failed"] == len(ids)
-
-    output = await _jsonl_lines(http, done["output_file_id"])
-    errors = await _jsonl_lines(http, done["error_file_id"])
-    assert len(output) == counts["completed"] and len(errors) == counts["failed"]
-    assert sorted(line["custom_id"] for line in output + errors) == sorted(ids)
-    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    await _assert_every_line_in_one_file(http, done, ids, "batch_cancelled")
 
     again = await http.post(f"/v1/batches/{batch_id}/cancel")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
@@ -546,15 +553,7 @@ async def test_an_expired_batch_accounts_for_every_line_even_those_running(
     await pool.execute("UPDATE batches SET expires_at = now() WHERE id = $1", uuid.UUID(batch_id))
     done = await _wait_status(http, batch_id, ("expired",))
     assert done["expired_at"] and done["completed_at"] is None
-    counts = done["request_counts"]
-    assert counts["total"] == len(ids) and counts["failed"] > 0
-    assert counts["completed"] + counts["failed"] == len(ids)
-
-    output = await _jsonl_lines(http, done["output_file_id"])
-    errors = await _jsonl_lines(http, done["error_file_id"])
-    assert len(output) == counts["completed"] and len(errors) == counts["failed"]
-    assert sorted(line["custom_id"] for line in output + errors) == sorted(ids)
-    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    await _assert_every_line_in_one_file(http, done, ids, "batch_expired")
     still = await pool.fetchval(
         "SELECT count(*) FROM jobs WHERE batch_id = $1 AND status NOT IN ('succeeded', 'failed')",
         uuid.UUID(batch_id),
