@@ -263,8 +263,11 @@ class KontextClient:
         """POST /v1/jobs with OpenAI-style fields (model, messages, conversation_id, ...)."""
         return JobAccepted.model_validate(await self._call("POST", "/v1/jobs", body))
 
-    async def get(self, job_id: UUID) -> JobView:
-        return JobView.model_validate(await self._call("GET", f"/v1/jobs/{job_id}"))
+    async def get(self, job_id: UUID, wait: float = 0.0) -> JobView:
+        """The job as the API shows it; with ``wait``, once final or after that many
+        seconds (the API's long poll, at most 60)."""
+        path = f"/v1/jobs/{job_id}" + (f"?wait={wait:.3f}" if wait > 0 else "")
+        return JobView.model_validate(await self._call("GET", path))
 
     async def result(self, job_id: UUID, timeout: float = 60.0) -> JobReply:
         """The job's reply (succeeded or failed); JobTimedOut (a TimeoutError) if none
@@ -305,8 +308,7 @@ class KontextClient:
     async def _final(self, job_id: UUID, wait: float = 0.0) -> JobReply | None:
         """The job's reply as the ledger has it, if it is final (waiting up to ``wait``
         seconds for it)."""
-        path = f"/v1/jobs/{job_id}" + (f"?wait={wait:.3f}" if wait > 0 else "")
-        view = JobView.model_validate(await self._call("GET", path))
+        view = await self.get(job_id, wait)
         if view.status not in ("succeeded", "failed"):
             return None
         return JobReply(
