@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -43,3 +44,16 @@ def settle(
 
     for future in futures:
         future.add_done_callback(retrieve)
+
+
+@contextlib.contextmanager
+def retrieved_if_failed(
+    sends: list[asyncio.Future[Any]], log: logging.Logger, handler: str
+) -> Iterator[None]:
+    """Around a handler's batch: should it fail, the sends it queued on ``sends`` are
+    only retrieved (logged at DEBUG), as the batch runs again whole."""
+    try:
+        yield
+    except BaseException:
+        settle(sends, log, f"{handler}: a send of a failed batch", logging.DEBUG)
+        raise

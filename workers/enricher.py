@@ -31,7 +31,7 @@ from kontext.metrics import ENRICHMENT_LATENCY, observe_waits
 from kontext.settings import Settings
 from kontext.store import enrichment, memory
 from kontext.store.enrichment import Claim, Limits
-from kontext.tasks import settle
+from kontext.tasks import retrieved_if_failed
 from schemas.events import (
     EnrichedRequest,
     ErrorInfo,
@@ -101,12 +101,8 @@ class Enricher:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        try:
+        with retrieved_if_failed(sends, log, self.name):
             await self._queue(records, sends)
-        except BaseException:
-            # The batch runs again whole: what it had queued is only retrieved.
-            settle(sends, log, f"{self.name}: a send of a failed batch", logging.DEBUG)
-            raise
         if sends:
             await asyncio.gather(*sends)
 

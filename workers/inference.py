@@ -32,7 +32,7 @@ from kontext import tracing
 from kontext.connections import FetchTempo
 from kontext.metrics import BATCH_SIZE, ENGINE_LATENCY, ENGINE_REQUESTS, TOKENS, observe_waits
 from kontext.settings import Settings
-from kontext.tasks import settle
+from kontext.tasks import retrieved_if_failed
 from schemas.events import EnrichedRequest, ErrorInfo, JobCompletion, JobRequest, utcnow
 from schemas.topics import LANES, Group
 from workers import completions
@@ -108,7 +108,7 @@ class InferenceWorker:
 
     async def handle(self, records: Sequence[Record]) -> None:
         sends: list[asyncio.Future[object]] = []
-        try:
+        with retrieved_if_failed(sends, log, self.name):
             batch: dict[UUID, EnrichedRequest] = {}
             decoded = await self.dead_letters.decode(
                 records, EnrichedRequest.decode, "EnrichedRequest", sends
@@ -141,10 +141,6 @@ class InferenceWorker:
             to_run = [item for item in items if item.request.job_id not in answered]
             if to_run:
                 sends += await self._run(to_run, parents if traced else None)
-        except BaseException:
-            # The batch runs again whole: what it had queued is only retrieved.
-            settle(sends, log, f"{self.name}: a send of a failed batch", logging.DEBUG)
-            raise
         if sends:
             await asyncio.gather(*sends)
 

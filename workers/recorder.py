@@ -39,7 +39,7 @@ from kontext.connections import FetchTempo, create_consumer
 from kontext.metrics import E2E_LATENCY
 from kontext.settings import Settings
 from kontext.store import ledger
-from kontext.tasks import settle
+from kontext.tasks import retrieved_if_failed
 from schemas.events import (
     ErrorInfo,
     FinalStatus,
@@ -107,7 +107,7 @@ class Recorder:
         sends: list[asyncio.Future[object]] = []
         replied: list[UUID] = []
         recorded: ledger.Recorded | None = None
-        try:
+        with retrieved_if_failed(sends, log, self.name):
             pairs = await self.dead_letters.decode(
                 records, JobCompletion.decode, "JobCompletion", sends
             )
@@ -135,10 +135,6 @@ class Recorder:
                     sends.append(await self._reply(outcome, spans.get(outcome.job_id)))
                 # The next turns of their conversations, held back until these were recorded.
                 sends += await publish(self.settings, self.producer, recorded.redrive)
-        except BaseException:
-            # The batch runs again whole: what it had queued is only retrieved.
-            settle(sends, log, f"{self.name}: a send of a failed batch", logging.DEBUG)
-            raise
         if sends:
             await asyncio.gather(*sends)
         if replied:
