@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from dotenv import dotenv_values
+
 from kontext.settings import BadSetting, Settings
 
 NAME = "stack.env"
@@ -57,19 +59,9 @@ def named(variable: str, value: str | None, settings: Settings) -> str:
     empty for a default."""
     if not value:
         return ""
-    if variable not in os.environ and _values(path(settings)).get(variable) == value:
+    if variable not in os.environ and dotenv_values(path(settings)).get(variable) == value:
         return f" (from {path(settings)}: is `kontext up` running?)"
     return f" ({variable})"
-
-
-def _values(found: Path) -> dict[str, str]:
-    """The ``NAME=value`` lines of a stack file (none if it is missing)."""
-    try:
-        lines = found.read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    pairs = (line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
-    return {name: value for name, value in pairs}
 
 
 def remove(settings: Settings) -> None:
